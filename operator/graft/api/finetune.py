@@ -1,0 +1,395 @@
+"""FineTuneJob: fine-tune a causal language model with LoRA, QLoRA, DoRA or full training."""
+
+from __future__ import annotations
+
+import string
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from graft.api.base import ApiModel, Location, ModelSource, RunSpec, RunStatus
+from graft.api.errors import PATTERN_HINTS, FieldPathError
+from graft.api.search import SearchSpec, SearchStatus
+
+_SPLIT_PART = r"[A-Za-z_][\w.-]*(\[(-?\d+%?)?:(-?\d+%?)?\])?(\((closest|pct1_dropremainder)\))?"
+SPLIT_PATTERN = rf"^{_SPLIT_PART}(\+{_SPLIT_PART})*$"
+PATTERN_HINTS[SPLIT_PATTERN] = (
+    "expected datasets' split syntax such as 'train', 'train[:90%]' or 'train[:100]+test'"
+)
+
+Method = Literal["lora", "qlora", "dora", "full"]
+EvalMetric = Literal["loss", "perplexity", "accuracy", "f1", "bleu", "rouge"]
+GENERATION_METRICS = ("accuracy", "f1", "bleu", "rouge")
+LABEL_METRICS = ("accuracy", "f1")
+
+
+def template_fields(template: str) -> list[str]:
+    """The `{field}` names of a text template, in order; raises ValueError if malformed."""
+    names: list[str] = []
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise ValueError(
+                f"placeholder {{{name}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}} must be a plain field name such as {{phrase}}"
+            )
+        names.append(name)
+    return names
+
+
+class DatasetSpec(Location):
+    """Training data and how each record becomes a training text."""
+
+    format: Literal["auto", "json", "jsonl", "csv", "parquet", "hf"] = Field(
+        default="auto",
+        description="File format. auto picks it from the file extension (or hf for hf://).",
+    )
+    train_split: str = Field(
+        default="train",
+        max_length=256,
+        pattern=SPLIT_PATTERN,
+        description="Training records, in datasets' split syntax, e.g. 'train[:90%]'.",
+    )
+    eval_split: str | None = Field(
+        default=None,
+        max_length=256,
+        pattern=SPLIT_PATTERN,
+        description=(
+            "Evaluation records, e.g. 'train[90%:]'. Without it there are no eval metrics and "
+            "no early stopping."
+        ),
+    )
+    stratify_by: str | None = Field(
+        default=None,
+        max_length=128,
+        description=(
+            "A label field: when trainSplit and evalSplit are percentages of one split, the "
+            "records are divided so both keep the same label mix."
+        ),
+    )
+    text_template: str | None = Field(
+        default=None,
+        max_length=16384,
+        description=(
+            "How a record becomes text, with {field} placeholders naming record fields, e.g. "
+            "'<|user|>\\n{phrase}<|end|>\\n<|assistant|>\\n{tone}<|end|>'."
+        ),
+    )
+    chat_template: bool = Field(
+        default=False,
+        description="Render the record's `messages` list with the tokenizer's chat template.",
+    )
+    completion_only: bool = Field(
+        default=False,
+        description=(
+            "Compute the loss only on the completion: the text from the last template field "
+            "on (or the last assistant message with chatTemplate)."
+        ),
+    )
+    max_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="Use at most this many training records. Unset uses all of them.",
+    )
+    max_seq_length: int = Field(
+        default=1024, ge=8, le=131072, description="Longer tokenized texts are truncated."
+    )
+    packing: bool = Field(
+        default=False,
+        description="Pack several short texts into one sequence (attention stays per text).",
+    )
+
+    @model_validator(mode="after")
+    def _check_text(self) -> DatasetSpec:
+        if self.text_template is None and not self.chat_template:
+            raise FieldPathError(
+                ("textTemplate",), "set textTemplate, or chatTemplate: true for `messages` data"
+            )
+        if self.text_template is not None and self.chat_template:
+            raise FieldPathError(
+                ("chatTemplate",), "use either textTemplate or chatTemplate: true, not both"
+            )
+        if self.text_template is not None:
+            try:
+                fields = template_fields(self.text_template)
+            except ValueError as exc:
+                raise FieldPathError(("textTemplate",), str(exc)) from None
+            if not fields:
+                raise FieldPathError(("textTemplate",), "the template has no {field} placeholder")
+        if self.stratify_by is not None and self.eval_split is None:
+            raise FieldPathError(("stratifyBy",), "stratifyBy needs evalSplit")
+        if self.format == "hf" and not self.uri.startswith("hf://"):
+            raise FieldPathError(("format",), "format hf needs an hf:// dataset URI")
+        return self
+
+
+class LoraSpec(ApiModel):
+    """Low-rank adapter settings (LoRA, QLoRA and DoRA)."""
+
+    r: int = Field(default=16, ge=1, le=1024, description="Adapter rank.")
+    alpha: int = Field(
+        default=32, ge=1, le=4096, description="Scaling: updates are scaled by alpha/r."
+    )
+    dropout: float = Field(
+        default=0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input."
+    )
+    target_modules: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description=(
+            "Module names to adapt, e.g. [q_proj, v_proj]. Unset picks the architecture's "
+            "attention projections; a name the model lacks is an error listing the real ones."
+        ),
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Modules trained in full and saved with the adapter, e.g. [lm_head].",
+    )
+
+
+class QuantizationSpec(ApiModel):
+    """bitsandbytes quantization of the frozen base model (method qlora only)."""
+
+    bits: Literal[4, 8] = Field(default=4, description="Bits per base weight.")
+    type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
+    double_quant: bool = Field(default=True, description="Quantize the quantization constants too.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16", description="Dtype of the matrix products."
+    )
+
+
+class EarlyStoppingSpec(ApiModel):
+    """Stop when the evaluation metric stops improving."""
+
+    patience: int = Field(
+        default=3, ge=1, le=1000, description="Evaluations without improvement before stopping."
+    )
+    metric: Literal["eval_loss", "perplexity", "accuracy", "f1", "bleu", "rouge"] = Field(
+        default="eval_loss",
+        description="Watched metric; loss and perplexity are minimized, the others maximized.",
+    )
+    min_delta: float = Field(
+        default=0.0, ge=0.0, description="Smallest change that counts as an improvement."
+    )
+
+
+class TrainingSpec(ApiModel):
+    """The optimization loop."""
+
+    max_steps: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="Optimizer steps. Exclusive with epochs."
+    )
+    epochs: float | None = Field(
+        default=None,
+        gt=0,
+        le=1000,
+        description="Passes over the training data. Default 1 when maxSteps is unset.",
+    )
+    learning_rate: float = Field(default=2.0e-4, gt=0, le=1.0, description="Peak learning rate.")
+    lr_scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = Field(default="cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(
+        default=0.03, ge=0.0, le=1.0, description="Fraction of steps spent warming up."
+    )
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    per_device_train_batch_size: int = Field(
+        default=8, ge=1, le=4096, description="Batch per device."
+    )
+    per_device_eval_batch_size: int = Field(
+        default=8, ge=1, le=4096, description="Eval batch per device."
+    )
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, le=1024, description="Micro-batches summed into one optimizer step."
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass to save memory."
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto",
+        description="auto uses bf16 where the hardware has it, else fp32.",
+    )
+    seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for data order and init.")
+    logging_steps: int = Field(default=10, ge=1, description="Report train loss every N steps.")
+    eval_steps: int = Field(default=50, ge=1, description="Evaluate every N steps.")
+    save_steps: int = Field(
+        default=50,
+        ge=1,
+        description="Upload a resumable checkpoint every N steps; a restarted pod resumes from it.",
+    )
+    early_stopping: EarlyStoppingSpec | None = Field(
+        default=None, description="Stop when the eval metric stalls. Needs dataset.evalSplit."
+    )
+
+    @model_validator(mode="after")
+    def _check_length(self) -> TrainingSpec:
+        if self.max_steps is not None and self.epochs is not None:
+            raise FieldPathError(("epochs",), "set maxSteps or epochs, not both")
+        return self
+
+
+class EvaluationSpec(ApiModel):
+    """What is measured on the eval split, before and after training."""
+
+    metrics: list[EvalMetric] = Field(
+        default_factory=lambda: list[EvalMetric](["loss", "perplexity"]),
+        max_length=6,
+        description=(
+            "loss and perplexity come from the eval split; accuracy and f1 compare generated "
+            "text with labelField; bleu and rouge score generations against the reference."
+        ),
+    )
+    label_field: str | None = Field(
+        default=None,
+        max_length=128,
+        description="The record field holding the expected answer (accuracy, f1, bleu, rouge).",
+    )
+    max_new_tokens: int = Field(
+        default=16, ge=1, le=4096, description="Generation length for generated metrics."
+    )
+    max_generation_samples: int = Field(
+        default=200,
+        ge=1,
+        le=100_000,
+        description="Eval records generated for accuracy/f1/bleu/rouge (generation is slow).",
+    )
+
+    @model_validator(mode="after")
+    def _check_label(self) -> EvaluationSpec:
+        needs_label = [m for m in self.metrics if m in GENERATION_METRICS]
+        if needs_label and self.label_field is None:
+            raise FieldPathError(
+                ("labelField",),
+                f"metrics {needs_label} compare generations with labelField: set it",
+            )
+        return self
+
+
+class FineTuneJobSpec(RunSpec):
+    """What to fine-tune, on which data, and how."""
+
+    model: ModelSource = Field(description="The base model.")
+    dataset: DatasetSpec = Field(description="Training (and evaluation) data.")
+    method: Method = Field(
+        default="lora",
+        description="lora, qlora (4/8-bit base), dora (weight-decomposed LoRA) or full.",
+    )
+    lora: LoraSpec | None = Field(
+        default=None, description="Adapter settings for lora, qlora and dora."
+    )
+    quantization: QuantizationSpec | None = Field(
+        default=None, description="Base-model quantization; only with method qlora."
+    )
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="The training loop.")
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec, description="Metrics on the eval split."
+    )
+    search: SearchSpec | None = Field(
+        default=None, description="Hyper-parameter search: run trials and keep the best."
+    )
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> FineTuneJobSpec:
+        if self.method == "full" and self.lora is not None:
+            raise FieldPathError(("lora",), "method full trains every weight; remove lora")
+        if self.quantization is not None and self.method != "qlora":
+            raise FieldPathError(("quantization",), "quantization is only used with method qlora")
+        if self.method in ("lora", "qlora", "dora") and self.lora is None:
+            self.lora = LoraSpec()
+        if self.method == "qlora" and self.quantization is None:
+            self.quantization = QuantizationSpec()
+        no_eval = self.dataset.eval_split is None
+        if self.training.early_stopping is not None:
+            if no_eval:
+                raise FieldPathError(
+                    ("training", "earlyStopping"), "early stopping needs dataset.evalSplit"
+                )
+            watched = self.training.early_stopping.metric
+            if watched in GENERATION_METRICS and watched not in self.evaluation.metrics:
+                raise FieldPathError(
+                    ("training", "earlyStopping", "metric"),
+                    f"{watched} is not computed: add it to evaluation.metrics",
+                )
+        generated = [m for m in self.evaluation.metrics if m in GENERATION_METRICS]
+        if generated and no_eval:
+            raise FieldPathError(("evaluation", "metrics"), f"{generated} need dataset.evalSplit")
+        if self.dataset.completion_only and self.dataset.packing:
+            raise FieldPathError(
+                ("dataset", "packing"),
+                "packing with completionOnly is not supported; turn one of them off",
+            )
+        if self.search is not None:
+            if no_eval:
+                raise FieldPathError(("search",), "search compares trials on dataset.evalSplit")
+            self.search.check_against(self.to_api())
+        return self
+
+
+class FineTuneProgress(ApiModel):
+    """How far training has come, updated live while the pod trains."""
+
+    step: int = Field(default=0, ge=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, ge=0, description="Steps planned.")
+    percent: int | None = Field(default=None, ge=0, le=100, description="step / totalSteps.")
+    epoch: float | None = Field(default=None, ge=0, description="Passes over the data so far.")
+    eta_seconds: int | None = Field(default=None, ge=0, description="Estimated time left.")
+    tokens_per_second: float | None = Field(default=None, ge=0, description="Training throughput.")
+    updated_at: str | None = Field(
+        default=None,
+        description="When the trainer last reported (RFC 3339).",
+        json_schema_extra={"format": "date-time"},
+    )
+
+
+class FineTuneMetrics(ApiModel):
+    """Latest and final metrics."""
+
+    train_loss: float | None = Field(default=None, description="Latest training loss.")
+    eval_loss: float | None = Field(default=None, description="Latest evaluation loss.")
+    perplexity: float | None = Field(default=None, description="exp(eval loss).")
+    accuracy: float | None = Field(default=None, description="Exact-match accuracy of generations.")
+    f1: float | None = Field(default=None, description="Macro F1 of generated labels.")
+    bleu: float | None = Field(default=None, description="BLEU of generations.")
+    rouge: float | None = Field(default=None, description="ROUGE-L of generations.")
+    baseline_eval_loss: float | None = Field(default=None, description="Eval loss before training.")
+    baseline_accuracy: float | None = Field(default=None, description="Accuracy before training.")
+    best_step: int | None = Field(
+        default=None, ge=0, description="Step of the exported checkpoint."
+    )
+    peak_memory_bytes: int | None = Field(default=None, ge=0, description="Peak RSS or GPU memory.")
+
+
+class TrainingWarning(ApiModel):
+    """Something about the run a person should look at."""
+
+    type: Literal["Overfitting", "NoImprovement", "Truncation", "MemoryPressure"] = Field(
+        description="What kind of warning."
+    )
+    since_step: int | None = Field(default=None, ge=0, description="Step where it began.")
+    message: str = Field(max_length=4096, description="What was seen and what to try.")
+
+
+class FineTuneArtifacts(ApiModel):
+    """Artifact URIs; each appears only once its manifest.json exists."""
+
+    adapter: str | None = Field(default=None, description="PEFT adapter directory.")
+    model: str | None = Field(default=None, description="Full model directory (method full).")
+    checkpoints: str | None = Field(default=None, description="Prefix of resumable checkpoints.")
+    report: str | None = Field(default=None, description="Self-contained report.html.")
+    metrics: str | None = Field(default=None, description="metrics.json.")
+    tensorboard: str | None = Field(default=None, description="TensorBoard event files.")
+
+
+class FineTuneJobStatus(RunStatus):
+    """What the operator and trainer have observed."""
+
+    progress: FineTuneProgress | None = Field(default=None, description="Live training progress.")
+    metrics: FineTuneMetrics | None = Field(default=None, description="Training and eval metrics.")
+    warnings: list[TrainingWarning] = Field(
+        default_factory=list, max_length=32, description="Things to look at."
+    )
+    artifacts: FineTuneArtifacts | None = Field(default=None, description="Where outputs are.")
+    search: SearchStatus | None = Field(default=None, description="Hyper-parameter search state.")

@@ -1,0 +1,98 @@
+"""The `graft` command line: CRDs, validation, docs (and later local runs)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cmd_crds(args: argparse.Namespace, out: Console) -> int:
+    from graft.crdgen import crd_files, stale_crds, write_crds
+
+    directory = Path(args.out)
+    if args.check:
+        stale = stale_crds(directory)
+        if stale:
+            out.print(f"[red]out of date in {directory}:[/] {', '.join(stale)} (run `graft crds`)")
+            return 1
+        out.print(f"{directory}: up to date")
+        return 0
+    if args.stdout:
+        sys.stdout.write("---\n".join(crd_files().values()))
+        return 0
+    for path in write_crds(directory):
+        out.print(f"wrote {path}")
+    return 0
+
+
+def _cmd_docs(args: argparse.Namespace, out: Console) -> int:
+    from graft.apidoc import render_api_reference
+
+    path = Path(args.out)
+    text = render_api_reference()
+    if args.check:
+        if not path.exists() or path.read_text() != text:
+            out.print(f"[red]{path} is out of date[/] (run `graft docs`)")
+            return 1
+        out.print(f"{path}: up to date")
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    out.print(f"wrote {path}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace, out: Console) -> int:
+    from graft.manifests import check_file
+
+    failed = False
+    for name in args.files:
+        objects, problems = check_file(Path(name))
+        for problem in problems:
+            out.print(str(problem), markup=False, highlight=False)
+        if problems:
+            failed = True
+        else:
+            names = ", ".join(f"{o.kind}/{o.metadata.name}" for o in objects)
+            out.print(f"{name}: ok ({names})", markup=False, highlight=False)
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="graft", description="Fine-tuning of small language models on Kubernetes."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    crds = commands.add_parser("crds", help="generate the CRDs from the API models")
+    crds.add_argument("--out", default=str(REPO_ROOT / "crds"), help="directory (default: crds/)")
+    crds.add_argument("--check", action="store_true", help="fail if the files are out of date")
+    crds.add_argument("--stdout", action="store_true", help="print instead of writing files")
+    crds.set_defaults(handler=_cmd_crds)
+
+    docs = commands.add_parser("docs", help="generate the API reference from the models")
+    docs.add_argument("--out", default=str(REPO_ROOT / "docs" / "api.md"))
+    docs.add_argument("--check", action="store_true", help="fail if the file is out of date")
+    docs.set_defaults(handler=_cmd_docs)
+
+    validate = commands.add_parser("validate", help="validate YAML files of Graft objects offline")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.set_defaults(handler=_cmd_validate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Console(soft_wrap=True)
+    code: int = args.handler(args, out)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
