@@ -1,7 +1,7 @@
 """Generate the CustomResourceDefinitions in crds/ from the API models.
 
 pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural* OpenAPI v3.0 schema: no
-$ref, a type on every node, `nullable` instead of `anyOf [..., null]`, boolean
+$ref, a type on every node, optional fields without `anyOf [..., null]`, boolean
 `exclusiveMinimum`, and no `additionalProperties` beside `properties`. Defaults are left out of
 the CRD on purpose: the models apply them, so the API server stores exactly what users wrote;
 each default is named in the field's description instead, where `kubectl explain` shows it.
@@ -51,10 +51,10 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
     description = node.get("description")
     default_note = _describe_default(node)
     any_of = node.get("anyOf")
-    nullable = False
     if any_of is not None:
+        # Optional fields are left out when unset rather than written as null; Kubernetes
+        # drops `nullable` fields' types from its OpenAPI v2 document (blank `kubectl explain`).
         members = [m for m in any_of if m.get("type") != "null"]
-        nullable = len(members) < len(any_of)
         outer = {k: v for k, v in node.items() if k != "anyOf"}
         if node.get("x-kubernetes-int-or-string") or len(members) > 1:
             # int | str (quantities): Kubernetes' own int-or-string marker, no type.
@@ -68,12 +68,8 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
     if description:
         text = description if not default_note else f"{description} {default_note}"
         result["description"] = text
-    if nullable:
-        result["nullable"] = True
     # type and description first: the YAML is read by people too.
-    head: dict[str, Any] = {
-        k: result.pop(k) for k in ("type", "description", "nullable") if k in result
-    }
+    head: dict[str, Any] = {k: result.pop(k) for k in ("type", "description") if k in result}
     return {**head, **result}
 
 
