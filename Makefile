@@ -36,6 +36,7 @@ fmt: venv
 crds: venv
 	$(PY) -m graft.cli crds
 	$(PY) -m graft.cli docs
+	$(PY) -m graft.argocd
 
 test: lint
 	$(PY) -m pytest tests e2e
