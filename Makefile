@@ -37,6 +37,8 @@ crds: venv
 	$(PY) -m graft.cli crds
 	$(PY) -m graft.cli docs
 	$(PY) -m graft.argocd
+	$(PY) -m graft.chart_values
+	$(PY) -m graft.cli crds --out helm/graft/files/crds
 
 test: lint
 	$(PY) -m pytest tests e2e

@@ -1,0 +1,223 @@
+"""The Helm chart's values as pydantic models: values.yaml and values.schema.json come from here.
+
+Like the CRDs, the chart's configuration surface has one source of truth. `make crds` writes
+`helm/graft/values.yaml` (every default, each commented with its description) and
+`helm/graft/values.schema.json` (`additionalProperties: false` everywhere, so a typo in a
+values file fails `helm install` instead of being ignored).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+CHART_DIR = Path(__file__).resolve().parents[2] / "helm" / "graft"
+
+
+class Values(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class ImageValues(Values):
+    repository: str = Field(default="graft/operator", description="Image name.")
+    tag: str = Field(default="0.1.0", description="Image tag.")
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="When the kubelet pulls the image."
+    )
+
+
+class TrainerValues(Values):
+    image: str = Field(
+        default="graft/trainer:0.1.0",
+        description="Default trainer image; a resource's spec.image overrides it.",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="Pull policy of trainer pods."
+    )
+    host_network: bool = Field(
+        default=False,
+        description="Run trainer pods in the host network (only for single-node test clusters).",
+    )
+    extra_env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables of trainer pods."
+    )
+
+
+class OutputValues(Values):
+    uri: str = Field(
+        default="",
+        description="Default artifact store (s3://bucket/prefix/) for resources without spec.output.",
+    )
+    credentials_secret: str = Field(
+        default="",
+        description="Secret (in each resource's namespace) with the store's AWS_* credentials.",
+    )
+
+
+class CrdValues(Values):
+    enabled: bool = Field(
+        default=True,
+        description="Install and upgrade the CRDs with the chart (Helm never upgrades crds/).",
+    )
+    keep: bool = Field(
+        default=True,
+        description="Keep the CRDs, and so every Graft resource, when the release is uninstalled.",
+    )
+
+
+class RbacValues(Values):
+    create: bool = Field(default=True, description="Create the operator's (Cluster)Roles.")
+    scope: Literal["cluster", "namespaced"] = Field(
+        default="cluster",
+        description="cluster: watch all (or watchNamespaces) with ClusterRoles; namespaced: "
+        "Roles in the release namespace only.",
+    )
+
+
+class ServiceAccountValues(Values):
+    create: bool = Field(default=True, description="Create the operator's ServiceAccount.")
+    name: str = Field(default="", description="Its name; empty uses the release's full name.")
+
+
+class ServiceMonitorValues(Values):
+    enabled: bool = Field(default=False, description="Create a Prometheus Operator ServiceMonitor.")
+    interval: str = Field(default="30s", description="Scrape interval.")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Labels the Prometheus instance selects on."
+    )
+
+
+class MetricsValues(Values):
+    port: int = Field(default=8080, ge=1, le=65535, description="Port of /metrics and /healthz.")
+    service: bool = Field(default=True, description="Create a Service for the metrics port.")
+    service_monitor: ServiceMonitorValues = Field(
+        default_factory=ServiceMonitorValues, description="Prometheus Operator scraping."
+    )
+
+
+class ResourceQuantities(Values):
+    cpu: str | None = Field(default=None, description="CPU quantity.")
+    memory: str | None = Field(default=None, description="Memory quantity.")
+
+
+class ResourceValues(Values):
+    requests: ResourceQuantities = Field(
+        default_factory=lambda: ResourceQuantities(cpu="50m", memory="128Mi"),
+        description="Operator pod requests.",
+    )
+    limits: ResourceQuantities = Field(
+        default_factory=lambda: ResourceQuantities(memory="256Mi"),
+        description="Operator pod limits.",
+    )
+
+
+class ChartValues(Values):
+    """Values of the graft chart."""
+
+    image: ImageValues = Field(default_factory=ImageValues, description="The operator image.")
+    trainer: TrainerValues = Field(default_factory=TrainerValues, description="Trainer pods.")
+    output: OutputValues = Field(
+        default_factory=OutputValues, description="Default artifact store."
+    )
+    watch_namespaces: list[str] = Field(
+        default_factory=list,
+        description="Namespaces to watch; empty watches all (cluster scope) or the release "
+        "namespace (namespaced scope).",
+    )
+    log_format: Literal["json", "text"] = Field(default="json", description="Operator log format.")
+    crds: CrdValues = Field(default_factory=CrdValues, description="CRD installation.")
+    rbac: RbacValues = Field(default_factory=RbacValues, description="RBAC.")
+    service_account: ServiceAccountValues = Field(
+        default_factory=ServiceAccountValues, description="The operator's ServiceAccount."
+    )
+    metrics: MetricsValues = Field(default_factory=MetricsValues, description="Metrics endpoint.")
+    resources: ResourceValues = Field(
+        default_factory=ResourceValues, description="Operator pod resources."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Operator pod nodeSelector."
+    )
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Operator pod tolerations."
+    )
+    host_network: bool = Field(
+        default=False,
+        description="Run the operator in the host network (only for single-node test clusters).",
+    )
+    extra_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment variables of the operator, e.g. KUBERNETES_SERVICE_HOST "
+        "on clusters whose service network pods cannot reach.",
+    )
+
+
+def _schema_node(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" in node:
+        return _schema_node(
+            defs[node["$ref"].rsplit("/", 1)[-1]] | {k: v for k, v in node.items() if k != "$ref"},
+            defs,
+        )
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in ("title", "$defs", "default"):
+            continue
+        if key == "properties":
+            out[key] = {name: _schema_node(sub, defs) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties") and isinstance(value, dict):
+            out[key] = _schema_node(value, defs)
+        elif key == "anyOf":
+            out[key] = [_schema_node(sub, defs) for sub in value]
+        else:
+            out[key] = value
+    if out.get("type") == "object" and "properties" in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def values_schema() -> str:
+    raw = ChartValues.model_json_schema(by_alias=True)
+    schema = {"$schema": "http://json-schema.org/draft-07/schema#"} | _schema_node(
+        raw, raw.get("$defs", {})
+    )
+    return json.dumps(schema, indent=2) + "\n"
+
+
+def _yaml_scalar(value: Any) -> str:
+    return json.dumps(value)
+
+
+def _render(model: BaseModel, indent: int) -> list[str]:
+    lines: list[str] = []
+    pad = "  " * indent
+    for name, info in type(model).model_fields.items():
+        key = info.alias or name
+        value = getattr(model, name)
+        if value is None:
+            continue
+        if info.description:
+            lines.append(f"{pad}# {info.description}")
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{key}:")
+            lines.extend(_render(value, indent + 1))
+        else:
+            lines.append(f"{pad}{key}: {_yaml_scalar(value)}")
+    return lines
+
+
+def values_yaml() -> str:
+    header = "# Generated by `make crds` from operator/graft/chart_values.py. Do not edit.\n"
+    return header + "\n".join(_render(ChartValues(), 0)) + "\n"
+
+
+def write_chart_files(chart_dir: Path = CHART_DIR) -> None:
+    (chart_dir / "values.yaml").write_text(values_yaml())
+    (chart_dir / "values.schema.json").write_text(values_schema())
+    print(f"wrote {chart_dir / 'values.yaml'} and values.schema.json")
+
+
+if __name__ == "__main__":
+    write_chart_files()

@@ -1,0 +1,162 @@
+"""The Helm chart, linted and rendered by the Helm v4 engine (helm-python-sdk)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from graft.chart_values import CHART_DIR, values_schema, values_yaml
+from graft.crdgen import crd_files
+from tests.podsecurity import restricted_violations
+
+LOCAL_VALUES = yaml.safe_load((CHART_DIR.parent / "values-local.yaml").read_text())
+NAMESPACED = {"rbac": {"scope": "namespaced"}}
+VALUE_SETS = {"default": {}, "namespaced": NAMESPACED, "local": LOCAL_VALUES}
+
+
+def render(values: dict[str, Any], namespace: str = "graft-system") -> list[dict[str, Any]]:
+    chart = helm_python.Chart.load(str(CHART_DIR))
+    try:
+        rendered = chart.render(values, name="graft", namespace=namespace, is_install=True)
+    finally:
+        chart.close()
+    documents = []
+    for text in rendered.values():
+        documents += [d for d in yaml.safe_load_all(text) if d]
+    return documents
+
+
+def by_kind(documents: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in documents if d["kind"] == kind]
+
+
+def test_generated_values_and_schema_are_current() -> None:
+    assert (CHART_DIR / "values.yaml").read_text() == values_yaml(), "run `make crds`"
+    assert (CHART_DIR / "values.schema.json").read_text() == values_schema(), "run `make crds`"
+
+
+def test_chart_crds_are_the_generated_ones() -> None:
+    for name, text in crd_files().items():
+        assert (CHART_DIR / "files" / "crds" / name).read_text() == text, "run `make crds`"
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=list(VALUE_SETS))
+def test_lint_is_clean(values: dict[str, Any]) -> None:
+    result = helm_python.lint(str(CHART_DIR), values, strict=True, namespace="graft-system")
+    assert result["errors"] == []
+    assert [m for m in result["messages"] if m["severity"] > 1] == []
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=list(VALUE_SETS))
+def test_rendered_manifests_match_the_kubernetes_schemas(values: dict[str, Any]) -> None:
+    documents = render(values)
+    assert documents
+    for document in documents:
+        if document["kind"] == "ServiceMonitor":
+            continue
+        kubernetes_validate.validate(document, "1.25.0", strict=True)
+
+
+def test_rendering_is_deterministic() -> None:
+    assert render({}) == render({})
+
+
+def test_unknown_values_are_refused() -> None:
+    with pytest.raises(helm_python.HelmError, match="replicas"):
+        render({"replicas": 3})
+
+
+def test_operator_runs_alone_and_restricted() -> None:
+    (deployment,) = by_kind(render({}), "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert restricted_violations(pod) == []
+    container = pod["containers"][0]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_local_values_use_local_images_and_the_loopback_api() -> None:
+    (deployment,) = by_kind(render(LOCAL_VALUES), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    container = pod["containers"][0]
+    assert container["imagePullPolicy"] == "Never"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["KUBERNETES_SERVICE_HOST"] == "127.0.0.1"
+    assert env["GRAFT_TRAINER_IMAGE"] == "graft/trainer:dev"
+    # Only the host network sets the local values apart from the restricted profile.
+    assert restricted_violations(pod, allow_host_network=True) == []
+
+
+def test_crds_are_kept_on_uninstall_unless_told_otherwise() -> None:
+    crds = by_kind(render({}), "CustomResourceDefinition")
+    assert sorted(c["metadata"]["name"] for c in crds) == [
+        "adapterbundles.graft.dev",
+        "finetunejobs.graft.dev",
+        "optimizejobs.graft.dev",
+    ]
+    assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in crds)
+    unkept = by_kind(render({"crds": {"keep": False}}), "CustomResourceDefinition")
+    assert all("annotations" not in c["metadata"] for c in unkept)
+    assert by_kind(render({"crds": {"enabled": False}}), "CustomResourceDefinition") == []
+
+
+def _rules(documents: list[dict[str, Any]], kind: str, name: str) -> list[dict[str, Any]]:
+    (role,) = [d for d in by_kind(documents, kind) if d["metadata"]["name"] == name]
+    rules: list[dict[str, Any]] = role["rules"]
+    return rules
+
+
+def test_operator_rbac_never_touches_secrets() -> None:
+    for values, kind in ((({}, "ClusterRole")), ((NAMESPACED, "Role"))):
+        rules = _rules(render(values), kind, "graft")
+        resources = {r for rule in rules for r in rule["resources"]}
+        assert "secrets" not in resources and "*" not in resources
+        assert all("*" not in rule["verbs"] for rule in rules)
+
+
+def test_namespaced_scope_watches_only_the_release_namespace() -> None:
+    documents = render(NAMESPACED, namespace="team-a")
+    (deployment,) = by_kind(documents, "Deployment")
+    env = {
+        e["name"]: e["value"]
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["GRAFT_WATCH_NAMESPACES"] == "team-a"
+    (role,) = by_kind(documents, "Role")
+    assert role["metadata"]["namespace"] == "team-a"
+
+
+def test_trainer_role_allows_only_status_reports() -> None:
+    rules = _rules(render({}), "ClusterRole", "graft-trainer")
+    assert rules == [
+        {
+            "apiGroups": ["graft.dev"],
+            "resources": ["finetunejobs/status", "optimizejobs/status", "adapterbundles/status"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+
+
+def test_values_file_documents_every_key() -> None:
+    text = (CHART_DIR / "values.yaml").read_text().splitlines()
+    keys = [i for i, line in enumerate(text) if line.strip() and not line.strip().startswith("#")]
+    assert all(text[i - 1].strip().startswith("#") for i in keys)
+
+
+def test_schema_file_is_valid_json_schema() -> None:
+    import json
+
+    import jsonschema
+
+    schema = json.loads(Path(CHART_DIR / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.validate(yaml.safe_load((CHART_DIR / "values.yaml").read_text()), schema)
+    jsonschema.validate(LOCAL_VALUES, schema)
