@@ -898,10 +898,10 @@ def ensure_wheelhouse(reqs: list[str], wh: Path, logfile: Path) -> None:
         run([uv, "pip", "compile", "--quiet", "--python-version", "3.11",
              "--python-platform", "x86_64-manylinux_2_28", *fl_args,
              str(wh / "requirements.in"), "-o", str(pinned)], logfile)
-        run([*pip, "download", "--no-deps", "--only-binary=:all:", "-d", str(wh), *fl_args,
-             "-r", str(pinned)], logfile)
+        # `pip wheel` downloads wheels and builds the few sdist-only packages (rouge-score).
+        run([*pip, "wheel", "--no-deps", "-w", str(wh), *fl_args, "-r", str(pinned)], logfile)
     else:
-        run([*pip, "download", "-d", str(wh), *fl_args, "-r", str(wh / "requirements.in")],
+        run([*pip, "wheel", "-w", str(wh), *fl_args, "-r", str(wh / "requirements.in")],
             logfile)
     (wh / ".complete").write_text("ok\n")
     log(f"    downloaded {len(list(wh.glob('*.whl')))} wheels")
