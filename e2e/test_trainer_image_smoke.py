@@ -9,7 +9,8 @@ import uuid
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+# 1800 s: on a cold machine the fixtures build k8s, debootstrap the base image, fetch wheels
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 SCRIPT = r"""
 import json, os, sys
@@ -38,14 +39,26 @@ def test_trainer_image_job_writes_to_s3(full_cluster, s3, trainer_image) -> None
         spec=client.V1JobSpec(
             backoff_limit=0,
             ttl_seconds_after_finished=600,
-            template=client.V1PodTemplateSpec(spec=client.V1PodSpec(
-                restart_policy="Never",
-                host_network=True,  # the local cluster has no pod network (see e2e/cluster)
-                security_context=client.V1PodSecurityContext(run_as_user=1000, run_as_group=1000,
-                                                             run_as_non_root=True),
-                containers=[client.V1Container(
-                    name="smoke", image=trainer_image, image_pull_policy="Never",
-                    command=["python3", "-c", SCRIPT], env=env)]))))
+            template=client.V1PodTemplateSpec(
+                spec=client.V1PodSpec(
+                    restart_policy="Never",
+                    host_network=True,  # the local cluster has no pod network (see e2e/cluster)
+                    security_context=client.V1PodSecurityContext(
+                        run_as_user=1000, run_as_group=1000, run_as_non_root=True
+                    ),
+                    containers=[
+                        client.V1Container(
+                            name="smoke",
+                            image=trainer_image,
+                            image_pull_policy="Never",
+                            command=["python3", "-c", SCRIPT],
+                            env=env,
+                        )
+                    ],
+                )
+            ),
+        ),
+    )
     batch.create_namespaced_job("default", job)
     try:
         deadline = time.monotonic() + 600
@@ -57,7 +70,8 @@ def test_trainer_image_job_writes_to_s3(full_cluster, s3, trainer_image) -> None
             time.sleep(2)
         logs = full_cluster.kubectl("logs", f"job/{name}", check=False)
         assert status is not None and status.succeeded == 1, (
-            f"job did not succeed: {status}\nlogs:\n{logs.stdout.decode()}{logs.stderr.decode()}")
+            f"job did not succeed: {status}\nlogs:\n{logs.stdout.decode()}{logs.stderr.decode()}"
+        )
         assert b"uploaded" in logs.stdout, "kubectl logs works through the loopback kubelet"
         obj = s3.client().get_object(Bucket=s3.bucket, Key=f"smoke/{run_id}.json")
         data = json.loads(obj["Body"].read())

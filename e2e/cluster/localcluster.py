@@ -57,8 +57,15 @@ CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "s3")
 FULL_EXTRA = ("kube-scheduler", "dockerd", "kubelet")
 MODES = {"control-plane": CONTROL_PLANE, "full": CONTROL_PLANE + FULL_EXTRA}
 # Order in which components are stopped.
-STOP_ORDER = ("kubelet", "kube-scheduler", "dockerd", "kube-controller-manager",
-              "kube-apiserver", "etcd", "s3")
+STOP_ORDER = (
+    "kubelet",
+    "kube-scheduler",
+    "dockerd",
+    "kube-controller-manager",
+    "kube-apiserver",
+    "etcd",
+    "s3",
+)
 
 
 def cache_dir() -> Path:
@@ -220,24 +227,34 @@ exec {real_runc} "$@"
 """
 
 
-def component_commands(cfg: ClusterConfig, bin_dir: Path,
-                       wrapper: Path) -> dict[str, list[str]]:
+def component_commands(cfg: ClusterConfig, bin_dir: Path, wrapper: Path) -> dict[str, list[str]]:
     """The command line of every component (all listeners on 127.0.0.1)."""
     s, p, pki = cfg.state_dir, cfg.ports, cfg.pki
     kc = str(cfg.kubeconfig)
     return {
         "etcd": [
-            "/usr/bin/etcd", "--name", "graft", "--data-dir", str(s / "etcd"),
-            "--listen-client-urls", f"http://127.0.0.1:{p.etcd_client}",
-            "--advertise-client-urls", f"http://127.0.0.1:{p.etcd_client}",
-            "--listen-peer-urls", f"http://127.0.0.1:{p.etcd_peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{p.etcd_peer}",
-            "--initial-cluster", f"graft=http://127.0.0.1:{p.etcd_peer}",
+            "/usr/bin/etcd",
+            "--name",
+            "graft",
+            "--data-dir",
+            str(s / "etcd"),
+            "--listen-client-urls",
+            f"http://127.0.0.1:{p.etcd_client}",
+            "--advertise-client-urls",
+            f"http://127.0.0.1:{p.etcd_client}",
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{p.etcd_peer}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{p.etcd_peer}",
+            "--initial-cluster",
+            f"graft=http://127.0.0.1:{p.etcd_peer}",
         ],
         "kube-apiserver": [
             str(bin_dir / "kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{p.etcd_client}",
-            "--bind-address=127.0.0.1", f"--secure-port={p.apiserver}", "--insecure-port=0",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={p.apiserver}",
+            "--insecure-port=0",
             "--advertise-address=127.0.0.1",
             f"--cert-dir={pki}",
             f"--tls-cert-file={pki / 'apiserver.crt'}",
@@ -255,22 +272,28 @@ def component_commands(cfg: ClusterConfig, bin_dir: Path,
         ],
         "kube-controller-manager": [
             str(bin_dir / "kube-controller-manager"),
-            f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
+            f"--kubeconfig={kc}",
+            f"--authentication-kubeconfig={kc}",
             f"--authorization-kubeconfig={kc}",
             f"--service-account-private-key-file={pki / 'sa.key'}",
             f"--root-ca-file={pki / 'ca.crt'}",
             "--use-service-account-credentials=true",
             "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service,-route",
-            "--leader-elect=false", "--bind-address=127.0.0.1",
-            "--port=0", f"--secure-port={p.controller_manager}",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+            "--port=0",
+            f"--secure-port={p.controller_manager}",
             f"--cert-dir={s / 'controller-manager-certs'}",
         ],
         "kube-scheduler": [
             str(bin_dir / "kube-scheduler"),
-            f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
+            f"--kubeconfig={kc}",
+            f"--authentication-kubeconfig={kc}",
             f"--authorization-kubeconfig={kc}",
-            "--leader-elect=false", "--bind-address=127.0.0.1",
-            "--port=0", f"--secure-port={p.scheduler}",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+            "--port=0",
+            f"--secure-port={p.scheduler}",
             f"--cert-dir={s / 'scheduler-certs'}",
         ],
         "dockerd": [
@@ -279,13 +302,18 @@ def component_commands(cfg: ClusterConfig, bin_dir: Path,
             f"--data-root={cache_dir() / 'docker'}",
             f"--exec-root={s / 'docker-exec'}",
             f"--pidfile={s / 'docker-internal.pid'}",
-            "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip-forward=false",
-            f"--add-runtime=nooom={wrapper}", "--default-runtime=nooom",
+            "--bridge=none",
+            "--iptables=false",
+            "--ip-masq=false",
+            "--ip-forward=false",
+            f"--add-runtime=nooom={wrapper}",
+            "--default-runtime=nooom",
             "--storage-driver=overlay2",
         ],
         "kubelet": [
             str(bin_dir / "kubelet"),
-            f"--kubeconfig={kc}", f"--config={s / 'kubelet-config.yaml'}",
+            f"--kubeconfig={kc}",
+            f"--config={s / 'kubelet-config.yaml'}",
             f"--root-dir={s / 'kubelet'}",
             f"--cert-dir={s / 'kubelet' / 'pki'}",
             "--container-runtime=docker",
@@ -295,7 +323,11 @@ def component_commands(cfg: ClusterConfig, bin_dir: Path,
             f"--hostname-override={NODE_NAME}",
         ],
         "s3": [
-            str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(p.s3),
+            str(Path(sys.executable).parent / "moto_server"),
+            "-H",
+            "127.0.0.1",
+            "-p",
+            str(p.s3),
         ],
     }
 
@@ -317,7 +349,8 @@ def trainer_requirements(pyproject_text: str) -> list[str]:
 
     proj = tomllib.loads(pyproject_text)["project"]
     reqs = list(proj.get("dependencies", [])) + list(
-        proj.get("optional-dependencies", {}).get("trainer", []))
+        proj.get("optional-dependencies", {}).get("trainer", [])
+    )
     return sorted(set([*reqs, "setuptools>=69", "wheel"]))
 
 
@@ -409,8 +442,13 @@ def step(name: str, logfile: Path | None = None) -> Iterator[None]:
     log(f"    {name}: done in {time.monotonic() - t0:.1f}s")
 
 
-def run(cmd: list[str], logfile: Path | None = None, env: dict[str, str] | None = None,
-        check: bool = True, **kw) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str],
+    logfile: Path | None = None,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    **kw,
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
     if logfile is not None:
         logfile.parent.mkdir(parents=True, exist_ok=True)
@@ -425,8 +463,9 @@ def run(cmd: list[str], logfile: Path | None = None, env: dict[str, str] | None 
     return r
 
 
-def wait_for(what: str, probe, timeout: float, interval: float = 0.3,
-             pidfile: Path | None = None) -> None:
+def wait_for(
+    what: str, probe, timeout: float, interval: float = 0.3, pidfile: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -466,8 +505,9 @@ class LocalCluster:
             if p.exists():
                 self._cfg = ClusterConfig.from_json(p.read_text())
             else:
-                self._cfg = ClusterConfig(self.state_dir, Ports.with_offset(self.port_offset),
-                                          secrets.token_hex(16))
+                self._cfg = ClusterConfig(
+                    self.state_dir, Ports.with_offset(self.port_offset), secrets.token_hex(16)
+                )
         return self._cfg
 
     def running(self) -> dict[str, int | None]:
@@ -486,8 +526,10 @@ class LocalCluster:
         return ssl.create_default_context(cafile=str(self.cfg.pki / "ca.crt"))
 
     def api_get(self, path: str, timeout: float = 3) -> tuple[int, bytes]:
-        req = urllib.request.Request(f"https://127.0.0.1:{self.cfg.ports.apiserver}{path}",
-                                     headers={"Authorization": f"Bearer {self.cfg.token}"})
+        req = urllib.request.Request(
+            f"https://127.0.0.1:{self.cfg.ports.apiserver}{path}",
+            headers={"Authorization": f"Bearer {self.cfg.token}"},
+        )
         try:
             with urllib.request.urlopen(req, context=self._ssl(), timeout=timeout) as r:
                 return r.status, r.read()
@@ -529,8 +571,15 @@ class LocalCluster:
         with self.logfile(comp).open("ab") as f, open(os.devnull, "rb") as devnull:
             f.write(f"\n$ {' '.join(cmd)}\n".encode())
             f.flush()
-            proc = subprocess.Popen(cmd, stdin=devnull, stdout=f, stderr=subprocess.STDOUT,
-                                    env=full_env, start_new_session=True, cwd=self.state_dir)
+            proc = subprocess.Popen(
+                cmd,
+                stdin=devnull,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                start_new_session=True,
+                cwd=self.state_dir,
+            )
         st = None
         for _ in range(50):
             st = proc_starttime(proc.pid)
@@ -577,7 +626,8 @@ class LocalCluster:
             (self.state_dir / "config.json").write_text(cfg.to_json())
             self._make_pki()
             (self.state_dir / "tokens.csv").write_text(
-                f'{cfg.token},admin,admin,"system:masters"\n')
+                f'{cfg.token},admin,admin,"system:masters"\n'
+            )
             os.chmod(self.state_dir / "tokens.csv", 0o600)
             ca = (cfg.pki / "ca.crt").read_bytes()
             cfg.kubeconfig.write_text(render_kubeconfig(cfg, ca))
@@ -589,18 +639,65 @@ class LocalCluster:
         lf = self.state_dir / "logs" / "pki.log"
         o = ["openssl"]
         run([*o, "genrsa", "-out", str(pki / "ca.key"), "2048"], lf)
-        run([*o, "req", "-x509", "-new", "-key", str(pki / "ca.key"), "-days", "3650",
-             "-subj", "/CN=graft-local-ca", "-out", str(pki / "ca.crt")], lf)
+        run(
+            [
+                *o,
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                str(pki / "ca.key"),
+                "-days",
+                "3650",
+                "-subj",
+                "/CN=graft-local-ca",
+                "-out",
+                str(pki / "ca.crt"),
+            ],
+            lf,
+        )
         run([*o, "genrsa", "-out", str(pki / "apiserver.key"), "2048"], lf)
         ext = pki / "apiserver.ext"
-        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,"
-                       "DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
-                       "extendedKeyUsage=serverAuth\n")
-        run([*o, "req", "-new", "-key", str(pki / "apiserver.key"), "-subj", "/CN=kube-apiserver",
-             "-out", str(pki / "apiserver.csr")], lf)
-        run([*o, "x509", "-req", "-in", str(pki / "apiserver.csr"), "-CA", str(pki / "ca.crt"),
-             "-CAkey", str(pki / "ca.key"), "-CAcreateserial", "-days", "3650",
-             "-extfile", str(ext), "-out", str(pki / "apiserver.crt")], lf)
+        ext.write_text(
+            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,"
+            "DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
+            "extendedKeyUsage=serverAuth\n"
+        )
+        run(
+            [
+                *o,
+                "req",
+                "-new",
+                "-key",
+                str(pki / "apiserver.key"),
+                "-subj",
+                "/CN=kube-apiserver",
+                "-out",
+                str(pki / "apiserver.csr"),
+            ],
+            lf,
+        )
+        run(
+            [
+                *o,
+                "x509",
+                "-req",
+                "-in",
+                str(pki / "apiserver.csr"),
+                "-CA",
+                str(pki / "ca.crt"),
+                "-CAkey",
+                str(pki / "ca.key"),
+                "-CAcreateserial",
+                "-days",
+                "3650",
+                "-extfile",
+                str(ext),
+                "-out",
+                str(pki / "apiserver.crt"),
+            ],
+            lf,
+        )
         run([*o, "genrsa", "-out", str(pki / "sa.key"), "2048"], lf)
         run([*o, "rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub")], lf)
 
@@ -616,36 +713,62 @@ class LocalCluster:
 
     def ensure_k8s_binaries(self) -> None:
         out = k8s_bin_dir().parent
-        bins = ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet",
-                "kubectl", "pause"]
+        bins = [
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kubelet",
+            "kubectl",
+            "pause",
+        ]
         if all((out / "bin" / b).exists() for b in bins):
             log(f"==> kubernetes {K8S_VERSION} binaries: cached in {out / 'bin'}")
             return
         lf = cache_dir() / "logs" / "build-k8s.log"
-        with step(f"build kubernetes {K8S_VERSION} from Debian's source package "
-                  f"(~6 min on 2 cores; log {lf})", lf):
+        with step(
+            f"build kubernetes {K8S_VERSION} from Debian's source package "
+            f"(~6 min on 2 cores; log {lf})",
+            lf,
+        ):
             run(["bash", str(SCRIPTS / "build-k8s.sh"), str(out)], lf)
 
     def _start_control_plane(self) -> None:
         cmds = component_commands(self.cfg, k8s_bin_dir(), self._wrapper_path())
         with step("start etcd", self.logfile("etcd")):
             self.start_process("etcd", cmds["etcd"])
-            wait_for("etcd health", lambda: urllib.request.urlopen(
-                f"http://127.0.0.1:{self.cfg.ports.etcd_client}/health", timeout=2).status == 200,
-                30, pidfile=self.pidfile("etcd"))
+            wait_for(
+                "etcd health",
+                lambda: (
+                    urllib.request.urlopen(
+                        f"http://127.0.0.1:{self.cfg.ports.etcd_client}/health", timeout=2
+                    ).status
+                    == 200
+                ),
+                30,
+                pidfile=self.pidfile("etcd"),
+            )
         with step("start S3 server (moto)", self.logfile("s3")):
             self.start_process("s3", cmds["s3"])
             wait_for("S3 server", self.s3_ready, 30, pidfile=self.pidfile("s3"))
             self._create_bucket()
         with step("start kube-apiserver", self.logfile("kube-apiserver")):
             self.start_process("kube-apiserver", cmds["kube-apiserver"])
-            wait_for("apiserver /readyz", self.apiserver_ready, 90,
-                     pidfile=self.pidfile("kube-apiserver"))
+            wait_for(
+                "apiserver /readyz",
+                self.apiserver_ready,
+                90,
+                pidfile=self.pidfile("kube-apiserver"),
+            )
         with step("start kube-controller-manager", self.logfile("kube-controller-manager")):
             self.start_process("kube-controller-manager", cmds["kube-controller-manager"])
-            wait_for("default service account", lambda: self.api_get(
-                "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200, 60,
-                pidfile=self.pidfile("kube-controller-manager"))
+            wait_for(
+                "default service account",
+                lambda: (
+                    self.api_get("/api/v1/namespaces/default/serviceaccounts/default")[0] == 200
+                ),
+                60,
+                pidfile=self.pidfile("kube-controller-manager"),
+            )
         with step("create the S3 Secret in the cluster"):
             self._apply_s3_secret()
 
@@ -660,9 +783,12 @@ class LocalCluster:
                 self._wrapper_path().write_text(render_runc_wrapper())
                 os.chmod(self._wrapper_path(), 0o755)
                 self.start_process("dockerd", cmds["dockerd"])
-                wait_for("docker socket", lambda: self.docker(["version"], check=False,
-                                                             capture=True).returncode == 0,
-                         60, pidfile=self.pidfile("dockerd"))
+                wait_for(
+                    "docker socket",
+                    lambda: self.docker(["version"], check=False, capture=True).returncode == 0,
+                    60,
+                    pidfile=self.pidfile("dockerd"),
+                )
         with step("pause image", self.logfile("images")):
             self.ensure_pause_image()
         with step("base image", cache_dir() / "logs" / "debootstrap.log"):
@@ -673,14 +799,21 @@ class LocalCluster:
                 (cfg.state_dir / "kubelet").mkdir(exist_ok=True)
                 self.start_process("kubelet", cmds["kubelet"])
             with step("wait for node Ready", self.logfile("kubelet")):
-                wait_for(f"node {NODE_NAME} Ready", self.node_ready, 120,
-                         pidfile=self.pidfile("kubelet"))
+                wait_for(
+                    f"node {NODE_NAME} Ready", self.node_ready, 120, pidfile=self.pidfile("kubelet")
+                )
 
     def _wrapper_path(self) -> Path:
         return self.state_dir / "runc-nooom"
 
-    def docker(self, args: list[str], check: bool = True, capture: bool = False,
-               logfile: Path | None = None, **kw) -> subprocess.CompletedProcess:
+    def docker(
+        self,
+        args: list[str],
+        check: bool = True,
+        capture: bool = False,
+        logfile: Path | None = None,
+        **kw,
+    ) -> subprocess.CompletedProcess:
         cmd = ["docker", "-H", self.cfg.docker_host, *args]
         env = {**os.environ, "DOCKER_HOST": self.cfg.docker_host, "DOCKER_BUILDKIT": "0"}
         if capture:
@@ -701,8 +834,11 @@ class LocalCluster:
         tarball = self.state_dir / "pause.tar"
         subprocess.run(["tar", "-C", str(pause.parent), "-cf", str(tarball), "pause"], check=True)
         with tarball.open("rb") as f:
-            self.docker(["import", "-c", 'ENTRYPOINT ["/pause"]', "-", PAUSE_IMAGE],
-                        logfile=self.logfile("images"), stdin=f)
+            self.docker(
+                ["import", "-c", 'ENTRYPOINT ["/pause"]', "-", PAUSE_IMAGE],
+                logfile=self.logfile("images"),
+                stdin=f,
+            )
         tarball.unlink()
 
     def ensure_base_image(self) -> None:
@@ -713,8 +849,10 @@ class LocalCluster:
         if not tarball.exists():
             tarball.parent.mkdir(parents=True, exist_ok=True)
             log("    debootstrap bookworm (python3) -> cached rootfs tarball (~3 min cold)")
-            run(["bash", str(SCRIPTS / "build-base-rootfs.sh"), str(tarball)],
-                cache_dir() / "logs" / "debootstrap.log")
+            run(
+                ["bash", str(SCRIPTS / "build-base-rootfs.sh"), str(tarball)],
+                cache_dir() / "logs" / "debootstrap.log",
+            )
         with tarball.open("rb") as f:
             self.docker(["import", "-", BASE_IMAGE], logfile=self.logfile("images"), stdin=f)
 
@@ -727,13 +865,18 @@ class LocalCluster:
             urllib.request.urlopen(req, timeout=10).read()
             return
         env = s3_env(self.cfg)
-        c = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=S3_REGION,
-                         aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        c = boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            region_name=S3_REGION,
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        )
         c.create_bucket(Bucket=S3_BUCKET)
 
-    def kubectl(self, args: list[str], input: bytes | None = None,
-                check: bool = True) -> subprocess.CompletedProcess:
+    def kubectl(
+        self, args: list[str], input: bytes | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess:
         cmd = [str(k8s_bin_dir() / "kubectl"), f"--kubeconfig={self.cfg.kubeconfig}", *args]
         r = subprocess.run(cmd, input=input, capture_output=True)
         if check and r.returncode != 0:
@@ -741,19 +884,23 @@ class LocalCluster:
         return r
 
     def _apply_s3_secret(self) -> None:
-        secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                  "metadata": {"name": S3_SECRET, "namespace": "default"},
-                  "stringData": s3_env(self.cfg)}
+        secret = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {"name": S3_SECRET, "namespace": "default"},
+            "stringData": s3_env(self.cfg),
+        }
         self.kubectl(["apply", "-f", "-"], input=json.dumps(secret).encode())
 
     def _write_env_files(self) -> None:
         env = s3_env(self.cfg)
-        (self.state_dir / "s3.env").write_text(
-            "".join(f"export {k}={v}\n" for k, v in env.items()))
+        (self.state_dir / "s3.env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
         (self.state_dir / "cluster.env").write_text(
             f"export KUBECONFIG={self.cfg.kubeconfig}\n"
             f"export DOCKER_HOST={self.cfg.docker_host}\n"
-            f"export PATH={k8s_bin_dir()}:$PATH\n")
+            f"export PATH={k8s_bin_dir()}:$PATH\n"
+        )
 
     # -- down --
     def down(self, keep_control_plane: bool = False) -> list[int]:
@@ -784,8 +931,10 @@ class LocalCluster:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.5)
             left = processes_with_marker(self.state_dir)
-        log(f"cluster {'node stopped' if keep_control_plane else 'down'} in "
-            f"{time.monotonic() - t0:.1f}s" + (f"; STILL ALIVE: {left}" if left else ""))
+        log(
+            f"cluster {'node stopped' if keep_control_plane else 'down'} in "
+            f"{time.monotonic() - t0:.1f}s" + (f"; STILL ALIVE: {left}" if left else "")
+        )
         return left
 
     def _stop(self, comp: str, timeout: float = 20) -> None:
@@ -859,11 +1008,23 @@ class LocalCluster:
         with step("assemble build context"):
             assemble_context(ctx, wh)
         with step(f"docker build {tag} (FROM {BASE_IMAGE})", self.logfile("image-trainer")):
-            self.docker(["build", "--network", "host", "-f",
-                         str(ctx / "trainer-image" / "Dockerfile"),
-                         "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
-                         "--build-arg", "WHEELHOUSE=wheelhouse", "-t", tag, str(ctx)],
-                        logfile=self.logfile("image-trainer"))
+            self.docker(
+                [
+                    "build",
+                    "--network",
+                    "host",
+                    "-f",
+                    str(ctx / "trainer-image" / "Dockerfile"),
+                    "--build-arg",
+                    f"BASE_IMAGE={BASE_IMAGE}",
+                    "--build-arg",
+                    "WHEELHOUSE=wheelhouse",
+                    "-t",
+                    tag,
+                    str(ctx),
+                ],
+                logfile=self.logfile("image-trainer"),
+            )
         log(f"trainer image {tag} built in {time.monotonic() - t0:.1f}s")
 
 
@@ -871,11 +1032,15 @@ def find_links() -> list[str]:
     """pip's configured find-links folders (read at run time, never hardcoded)."""
     val = os.environ.get("PIP_FIND_LINKS", "")
     if not val:
-        r = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.find-links"],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "get", "global.find-links"],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
-            r = subprocess.run(["pip", "config", "get", "global.find-links"],
-                               capture_output=True, text=True)
+            r = subprocess.run(
+                ["pip", "config", "get", "global.find-links"], capture_output=True, text=True
+            )
         val = r.stdout.strip() if r.returncode == 0 else ""
     return val.split()
 
@@ -895,14 +1060,27 @@ def ensure_wheelhouse(reqs: list[str], wh: Path, logfile: Path) -> None:
     fl_args = [a for d in fl for a in ("--find-links", d)]
     if uv:
         # pip's resolver takes >10 min on this set; uv resolves it in seconds.
-        run([uv, "pip", "compile", "--quiet", "--python-version", "3.11",
-             "--python-platform", "x86_64-manylinux_2_28", *fl_args,
-             str(wh / "requirements.in"), "-o", str(pinned)], logfile)
+        run(
+            [
+                uv,
+                "pip",
+                "compile",
+                "--quiet",
+                "--python-version",
+                "3.11",
+                "--python-platform",
+                "x86_64-manylinux_2_28",
+                *fl_args,
+                str(wh / "requirements.in"),
+                "-o",
+                str(pinned),
+            ],
+            logfile,
+        )
         # `pip wheel` downloads wheels and builds the few sdist-only packages (rouge-score).
         run([*pip, "wheel", "--no-deps", "-w", str(wh), *fl_args, "-r", str(pinned)], logfile)
     else:
-        run([*pip, "wheel", "-w", str(wh), *fl_args, "-r", str(wh / "requirements.in")],
-            logfile)
+        run([*pip, "wheel", "-w", str(wh), *fl_args, "-r", str(wh / "requirements.in")], logfile)
     (wh / ".complete").write_text("ok\n")
     log(f"    downloaded {len(list(wh.glob('*.whl')))} wheels")
 
@@ -933,14 +1111,22 @@ def assemble_context(ctx: Path, wh: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("command", choices=["up", "down", "status", "image-base", "image-trainer",
-                                        "env"])
+    ap.add_argument(
+        "command", choices=["up", "down", "status", "image-base", "image-trainer", "env"]
+    )
     ap.add_argument("--mode", choices=list(MODES), default="full")
     ap.add_argument("--state-dir", type=Path, default=None)
-    ap.add_argument("--port-offset", type=int, default=0,
-                    help="shift every port (for a second cluster next to the default one)")
-    ap.add_argument("--keep-control-plane", action="store_true",
-                    help="down: stop only scheduler, dockerd and kubelet")
+    ap.add_argument(
+        "--port-offset",
+        type=int,
+        default=0,
+        help="shift every port (for a second cluster next to the default one)",
+    )
+    ap.add_argument(
+        "--keep-control-plane",
+        action="store_true",
+        help="down: stop only scheduler, dockerd and kubelet",
+    )
     ap.add_argument("--tag", default=TRAINER_IMAGE)
     a = ap.parse_args(argv)
     c = LocalCluster(a.state_dir, a.port_offset)

@@ -15,7 +15,7 @@ import pytest
 from tests.fixtures.cluster import LOCALCLUSTER_PY, load_localcluster
 
 lc = load_localcluster()
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.integration
 
 
 def _descendants(pids: set[int]) -> set[int]:
@@ -39,13 +39,13 @@ def _descendants(pids: set[int]) -> set[int]:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(LOCALCLUSTER_PY), *args],
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, str(LOCALCLUSTER_PY), *args], capture_output=True, text=True, timeout=240
+    )
 
 
-def test_down_leaves_no_process(tmp_path: Path) -> None:
-    if not (lc.k8s_bin_dir() / "kube-apiserver").exists():
-        pytest.skip("kubernetes binaries not built yet (make cluster-up builds them)")
+def test_down_leaves_no_process(tmp_path: Path, control_plane) -> None:
+    # control_plane: the binaries are built (cold machine) and a second cluster must coexist
     state = tmp_path / "cluster"
     common = ["--state-dir", str(state)]
     r = _cli("up", "--mode", "control-plane", "--port-offset", "1000", *common)
@@ -61,8 +61,9 @@ def test_down_leaves_no_process(tmp_path: Path) -> None:
         # up again: idempotent, keeps the same processes
         r2 = _cli("up", "--mode", "control-plane", *common)
         assert r2.returncode == 0, r2.stdout + r2.stderr
-        assert {comp: pid for comp, pid in lc.LocalCluster(state).running().items() if pid} \
-            == running
+        assert {
+            comp: pid for comp, pid in lc.LocalCluster(state).running().items() if pid
+        } == running
     finally:
         d = _cli("down", *common)
     assert d.returncode == 0, d.stdout + d.stderr
@@ -73,9 +74,7 @@ def test_down_leaves_no_process(tmp_path: Path) -> None:
     assert os.path.isdir(lc.k8s_bin_dir()), "down keeps the caches"
 
 
-def test_half_started_cluster_is_cleaned_and_restarted(tmp_path: Path) -> None:
-    if not (lc.k8s_bin_dir() / "kube-apiserver").exists():
-        pytest.skip("kubernetes binaries not built yet (make cluster-up builds them)")
+def test_half_started_cluster_is_cleaned_and_restarted(tmp_path: Path, control_plane) -> None:
     state = tmp_path / "cluster"
     common = ["--state-dir", str(state), "--port-offset", "1100"]
     r = _cli("up", "--mode", "control-plane", *common)

@@ -19,19 +19,35 @@ def test_narrow_role_is_enforced(control_plane) -> None:
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
     try:
         core.create_namespaced_service_account(
-            ns, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="narrow")))
-        rbac.create_namespaced_role(ns, client.V1Role(
-            metadata=client.V1ObjectMeta(name="configmap-reader"),
-            rules=[client.V1PolicyRule(api_groups=[""], resources=["configmaps"],
-                                       verbs=["get", "list"])]))
-        rbac.create_namespaced_role_binding(ns, client.V1RoleBinding(
-            metadata=client.V1ObjectMeta(name="narrow-reads-configmaps"),
-            role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role",
-                                      name="configmap-reader"),
-            subjects=[client.RbacV1Subject(kind="ServiceAccount", name="narrow", namespace=ns)]))
+            ns, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="narrow"))
+        )
+        rbac.create_namespaced_role(
+            ns,
+            client.V1Role(
+                metadata=client.V1ObjectMeta(name="configmap-reader"),
+                rules=[
+                    client.V1PolicyRule(
+                        api_groups=[""], resources=["configmaps"], verbs=["get", "list"]
+                    )
+                ],
+            ),
+        )
+        rbac.create_namespaced_role_binding(
+            ns,
+            client.V1RoleBinding(
+                metadata=client.V1ObjectMeta(name="narrow-reads-configmaps"),
+                role_ref=client.V1RoleRef(
+                    api_group="rbac.authorization.k8s.io", kind="Role", name="configmap-reader"
+                ),
+                subjects=[client.RbacV1Subject(kind="ServiceAccount", name="narrow", namespace=ns)],
+            ),
+        )
         token = core.create_namespaced_service_account_token(
-            "narrow", ns, client.AuthenticationV1TokenRequest(
-                spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600))
+            "narrow",
+            ns,
+            client.AuthenticationV1TokenRequest(
+                spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600)
+            ),
         ).status.token
 
         cfg = client.Configuration()
@@ -45,7 +61,8 @@ def test_narrow_role_is_enforced(control_plane) -> None:
         # outside it: another verb, another resource, another namespace
         with pytest.raises(client.ApiException) as e1:
             narrow.create_namespaced_config_map(
-                ns, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="nope")))
+                ns, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="nope"))
+            )
         assert e1.value.status == 403
         with pytest.raises(client.ApiException) as e2:
             narrow.list_namespaced_secret(ns)

@@ -77,14 +77,15 @@ def test_kubeconfig_points_at_loopback(tmp_path: Path) -> None:
 def test_s3_env(tmp_path: Path) -> None:
     env = lc.s3_env(_cfg(tmp_path))
     assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
-              "GRAFT_ARTIFACT_BUCKET"):
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "GRAFT_ARTIFACT_BUCKET"):
         assert env[k]
 
 
 def test_trainer_requirements_and_cache_key() -> None:
-    py = '[project]\ndependencies=["boto3>=1"]\n[project.optional-dependencies]\n' \
-         'trainer=["torch==2.13.0","peft"]\noperator=["kopf"]\n'
+    py = (
+        '[project]\ndependencies=["boto3>=1"]\n[project.optional-dependencies]\n'
+        'trainer=["torch==2.13.0","peft"]\noperator=["kopf"]\n'
+    )
     reqs = lc.trainer_requirements(py)
     assert "torch==2.13.0" in reqs and "boto3>=1" in reqs and "kopf" not in reqs
     assert lc.wheelhouse_key(reqs) == lc.wheelhouse_key(list(reversed(reqs)))
