@@ -64,6 +64,12 @@ def _cmd_validate(args: argparse.Namespace, out: Console) -> int:
     return 1 if failed else 0
 
 
+def _cmd_operator(args: argparse.Namespace, out: Console) -> int:
+    from graft.controller.main import main as operator_main  # kopf only loads here
+
+    return operator_main(args.operator_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graft", description="Fine-tuning of small language models on Kubernetes."
@@ -84,10 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="validate YAML files of Graft objects offline")
     validate.add_argument("files", nargs="+", metavar="FILE")
     validate.set_defaults(handler=_cmd_validate)
+
+    operator = commands.add_parser(
+        "operator",
+        help="run the operator (GRAFT_* environment; see graft.controller.config)",
+        add_help=False,
+    )
+    operator.add_argument("operator_args", nargs=argparse.REMAINDER)
+    operator.set_defaults(handler=_cmd_operator)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["operator"]:  # its own flags, parsed by graft.controller.main
+        from graft.controller.main import main as operator_main
+
+        return operator_main(argv[1:])
     args = build_parser().parse_args(argv)
     out = Console(soft_wrap=True)
     code: int = args.handler(args, out)

@@ -1,0 +1,103 @@
+"""Operator configuration, read from the environment (the Helm chart sets these variables).
+
+| variable | meaning | default |
+|---|---|---|
+| GRAFT_TRAINER_IMAGE | default trainer image (spec.image overrides) | graft/trainer:0.1.0 |
+| GRAFT_TRAINER_IMAGE_PULL_POLICY | pull policy of trainer pods | IfNotPresent |
+| GRAFT_TRAINER_HOST_NETWORK | trainer pods in the host network (single-node test clusters) | false |
+| GRAFT_TRAINER_EXTRA_ENV | JSON object of extra env for trainer pods, e.g. KUBERNETES_SERVICE_HOST | {} |
+| GRAFT_TRAINER_CLUSTER_ROLE | ClusterRole bound to `graft-trainer` in each namespace; empty: a Role is created | "" |
+| GRAFT_TRAINER_RUN_AS_USER | uid (and gid) of trainer pods | 1000 |
+| GRAFT_OUTPUT_URI | default artifact store for resources without spec.output | "" |
+| GRAFT_OUTPUT_SECRET | Secret (in each resource's namespace) with the store's credentials | "" |
+| GRAFT_WATCH_NAMESPACES | comma-separated namespaces; empty watches all | "" |
+| GRAFT_LOG_FORMAT | json or text | json |
+| GRAFT_METRICS_PORT | port of /metrics and /healthz; 0 turns the endpoint off | 8080 |
+| GRAFT_METRICS_HOST | address the metrics endpoint binds | 0.0.0.0 |
+| GRAFT_RESYNC_SECONDS | period of the level-based resync of every resource | 60 |
+| GRAFT_DISRUPTION_ALLOWANCE | pod disruptions (evictions) retried beyond backoffLimit | 10 |
+| GRAFT_WORKERS | concurrent reconciles | 16 |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+
+TRUE = ("1", "true", "yes", "on")
+
+
+class ConfigError(ValueError):
+    """A configuration variable that cannot be used; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorConfig:
+    trainer_image: str = "graft/trainer:0.1.0"
+    trainer_image_pull_policy: str = "IfNotPresent"
+    trainer_host_network: bool = False
+    trainer_extra_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    trainer_cluster_role: str = ""
+    trainer_run_as_user: int = 1000
+    trainer_service_account: str = "graft-trainer"
+    output_uri: str = ""
+    output_secret: str = ""
+    watch_namespaces: tuple[str, ...] = ()
+    log_format: str = "json"
+    metrics_port: int = 8080
+    metrics_host: str = "0.0.0.0"
+    resync_seconds: float = 60.0
+    disruption_allowance: int = 10
+    workers: int = 16
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
+        def text(name: str, default: str) -> str:
+            return env.get(name, "").strip() or default
+
+        def number(name: str, default: float, minimum: float = 0) -> float:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ConfigError(f"{name}={raw!r} is not a number") from None
+            if value < minimum:
+                raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+            return value
+
+        raw_env = env.get("GRAFT_TRAINER_EXTRA_ENV", "").strip() or "{}"
+        try:
+            extra = json.loads(raw_env)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"GRAFT_TRAINER_EXTRA_ENV is not JSON: {exc}") from None
+        if not isinstance(extra, dict):
+            raise ConfigError("GRAFT_TRAINER_EXTRA_ENV must be a JSON object of strings")
+        log_format = text("GRAFT_LOG_FORMAT", "json").lower()
+        if log_format not in ("json", "text"):
+            raise ConfigError(f"GRAFT_LOG_FORMAT={log_format!r}: expected json or text")
+        pull = text("GRAFT_TRAINER_IMAGE_PULL_POLICY", "IfNotPresent")
+        if pull not in ("Always", "IfNotPresent", "Never"):
+            raise ConfigError(f"GRAFT_TRAINER_IMAGE_PULL_POLICY={pull!r}")
+        namespaces = tuple(
+            n.strip() for n in env.get("GRAFT_WATCH_NAMESPACES", "").split(",") if n.strip()
+        )
+        return cls(
+            trainer_image=text("GRAFT_TRAINER_IMAGE", cls.trainer_image),
+            trainer_image_pull_policy=pull,
+            trainer_host_network=env.get("GRAFT_TRAINER_HOST_NETWORK", "").lower() in TRUE,
+            trainer_extra_env={str(k): str(v) for k, v in extra.items()},
+            trainer_cluster_role=env.get("GRAFT_TRAINER_CLUSTER_ROLE", "").strip(),
+            trainer_run_as_user=int(number("GRAFT_TRAINER_RUN_AS_USER", 1000, 1)),
+            output_uri=env.get("GRAFT_OUTPUT_URI", "").strip(),
+            output_secret=env.get("GRAFT_OUTPUT_SECRET", "").strip(),
+            watch_namespaces=namespaces,
+            log_format=log_format,
+            metrics_port=int(number("GRAFT_METRICS_PORT", 8080)),
+            metrics_host=text("GRAFT_METRICS_HOST", "0.0.0.0"),
+            resync_seconds=number("GRAFT_RESYNC_SECONDS", 60.0, 1),
+            disruption_allowance=int(number("GRAFT_DISRUPTION_ALLOWANCE", 10)),
+            workers=int(number("GRAFT_WORKERS", 16, 1)),
+        )

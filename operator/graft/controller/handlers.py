@@ -1,0 +1,204 @@
+"""kopf wiring: watches feed the work queue; indexes are the read caches. No logic here.
+
+Every watched object only names the resource to reconcile: a FineTuneJob itself, or the
+`graft.dev/name` label of its Job, pods and spec ConfigMap. The reconcile is level-based, so
+missing or repeated events cost nothing but a pass. No handler here keeps progress or a diff
+base, so kopf puts no finalizer and no annotation on the resources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import kopf
+
+from graft.api.base import GROUP, VERSION
+from graft.controller import planner
+from graft.controller.config import OperatorConfig
+from graft.controller.kube import Kube
+from graft.controller.metrics import Metrics, serve
+from graft.controller.reconciler import Caches, Reconciler
+from graft.controller.workqueue import WorkQueue
+
+logger = logging.getLogger("graft.controller")
+
+CHILD_LABELS: dict[str, Any] = {
+    planner.LABEL_KIND: planner.KIND,
+    planner.LABEL_NAME: kopf.PRESENT,
+}
+
+
+def plain(value: Any) -> Any:
+    """A kopf body (or any mapping view) as plain, independent dicts and lists."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def _slim(body: Mapping[str, Any], keep_spec: bool = False, keep_data: bool = False) -> Any:
+    meta = body.get("metadata") or {}
+    out: dict[str, Any] = {
+        "metadata": {
+            k: plain(meta[k])
+            for k in (
+                "name",
+                "namespace",
+                "uid",
+                "labels",
+                "annotations",
+                "ownerReferences",
+                "creationTimestamp",
+                "deletionTimestamp",
+            )
+            if k in meta
+        },
+        "status": plain(body.get("status") or {}),
+    }
+    for key in ("apiVersion", "kind"):
+        if key in body:
+            out[key] = body[key]
+    if keep_data:
+        out["data"] = plain(body.get("data") or {})
+    return out
+
+
+def _lookup(index: Any) -> Any:
+    def lookup(key: tuple[str, str]) -> Iterable[dict[str, Any]]:
+        store = index.get(key) if index is not None else None
+        return list(store) if store is not None else []
+
+    return lookup
+
+
+class Runtime:
+    """Everything one operator process shares: config, client, queue, caches, metrics."""
+
+    def __init__(self, config: OperatorConfig, kubeconfig: str | None = None) -> None:
+        self.config = config
+        self.kubeconfig = kubeconfig
+        self.metrics = Metrics()
+        self.caches = Caches()
+        self.kube: Kube | None = None
+        self.queue: WorkQueue | None = None
+        self.reconciler: Reconciler | None = None
+        self.resources: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: Any = None
+
+    def enqueue(self, namespace: str | None, name: str | None) -> None:
+        if self.queue is not None and namespace and name:
+            self.queue.add((namespace, name))
+
+    async def start(self, indices: Mapping[str, Any]) -> None:
+        self.caches.jobs = _lookup(indices.get("graft_jobs"))
+        self.caches.pods = _lookup(indices.get("graft_pods"))
+        self.caches.configmaps = _lookup(indices.get("graft_configmaps"))
+        self.resources = indices.get("graft_resources")
+        self.kube = await Kube.connect(self.kubeconfig)
+        self.reconciler = Reconciler(self.kube, self.config, self.caches, self.metrics)
+        self.queue = WorkQueue(self.reconciler, workers=self.config.workers)
+        self.queue.start()
+        self._tasks.append(asyncio.create_task(self._resync()))
+        if self.config.metrics_port:
+            self._server = await serve(
+                self.metrics, self.config.metrics_port, self.config.metrics_host
+            )
+
+    async def _resync(self) -> None:
+        """Every resource is reconciled periodically, events or not."""
+        while True:
+            await asyncio.sleep(self.config.resync_seconds)
+            if self.resources is None or self.queue is None:
+                continue
+            for key in list(self.resources.keys()):
+                self.queue.add(key)
+            self.metrics.queue_depth.set(len(self.queue))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.queue is not None:
+            await self.queue.stop()
+        if self._server is not None:
+            await self._server.cleanup()
+        if self.kube is not None:
+            await self.kube.close()
+
+
+def register(runtime: Runtime, registry: kopf.OperatorRegistry) -> None:
+    """Register the watches and caches of `runtime` in a kopf registry."""
+    ftj = (GROUP, VERSION, planner.PLURAL)
+
+    @kopf.on.startup(registry=registry, id="graft_startup")
+    async def graft_startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
+        configure_settings(settings)
+        indices = {k: kwargs[k] for k in kwargs if k.startswith("graft_")}
+        await runtime.start(indices)
+
+    @kopf.on.cleanup(registry=registry, id="graft_cleanup")
+    async def graft_cleanup(**_: Any) -> None:
+        await runtime.stop()
+
+    # Caches. kopf runs no handler until every index has its initial listing, so the first
+    # reconciles after a restart already see every existing Job and pod.
+    @kopf.index(*ftj, registry=registry, id="graft_resources")
+    def graft_resources(**kw: Any) -> Any:
+        return {(kw["namespace"], kw["name"]): None}
+
+    @kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS, registry=registry, id="graft_jobs")
+    def graft_jobs(**kw: Any) -> Any:
+        return {(kw["namespace"], kw["labels"][planner.LABEL_NAME]): _slim(kw["body"])}
+
+    @kopf.index("v1", "pods", labels=CHILD_LABELS, registry=registry, id="graft_pods")
+    def graft_pods(**kw: Any) -> Any:
+        return {(kw["namespace"], kw["labels"][planner.LABEL_NAME]): _slim(kw["body"])}
+
+    @kopf.index("v1", "configmaps", labels=CHILD_LABELS, registry=registry, id="graft_configmaps")
+    def graft_configmaps(**kw: Any) -> Any:
+        key = (kw["namespace"], kw["labels"][planner.LABEL_NAME])
+        return {key: _slim(kw["body"], keep_data=True)}
+
+    # Triggers: any change of the resource or of a child reconciles the resource.
+    @kopf.on.event(*ftj, registry=registry, id="graft_resource_event")
+    def graft_resource_event(**kw: Any) -> None:
+        runtime.enqueue(kw["namespace"], kw["name"])
+
+    @kopf.on.event(
+        "batch", "v1", "jobs", labels=CHILD_LABELS, registry=registry, id="graft_job_event"
+    )
+    def graft_job_event(**kw: Any) -> None:
+        runtime.enqueue(kw["namespace"], kw["labels"].get(planner.LABEL_NAME))
+
+    @kopf.on.event("v1", "pods", labels=CHILD_LABELS, registry=registry, id="graft_pod_event")
+    def graft_pod_event(**kw: Any) -> None:
+        runtime.enqueue(kw["namespace"], kw["labels"].get(planner.LABEL_NAME))
+
+
+def configure_settings(settings: kopf.OperatorSettings) -> None:
+    """kopf settings chosen on purpose (see docs/operator.md)."""
+    # Our own prefixes, should kopf ever store anything (no handler here needs it).
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    # Watches: server-side timeout below typical load-balancer idle timeouts, a client-side
+    # timeout a little above it, and kopf's inactivity timeout for silent streams.
+    settings.watching.server_timeout = 240
+    settings.watching.client_timeout = 270
+    settings.watching.connect_timeout = 30
+    settings.watching.reconnect_backoff = 1.0
+    # Bounded retries of failed API calls inside kopf.
+    settings.networking.error_backoffs = [1, 2, 5, 10, 20]
+    # We post our own Events (one per condition transition); kopf's log-as-event posting off.
+    settings.posting.enabled = False
+    settings.queueing.idle_timeout = 30.0

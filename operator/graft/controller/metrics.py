@@ -1,0 +1,65 @@
+"""Prometheus metrics and the /metrics + /healthz endpoint (aiohttp, in the operator's loop)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.reconciles = Counter(
+            "graft_reconcile_total",
+            "Reconciles of Graft resources, by kind and result.",
+            ["kind", "result"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "graft_reconcile_duration_seconds",
+            "Time one reconcile took.",
+            ["kind"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.jobs_created = Counter(
+            "graft_trainer_jobs_created_total",
+            "Trainer Jobs the operator created.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.phases = Gauge(
+            "graft_resources",
+            "Graft resources by kind and phase, as last reconciled.",
+            ["kind", "phase"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "graft_workqueue_depth", "Keys queued or being reconciled.", registry=self.registry
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def serve(metrics: Metrics, port: int, host: str = "0.0.0.0") -> web.AppRunner:
+    async def handle_metrics(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def handle_health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/healthz", handle_health)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

@@ -1,0 +1,378 @@
+"""The pure planner: from a resource and the operator's configuration to the children it needs.
+
+Owns the *shape* of every child object: the spec ConfigMap (`resource.json`, the frozen launched
+spec), the trainer Job and its pod template, and the per-namespace trainer identity. No API calls
+here: handlers call these functions and send the result; unit tests call them directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from graft.api.base import API_VERSION
+from graft.api.errors import FieldIssue
+from graft.api.kinds import InvalidResource, parse_spec
+from graft.controller.config import OperatorConfig
+from graft.naming import artifact_prefix, child_name
+
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+
+# Labels on every child (Job, pod template, ConfigMap). Parent labels are never copied: a GitOps
+# tool's tracking label (app.kubernetes.io/instance) on a child would make it prune the child.
+LABEL_KIND = "graft.dev/kind"
+LABEL_NAME = "graft.dev/name"
+LABEL_UID = "graft.dev/uid"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_APP = "app.kubernetes.io/name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+
+ANNOTATION_SPEC_HASH = "graft.dev/spec-hash"
+ANNOTATION_ATTEMPTS_BEFORE = "graft.dev/attempts-before"
+
+TRAINER_CONTAINER = "trainer"
+RESOURCE_FILE = "resource.json"
+SPEC_MOUNT = "/etc/graft"
+HOME = "/home/graft"
+
+# Spec fields that take effect after launch; every other change is refused.
+MUTABLE_FIELDS = ("suspend", "ttlSecondsAfterFinished")
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """A validated spec with the operator's defaults applied, ready to launch."""
+
+    spec: dict[str, Any]  # camelCase, defaults applied, output resolved
+    spec_hash: str  # of the user's spec without the mutable fields
+
+    @property
+    def output_uri(self) -> str:
+        return str(self.spec["output"]["uri"])
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    """A stable digest of the fields that are frozen once the Job exists."""
+    frozen = {k: v for k, v in spec.items() if k not in MUTABLE_FIELDS}
+    text = json.dumps(frozen, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def resolve_spec(spec: Any, config: OperatorConfig) -> Resolved:
+    """Validate the spec and apply defaults; raise InvalidResource naming the field."""
+    model = parse_spec(KIND, spec)
+    data = model.to_api()
+    if "output" not in data:
+        if not config.output_uri:
+            raise InvalidResource(
+                [
+                    FieldIssue(
+                        ("spec", "output"),
+                        "no artifact store: set spec.output.uri or configure the operator's "
+                        "default (GRAFT_OUTPUT_URI)",
+                    )
+                ]
+            )
+        data["output"] = {"uri": config.output_uri}
+        if config.output_secret:
+            data["output"]["credentialsSecret"] = config.output_secret
+    return Resolved(spec=data, spec_hash=spec_hash(model.to_api()))
+
+
+def changed_fields(launched: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Top-level spec fields (dotted, one level deeper for objects) that differ."""
+    changed: list[str] = []
+    for key in sorted(set(launched) | set(current)):
+        if key in MUTABLE_FIELDS:
+            continue
+        a, b = launched.get(key), current.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            for sub in sorted(set(a) | set(b)):
+                if a.get(sub) != b.get(sub):
+                    changed.append(f"spec.{key}.{sub}")
+        else:
+            changed.append(f"spec.{key}")
+    return changed
+
+
+def job_name(name: str) -> str:
+    return child_name(name, "train")
+
+
+def configmap_name(name: str) -> str:
+    return child_name(name, "spec")
+
+
+def selection_labels(obj: dict[str, Any]) -> dict[str, str]:
+    meta = obj["metadata"]
+    return {
+        LABEL_KIND: KIND,
+        LABEL_NAME: meta["name"],
+        LABEL_UID: meta["uid"],
+        LABEL_MANAGED_BY: "graft-operator",
+        LABEL_APP: "graft-trainer",
+    }
+
+
+def owner_reference(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj["metadata"]
+    # No blockOwnerDeletion: it needs update on finalizers of the parent, and nothing here
+    # must outlive the parent anyway (the garbage collector removes Job, pods and ConfigMap).
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+    }
+
+
+def resource_document(obj: dict[str, Any], resolved: Resolved) -> dict[str, Any]:
+    """The whole object as the trainer reads it from resource.json."""
+    meta = obj["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta["uid"],
+            "generation": meta.get("generation", 1),
+        },
+        "spec": resolved.spec,
+    }
+
+
+def build_spec_configmap(obj: dict[str, Any], resolved: Resolved) -> dict[str, Any]:
+    """The ConfigMap holding resource.json: the spec as launched (frozen after launch)."""
+    meta = obj["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": configmap_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": {**selection_labels(obj), LABEL_COMPONENT: "spec"},
+            "annotations": {ANNOTATION_SPEC_HASH: resolved.spec_hash},
+            "ownerReferences": [owner_reference(obj)],
+        },
+        "data": {
+            RESOURCE_FILE: json.dumps(resource_document(obj, resolved), indent=2, sort_keys=True)
+        },
+    }
+
+
+def launched_spec(configmap: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The spec and hash a ConfigMap froze at launch."""
+    document = json.loads(configmap["data"][RESOURCE_FILE])
+    spec_hash_ = configmap["metadata"].get("annotations", {}).get(ANNOTATION_SPEC_HASH, "")
+    return document["spec"], spec_hash_
+
+
+def credential_secrets(spec: dict[str, Any]) -> list[str]:
+    """Secret names the pod reads AWS_*/HF_TOKEN from; the output store's last (it wins)."""
+    names: list[str] = []
+    for section in ("model", "dataset", "output"):
+        name = (spec.get(section) or {}).get("credentialsSecret")
+        if name:
+            if name in names:
+                names.remove(name)
+            names.append(name)
+    return names
+
+
+def pod_security_context(config: OperatorConfig) -> dict[str, Any]:
+    uid = config.trainer_run_as_user
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def container_resources(spec: dict[str, Any]) -> dict[str, Any]:
+    res = spec.get("resources") or {}
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    for key in ("cpu", "memory"):
+        if res.get(key) is not None:
+            requests[key] = limits[key] = str(res[key])
+    gpu = int(res.get("gpu") or 0)
+    if gpu:
+        name = res.get("gpuResourceName") or "nvidia.com/gpu"
+        requests[name] = limits[name] = str(gpu)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def build_trainer_job(
+    obj: dict[str, Any],
+    spec: dict[str, Any],
+    config: OperatorConfig,
+    *,
+    spec_hash_: str,
+    attempts_before: int = 0,
+) -> dict[str, Any]:
+    """The batch/v1 Job that runs the trainer for `obj` with the launched (resolved) `spec`."""
+    meta = obj["metadata"]
+    name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+    labels = selection_labels(obj)
+    scheduling = spec.get("scheduling") or {}
+    job_labels = {**labels, LABEL_COMPONENT: "trainer"}
+    if scheduling.get("queueName"):
+        job_labels[KUEUE_QUEUE] = scheduling["queueName"]
+
+    env = [
+        {
+            "name": "GRAFT_ARTIFACTS_URI",
+            "value": artifact_prefix(spec["output"]["uri"], namespace, KIND, name, uid),
+        },
+        {"name": "GRAFT_REPORTER", "value": "kubernetes"},
+        {"name": "GRAFT_RESOURCE_KIND", "value": KIND},
+        {"name": "GRAFT_RESOURCE_NAME", "value": name},
+        {"name": "GRAFT_RESOURCE_NAMESPACE", "value": namespace},
+        {"name": "HOME", "value": HOME},
+    ]
+    env.extend({"name": k, "value": v} for k, v in sorted(config.trainer_extra_env.items()))
+
+    container: dict[str, Any] = {
+        "name": TRAINER_CONTAINER,
+        "image": spec.get("image") or config.trainer_image,
+        "imagePullPolicy": config.trainer_image_pull_policy,
+        "command": ["graft-trainer", "run-resource", f"{SPEC_MOUNT}/{RESOURCE_FILE}"],
+        "env": env,
+        "envFrom": [
+            {"secretRef": {"name": secret, "optional": False}}
+            for secret in credential_secrets(spec)
+        ],
+        "resources": container_resources(spec),
+        "securityContext": container_security_context(),
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [
+            {"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "home", "mountPath": HOME},
+        ],
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": config.trainer_service_account,
+        "automountServiceAccountToken": True,
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(config),
+        "containers": [container],
+        "volumes": [
+            {"name": "spec", "configMap": {"name": configmap_name(name)}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "home", "emptyDir": {}},
+        ],
+    }
+    if config.trainer_host_network:
+        pod_spec["hostNetwork"] = True
+        pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+    if scheduling.get("nodeSelector"):
+        pod_spec["nodeSelector"] = dict(scheduling["nodeSelector"])
+    if scheduling.get("tolerations"):
+        pod_spec["tolerations"] = copy.deepcopy(scheduling["tolerations"])
+    if scheduling.get("affinity"):
+        pod_spec["affinity"] = copy.deepcopy(scheduling["affinity"])
+    if scheduling.get("priorityClassName"):
+        pod_spec["priorityClassName"] = scheduling["priorityClassName"]
+
+    job_spec: dict[str, Any] = {
+        # The operator enforces spec.backoffLimit itself, counting only the trainer's own
+        # failures; the allowance lets evicted pods be replaced by the Job controller.
+        "backoffLimit": int(spec.get("backoffLimit", 2)) + config.disruption_allowance,
+        "completions": 1,
+        "parallelism": 1,
+        "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
+    }
+    if spec.get("activeDeadlineSeconds"):
+        job_spec["activeDeadlineSeconds"] = int(spec["activeDeadlineSeconds"])
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(name),
+            "namespace": namespace,
+            "labels": job_labels,
+            "annotations": {
+                ANNOTATION_SPEC_HASH: spec_hash_,
+                ANNOTATION_ATTEMPTS_BEFORE: str(attempts_before),
+            },
+            "ownerReferences": [owner_reference(obj)],
+        },
+        "spec": job_spec,
+    }
+
+
+def trainer_identity(namespace: str, config: OperatorConfig) -> list[dict[str, Any]]:
+    """ServiceAccount + (Role +) RoleBinding letting trainer pods patch only resource status."""
+    sa = config.trainer_service_account
+    labels = {LABEL_MANAGED_BY: "graft-operator", LABEL_APP: "graft-trainer"}
+    objects: list[dict[str, Any]] = [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": sa, "namespace": namespace, "labels": labels},
+        }
+    ]
+    if config.trainer_cluster_role:
+        role_ref = {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": config.trainer_cluster_role,
+        }
+    else:
+        objects.append(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {"name": sa, "namespace": namespace, "labels": labels},
+                "rules": [
+                    {
+                        "apiGroups": ["graft.dev"],
+                        "resources": [
+                            "finetunejobs/status",
+                            "optimizejobs/status",
+                            "adapterbundles/status",
+                        ],
+                        "verbs": ["get", "patch"],
+                    }
+                ],
+            }
+        )
+        role_ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa}
+    objects.append(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": sa, "namespace": namespace, "labels": labels},
+            "roleRef": role_ref,
+            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": namespace}],
+        }
+    )
+    return objects

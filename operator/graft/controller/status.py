@@ -1,0 +1,462 @@
+"""Pure status computation: conditions, phase and run bookkeeping from what the cluster shows.
+
+Owns `status.conditions` (Validated, Running, Succeeded, Failed, Suspended), `status.phase`,
+`observedGeneration`, `startTime`, `completionTime`, `attempts` and `jobName`. The trainer owns
+`progress`, `metrics`, `warnings` and `artifacts` and this module never touches them.
+
+Level-based: the result depends only on the resource (spec and the previous status, for
+transition times and the terminal outcome, which outlives the deleted Job), the Job, its pods
+and the clock. Calling it twice with the same input gives the same answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from graft.api.errors import FieldIssue
+from graft.controller.planner import ANNOTATION_ATTEMPTS_BEFORE, TRAINER_CONTAINER
+
+CONDITION_TYPES = ("Validated", "Running", "Succeeded", "Failed", "Suspended")
+OPERATOR_FIELDS = (
+    "observedGeneration",
+    "conditions",
+    "phase",
+    "startTime",
+    "completionTime",
+    "attempts",
+    "jobName",
+)
+EXIT_INVALID_INPUT = 2
+
+# Pod-level reasons that mean the pod was lost, not that the trainer failed: retried without
+# counting toward backoffLimit, and the new pod resumes from the last checkpoint.
+DISRUPTION_REASONS = frozenset(
+    {
+        "Evicted",
+        "Preempted",
+        "Preempting",
+        "NodeLost",
+        "NodeShutdown",
+        "Shutdown",
+        "Terminated",
+        "NodeAffinity",
+        "UnexpectedAdmissionError",
+        "OutOfcpu",
+        "OutOfmemory",
+        "OutOfpods",
+    }
+)
+
+OOM_ADVICE = (
+    "lower training.perDeviceTrainBatchSize (raise gradientAccumulationSteps to keep the "
+    "effective batch), enable training.gradientCheckpointing, or use method qlora"
+)
+
+PodKind = Literal["pending", "running", "succeeded", "failed", "disrupted"]
+
+
+def rfc3339(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+@dataclasses.dataclass(frozen=True)
+class PodOutcome:
+    """What one trainer pod tells about its attempt."""
+
+    name: str
+    kind: PodKind
+    reason: str = ""
+    message: str = ""
+    exit_code: int | None = None
+
+    @property
+    def oom(self) -> bool:
+        return self.reason == "OOMKilled"
+
+
+def _trainer_state(pod: dict[str, Any]) -> dict[str, Any]:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == TRAINER_CONTAINER:
+            return dict(status)
+    return {}
+
+
+def classify_pod(pod: dict[str, Any]) -> PodOutcome:
+    """Sort a pod into pending/running/succeeded/failed (the trainer's fault)/disrupted."""
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    name = str(meta.get("name", ""))
+    phase = status.get("phase") or "Pending"
+    container = _trainer_state(pod)
+    terminated = (container.get("state") or {}).get("terminated") or (
+        container.get("lastState") or {}
+    ).get("terminated")
+    if phase == "Succeeded":
+        return PodOutcome(name, "succeeded")
+    pod_reason = str(status.get("reason") or "")
+    if meta.get("deletionTimestamp"):
+        return PodOutcome(name, "disrupted", pod_reason or "Deleted", "the pod was deleted")
+    if phase == "Failed":
+        if pod_reason in DISRUPTION_REASONS or not terminated:
+            message = str(status.get("message") or f"the pod was lost ({pod_reason or 'unknown'})")
+            return PodOutcome(name, "disrupted", pod_reason or "PodLost", message)
+        code = terminated.get("exitCode")
+        reason = str(terminated.get("reason") or "")
+        message = str(terminated.get("message") or "").strip()
+        return PodOutcome(name, "failed", reason, message, int(code) if code is not None else None)
+    if phase == "Running":
+        return PodOutcome(name, "running")
+    waiting = (container.get("state") or {}).get("waiting") or {}
+    return PodOutcome(
+        name, "pending", str(waiting.get("reason") or ""), str(waiting.get("message") or "")
+    )
+
+
+def failure_summary(outcome: PodOutcome, memory: str | None = None) -> tuple[str, str]:
+    """(reason, message) of a trainer failure, with advice for out-of-memory kills."""
+    if outcome.oom:
+        limit = f" (memory limit {memory})" if memory else ""
+        return "OOMKilled", f"pod {outcome.name} was killed for running out of memory{limit}: " + (
+            OOM_ADVICE
+        )
+    if outcome.exit_code == EXIT_INVALID_INPUT:
+        text = outcome.message or "no reason given"
+        return "InvalidInput", f"the trainer refused its input (exit code 2): {text}"
+    text = outcome.message or f"exit code {outcome.exit_code}"
+    return "TrainerFailed", f"pod {outcome.name} failed: {text}"
+
+
+@dataclasses.dataclass
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the status should be and what the reconciler should do about the children."""
+
+    status: dict[str, Any]
+    create_job: bool = False
+    delete_job: bool = False
+    delete_resource: bool = False
+    requeue_after: float | None = None
+    events: list[Event] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    """The world as the reconciler saw it for one resource."""
+
+    issues: tuple[FieldIssue, ...] = ()  # of the current spec; empty when valid
+    launched_hash: str | None = None  # spec hash of the Job or spec ConfigMap, if launched
+    current_hash: str | None = None  # spec hash of the current spec, if valid
+    changed: tuple[str, ...] = ()  # fields changed since launch
+    job: dict[str, Any] | None = None
+    pods: tuple[dict[str, Any], ...] = ()
+    backoff_limit: int = 2  # of the launched spec
+    memory: str | None = None  # memory limit of the launched spec, for OOM messages
+
+
+def find_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
+    for cond in conditions:
+        if cond.get("type") == type_:
+            return cond
+    return None
+
+
+def is_true(conditions: list[dict[str, Any]], type_: str) -> bool:
+    cond = find_condition(conditions, type_)
+    return cond is not None and cond.get("status") == "True"
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: Literal["True", "False", "Unknown"],
+    reason: str,
+    message: str,
+    *,
+    generation: int,
+    now: datetime,
+) -> list[dict[str, Any]]:
+    """A new list with the condition set; lastTransitionTime moves only when status changes."""
+    old = find_condition(conditions, type_)
+    since = old.get("lastTransitionTime") if old and old.get("status") == status else None
+    new = {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        # Never empty: the v1.20 apiserver turns "" into null in a merge patch and rejects it.
+        "message": message or reason,
+        "lastTransitionTime": since or rfc3339(now),
+        "observedGeneration": generation,
+    }
+    rest = [c for c in conditions if c.get("type") != type_]
+    ordered = sorted([*rest, new], key=lambda c: _order(str(c.get("type"))))
+    return ordered
+
+
+def _order(type_: str) -> int:
+    return CONDITION_TYPES.index(type_) if type_ in CONDITION_TYPES else len(CONDITION_TYPES)
+
+
+def derive_phase(conditions: list[dict[str, Any]]) -> str:
+    for type_, phase in (
+        ("Succeeded", "Succeeded"),
+        ("Failed", "Failed"),
+        ("Suspended", "Suspended"),
+        ("Running", "Running"),
+    ):
+        if is_true(conditions, type_):
+            return phase
+    return "Pending"
+
+
+def is_terminal(status: dict[str, Any]) -> bool:
+    """Succeeded, or Failed for a reason other than an (editable) invalid spec."""
+    conditions = status.get("conditions") or []
+    failed = find_condition(conditions, "Failed")
+    return is_true(conditions, "Succeeded") or (
+        failed is not None
+        and failed.get("status") == "True"
+        and failed.get("reason") != "InvalidSpec"
+    )
+
+
+def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return dict(cond)
+    return None
+
+
+def _events(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[Event]:
+    events: list[Event] = []
+    for cond in after:
+        type_ = str(cond["type"])
+        old = find_condition(before, type_)
+        if old and (old.get("status"), old.get("reason")) == (cond["status"], cond["reason"]):
+            continue
+        if old is None and cond["status"] != "True" and type_ != "Validated":
+            continue
+        warning = (
+            (type_ == "Failed" and cond["status"] == "True")
+            or (type_ == "Validated" and cond["status"] == "False")
+            or cond["reason"] in ("Restarting", "Retrying")
+        )
+        events.append(
+            Event("Warning" if warning else "Normal", str(cond["reason"]), str(cond["message"]))
+        )
+    return events
+
+
+def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Plan:
+    """The operator-owned status of `obj` and the actions that make the cluster match it."""
+    prev: dict[str, Any] = dict(obj.get("status") or {})
+    before: list[dict[str, Any]] = list(prev.get("conditions") or [])
+    generation = int(obj["metadata"].get("generation") or 1)
+    spec = obj.get("spec") or {}
+    suspend = bool(spec.get("suspend"))
+    ttl = spec.get("ttlSecondsAfterFinished")
+    launched = observed.launched_hash is not None or observed.job is not None
+    status: dict[str, Any] = {k: prev[k] for k in OPERATOR_FIELDS if k in prev}
+    status["observedGeneration"] = generation
+    conds = before
+    plan = Plan(status=status)
+
+    def cond(type_: str, value: Literal["True", "False"], reason: str, message: str) -> None:
+        nonlocal conds
+        conds = set_condition(conds, type_, value, reason, message, generation=generation, now=now)
+
+    def finish() -> Plan:
+        status["conditions"] = conds
+        status["phase"] = derive_phase(conds)
+        plan.events = _events(before, conds) + plan.events
+        return plan
+
+    # Validated: the current spec, and whether it still matches what was launched.
+    issues_text = "; ".join(str(i) for i in observed.issues)
+    if observed.issues:
+        suffix = " (the launched spec keeps running)" if launched else ""
+        cond("Validated", "False", "InvalidSpec", issues_text + suffix)
+    elif launched and observed.launched_hash not in (None, observed.current_hash):
+        fields = ", ".join(observed.changed) or "the spec"
+        cond(
+            "Validated",
+            "False",
+            "SpecChangeRefused",
+            f"{fields} changed after the Job was created and is ignored: only spec.suspend and "
+            "spec.ttlSecondsAfterFinished take effect once a run started. Revert the change, "
+            "or create a new resource.",
+        )
+    else:
+        cond("Validated", "True", "Valid", "the spec is valid")
+
+    if not launched and observed.issues:
+        cond("Failed", "True", "InvalidSpec", issues_text)
+        cond("Running", "False", "InvalidSpec", "nothing is launched until the spec is valid")
+        cond("Succeeded", "False", "InvalidSpec", "nothing is launched until the spec is valid")
+        cond("Suspended", "False", "NotSuspended", "not suspended")
+        return finish()
+
+    job = observed.job
+    if is_terminal(prev):
+        succeeded = is_true(before, "Succeeded")
+        cond("Running", "False", "Completed" if succeeded else "Failed", "the run has ended")
+        if not succeeded and job is not None and not _finished(job):
+            plan.delete_job = True
+        if ttl is not None:
+            done = parse_time(status.get("completionTime")) or now
+            due = done + timedelta(seconds=int(ttl))
+            if now >= due:
+                plan.delete_resource = True
+                plan.events.append(
+                    Event("Normal", "TTLExpired", f"deleting the resource {ttl}s after it ended")
+                )
+            else:
+                plan.requeue_after = (due - now).total_seconds()
+        return finish()
+
+    if find_condition(conds, "Failed") is None or is_true(conds, "Failed"):
+        cond("Failed", "False", "NotFailed", "no failure")
+    if find_condition(conds, "Succeeded") is None or is_true(conds, "Succeeded"):
+        cond("Succeeded", "False", "NotFinished", "not finished")
+
+    if suspend:
+        if job is not None:
+            plan.delete_job = True
+        cond(
+            "Suspended",
+            "True",
+            "Suspended",
+            "spec.suspend is true: the trainer pod is stopped and checkpoints are kept; "
+            "setting it to false resumes from the last checkpoint",
+        )
+        cond("Running", "False", "Suspended", "suspended")
+        return finish()
+    if is_true(before, "Suspended"):
+        cond(
+            "Suspended",
+            "False",
+            "Resumed",
+            "resumed: the new pod continues from the last checkpoint",
+        )
+    elif find_condition(conds, "Suspended") is None:
+        cond("Suspended", "False", "NotSuspended", "not suspended")
+
+    if job is None:
+        plan.create_job = True
+        cond("Running", "False", "Launching", "creating the trainer Job")
+        return finish()
+
+    status["jobName"] = job["metadata"]["name"]
+    job_status = job.get("status") or {}
+    outcomes = [classify_pod(p) for p in observed.pods]
+    annotations = job["metadata"].get("annotations") or {}
+    attempts_before = int(annotations.get(ANNOTATION_ATTEMPTS_BEFORE, "0") or 0)
+    status["attempts"] = max(int(prev.get("attempts") or 0), attempts_before + len(outcomes))
+    if not status.get("startTime"):
+        started = job_status.get("startTime")
+        if started or outcomes:
+            status["startTime"] = started or rfc3339(now)
+
+    failures = sorted((o for o in outcomes if o.kind == "failed"), key=lambda o: o.name)
+    invalid = [o for o in failures if o.exit_code == EXIT_INVALID_INPUT]
+    complete = _job_condition(job, "Complete")
+    job_failed = _job_condition(job, "Failed")
+    if invalid:
+        reason, message = failure_summary(invalid[0], observed.memory)
+        _fail(cond, status, plan, reason, message, now, job)
+        return finish()
+    if complete is not None:
+        cond("Succeeded", "True", "Completed", "training finished")
+        cond("Running", "False", "Completed", "training finished")
+        status["completionTime"] = job_status.get("completionTime") or rfc3339(now)
+        return finish()
+    if len(failures) > observed.backoff_limit:
+        reason, message = failure_summary(failures[-1], observed.memory)
+        if reason == "TrainerFailed":
+            reason = "BackoffLimitExceeded"
+        message = f"{len(failures)} failed attempts (backoffLimit {observed.backoff_limit}); last: {message}"
+        _fail(cond, status, plan, reason, message, now, job)
+        return finish()
+    if job_failed is not None:
+        job_reason = str(job_failed.get("reason") or "JobFailed")
+        if job_reason == "DeadlineExceeded":
+            message = "the attempt ran longer than spec.activeDeadlineSeconds"
+        elif job_reason == "BackoffLimitExceeded":
+            job_reason = "TooManyDisruptions"
+            message = "the pod was lost too often (evictions or node failures)"
+        else:
+            message = str(job_failed.get("message") or "the Job failed")
+        _fail(cond, status, plan, job_reason, message, now, job)
+        return finish()
+
+    running = [o for o in outcomes if o.kind == "running"]
+    if running:
+        cond("Running", "True", "TrainerRunning", f"pod {running[0].name} is training")
+        return finish()
+    if any(o.kind == "succeeded" for o in outcomes):
+        cond("Running", "False", "Finishing", "the trainer pod succeeded; the Job is finishing")
+        return finish()
+    lost = [o for o in outcomes if o.kind in ("disrupted", "failed")]
+    if lost:
+        last = lost[-1]
+        if last.kind == "disrupted":
+            detail = (
+                f"pod {last.name} was lost ({last.reason}: {last.message}); it does not count "
+                "toward backoffLimit"
+            )
+        else:
+            detail = failure_summary(last, observed.memory)[1]
+            detail += f" (attempt {len(failures)} of {observed.backoff_limit + 1})"
+        cond(
+            "Running",
+            "False",
+            "Restarting",
+            f"{detail}; a new pod resumes from the last checkpoint",
+        )
+        return finish()
+    pending = [o for o in outcomes if o.kind == "pending"]
+    waiting = next((o for o in pending if o.reason), None)
+    if waiting is not None:
+        cond("Running", "False", "PodPending", f"{waiting.reason}: {waiting.message}".rstrip(": "))
+    else:
+        cond("Running", "False", "PodPending", "waiting for the trainer pod to start")
+    return finish()
+
+
+def _finished(job: dict[str, Any]) -> bool:
+    return _job_condition(job, "Complete") is not None or _job_condition(job, "Failed") is not None
+
+
+def _fail(
+    cond: Any,
+    status: dict[str, Any],
+    plan: Plan,
+    reason: str,
+    message: str,
+    now: datetime,
+    job: dict[str, Any],
+) -> None:
+    cond("Failed", "True", reason, message)
+    cond("Running", "False", "Failed", message)
+    status["completionTime"] = rfc3339(now)
+    # A Job the controller has not finished would keep starting pods: stop it. A finished one
+    # stays (with its pods, for `kubectl logs`) until the resource is deleted.
+    plan.delete_job = not _finished(job)
+
+
+def status_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch of operator-owned status fields that differ; empty when none do."""
+    return {k: v for k, v in desired.items() if k in OPERATOR_FIELDS and current.get(k) != v}

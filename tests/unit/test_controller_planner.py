@@ -1,0 +1,215 @@
+"""The pure planner: validated spec -> ConfigMap, Job and trainer identity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from graft.api.kinds import InvalidResource
+from graft.controller import planner
+from graft.controller.config import ConfigError, OperatorConfig
+from graft.naming import artifact_prefix
+from tests.podsecurity import restricted_violations
+
+REPO = Path(__file__).resolve().parents[2]
+UID = "0123abcd-4567-89ef-0123-456789abcdef"
+
+
+def resource(**spec_overrides: Any) -> dict[str, Any]:
+    obj = yaml.safe_load((REPO / "examples" / "finetunejob.yaml").read_text())
+    obj["metadata"].update(
+        namespace="team-a",
+        uid=UID,
+        generation=1,
+        labels={"app.kubernetes.io/instance": "argo-app"},
+    )
+    obj["spec"].update(spec_overrides)
+    return obj
+
+
+CONFIG = OperatorConfig(
+    trainer_image="graft/trainer:test",
+    output_uri="s3://default-bucket/graft/",
+    output_secret="default-s3",
+    trainer_extra_env={"KUBERNETES_SERVICE_HOST": "127.0.0.1"},
+    trainer_host_network=True,
+)
+
+
+def job_for(obj: dict[str, Any], config: OperatorConfig = CONFIG) -> dict[str, Any]:
+    resolved = planner.resolve_spec(obj["spec"], config)
+    return planner.build_trainer_job(obj, resolved.spec, config, spec_hash_=resolved.spec_hash)
+
+
+def test_job_has_deterministic_name_owner_and_explicit_labels() -> None:
+    obj = resource()
+    job = job_for(obj)
+    assert job["metadata"]["name"] == "tone-classifier-train" == job_for(obj)["metadata"]["name"]
+    owner = job["metadata"]["ownerReferences"][0]
+    assert owner == {
+        "apiVersion": "graft.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "name": "tone-classifier",
+        "uid": UID,
+        "controller": True,
+    }
+    labels = job["metadata"]["labels"]
+    assert labels[planner.LABEL_NAME] == "tone-classifier"
+    assert labels[planner.LABEL_UID] == UID
+    assert "app.kubernetes.io/instance" not in labels
+    assert job["spec"]["template"]["metadata"]["labels"][planner.LABEL_NAME] == "tone-classifier"
+
+
+def test_pod_contract_with_the_trainer() -> None:
+    obj = resource()
+    job = job_for(obj)
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["graft-trainer", "run-resource", "/etc/graft/resource.json"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["GRAFT_ARTIFACTS_URI"] == artifact_prefix(
+        "s3://graft-artifacts/artifacts/", "team-a", "FineTuneJob", "tone-classifier", UID
+    )
+    assert env["GRAFT_REPORTER"] == "kubernetes"
+    assert env["GRAFT_RESOURCE_KIND"] == "FineTuneJob"
+    assert env["GRAFT_RESOURCE_NAME"] == "tone-classifier"
+    assert env["GRAFT_RESOURCE_NAMESPACE"] == "team-a"
+    assert env["KUBERNETES_SERVICE_HOST"] == "127.0.0.1"
+    # Secrets by reference only: the name, never a value.
+    assert container["envFrom"] == [{"secretRef": {"name": "graft-s3", "optional": False}}]
+    assert not any("valueFrom" in e for e in container["env"])
+    assert pod["restartPolicy"] == "Never"
+    assert pod["serviceAccountName"] == "graft-trainer"
+    assert pod["hostNetwork"] is True
+    assert container["image"] == "graft/trainer:test"
+    assert {v["name"]: v for v in pod["volumes"]}["spec"]["configMap"]["name"] == (
+        "tone-classifier-spec"
+    )
+
+
+def test_pod_meets_restricted_pod_security() -> None:
+    pod = job_for(resource())["spec"]["template"]["spec"]
+    assert restricted_violations(pod, allow_host_network=True) == []
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    no_host = job_for(resource(), OperatorConfig(output_uri="s3://b/"))
+    assert restricted_violations(no_host["spec"]["template"]["spec"]) == []
+
+
+def test_resources_scheduling_and_limits() -> None:
+    obj = resource(
+        resources={"gpu": 2, "gpuResourceName": "amd.com/gpu", "cpu": 8, "memory": "64Gi"},
+        scheduling={
+            "nodeSelector": {"pool": "gpu"},
+            "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {"nodeAffinity": {"x": 1}},
+            "priorityClassName": "high",
+            "queueName": "team-a-queue",
+        },
+        backoffLimit=3,
+        activeDeadlineSeconds=600,
+        image="my/trainer:1",
+    )
+    job = job_for(obj)
+    pod = job["spec"]["template"]["spec"]
+    res = pod["containers"][0]["resources"]
+    assert res["limits"] == {"cpu": "8", "memory": "64Gi", "amd.com/gpu": "2"}
+    assert res["requests"] == res["limits"]
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["affinity"] == {"nodeAffinity": {"x": 1}}
+    assert pod["priorityClassName"] == "high"
+    assert job["metadata"]["labels"][planner.KUEUE_QUEUE] == "team-a-queue"
+    assert job["spec"]["activeDeadlineSeconds"] == 600
+    assert job["spec"]["backoffLimit"] == 3 + CONFIG.disruption_allowance
+    assert pod["containers"][0]["image"] == "my/trainer:1"
+
+
+def test_configmap_holds_whole_resource_with_defaults() -> None:
+    obj = resource()
+    del obj["spec"]["output"]
+    resolved = planner.resolve_spec(obj["spec"], CONFIG)
+    cm = planner.build_spec_configmap(obj, resolved)
+    doc = json.loads(cm["data"]["resource.json"])
+    assert doc["apiVersion"] == "graft.dev/v1alpha1" and doc["kind"] == "FineTuneJob"
+    assert doc["metadata"] == {
+        "name": "tone-classifier",
+        "namespace": "team-a",
+        "uid": UID,
+        "generation": 1,
+    }
+    assert doc["spec"]["output"] == {
+        "uri": "s3://default-bucket/graft/",
+        "credentialsSecret": "default-s3",
+    }
+    assert doc["spec"]["training"]["lrScheduler"] == "cosine"  # a default applied
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == UID
+    spec, spec_hash = planner.launched_spec(cm)
+    assert spec == resolved.spec and spec_hash == resolved.spec_hash
+    envfrom = planner.build_trainer_job(obj, spec, CONFIG, spec_hash_=spec_hash)["spec"][
+        "template"
+    ]["spec"]["containers"][0]["envFrom"]
+    assert [e["secretRef"]["name"] for e in envfrom] == ["graft-s3", "default-s3"]
+
+
+def test_invalid_spec_names_the_field() -> None:
+    obj = resource(resources={"gpu": -1})
+    with pytest.raises(InvalidResource) as exc:
+        planner.resolve_spec(obj["spec"], CONFIG)
+    assert any(i.dotted == "spec.resources.gpu" for i in exc.value.issues)
+    obj = resource()
+    del obj["spec"]["output"]
+    with pytest.raises(InvalidResource) as exc:
+        planner.resolve_spec(obj["spec"], OperatorConfig())
+    assert exc.value.issues[0].dotted == "spec.output"
+
+
+def test_spec_hash_ignores_suspend_and_ttl_only() -> None:
+    base = planner.resolve_spec(resource()["spec"], CONFIG).spec_hash
+    assert planner.resolve_spec(resource(suspend=True)["spec"], CONFIG).spec_hash == base
+    ttl = resource(ttlSecondsAfterFinished=5)
+    assert planner.resolve_spec(ttl["spec"], CONFIG).spec_hash == base
+    assert planner.resolve_spec(resource(backoffLimit=5)["spec"], CONFIG).spec_hash != base
+    a = planner.resolve_spec(resource()["spec"], CONFIG).spec
+    b = planner.resolve_spec(resource(backoffLimit=5, suspend=True)["spec"], CONFIG).spec
+    b["training"]["maxSteps"] = 7
+    assert planner.changed_fields(a, b) == ["spec.backoffLimit", "spec.training.maxSteps"]
+
+
+def test_trainer_identity_is_narrow() -> None:
+    objs = planner.trainer_identity("team-a", OperatorConfig())
+    assert [o["kind"] for o in objs] == ["ServiceAccount", "Role", "RoleBinding"]
+    (rule,) = objs[1]["rules"]
+    assert rule["verbs"] == ["get", "patch"]
+    assert all(r.endswith("/status") for r in rule["resources"])
+    bound = planner.trainer_identity("team-a", OperatorConfig(trainer_cluster_role="graft-trainer"))
+    assert [o["kind"] for o in bound] == ["ServiceAccount", "RoleBinding"]
+    assert bound[1]["roleRef"]["kind"] == "ClusterRole"
+
+
+def test_config_from_env() -> None:
+    cfg = OperatorConfig.from_env(
+        {
+            "GRAFT_TRAINER_IMAGE": "x/y:1",
+            "GRAFT_WATCH_NAMESPACES": "a, b,",
+            "GRAFT_TRAINER_EXTRA_ENV": '{"KUBERNETES_SERVICE_PORT": 6443}',
+            "GRAFT_TRAINER_HOST_NETWORK": "true",
+            "GRAFT_METRICS_PORT": "9090",
+            "GRAFT_LOG_FORMAT": "text",
+        }
+    )
+    assert cfg.trainer_image == "x/y:1"
+    assert cfg.watch_namespaces == ("a", "b")
+    assert cfg.trainer_extra_env == {"KUBERNETES_SERVICE_PORT": "6443"}
+    assert cfg.trainer_host_network and cfg.metrics_port == 9090 and cfg.log_format == "text"
+    assert OperatorConfig.from_env({}).watch_namespaces == ()
+    for bad in (
+        {"GRAFT_LOG_FORMAT": "xml"},
+        {"GRAFT_TRAINER_EXTRA_ENV": "[1]"},
+        {"GRAFT_METRICS_PORT": "x"},
+    ):
+        with pytest.raises(ConfigError):
+            OperatorConfig.from_env(bad)

@@ -1,0 +1,250 @@
+"""Pure status computation: conditions, phase, actions from the resource, Job and pods."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from graft.api.errors import FieldIssue
+from graft.controller.status import (
+    Observed,
+    classify_pod,
+    compute_status,
+    derive_phase,
+    find_condition,
+    set_condition,
+    status_patch,
+)
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def ftj(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "metadata": {"name": "a", "namespace": "n", "uid": "u1", "generation": 3},
+        "spec": {"backoffLimit": 1, **spec},
+    }
+    if status is not None:
+        obj["status"] = status
+    return obj
+
+
+def job(*conditions: str, **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": "a-train",
+            "uid": "j1",
+            "annotations": {"graft.dev/attempts-before": "0", "graft.dev/spec-hash": "h"},
+        },
+        "status": {
+            "startTime": "2026-01-01T11:00:00Z",
+            "conditions": [
+                {"type": c, "status": "True", "reason": r}
+                for c, r in (x.split(":") if ":" in x else (x, x) for x in conditions)
+            ],
+            **status,
+        },
+    }
+
+
+def pod(name: str, phase: str, **extra: Any) -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": phase}
+    terminated = extra.pop("terminated", None)
+    if terminated is not None:
+        status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": terminated}}]
+    status.update(extra)
+    return {"metadata": {"name": name, "creationTimestamp": name}, "status": status}
+
+
+def observed(j: dict[str, Any] | None = None, *pods: dict[str, Any], **kw: Any) -> Observed:
+    base: dict[str, Any] = {
+        "launched_hash": "h" if j is not None else None,
+        "current_hash": "h",
+        "job": j,
+        "pods": tuple(pods),
+        "backoff_limit": 1,
+        "memory": "4Gi",
+    }
+    base.update(kw)
+    return Observed(**base)
+
+
+def cond(plan_status: dict[str, Any], type_: str) -> dict[str, Any]:
+    found = find_condition(plan_status["conditions"], type_)
+    assert found is not None, type_
+    return found
+
+
+def test_new_resource_launches_a_job() -> None:
+    plan = compute_status(ftj(), observed(None), NOW)
+    assert plan.create_job and not plan.delete_job
+    assert cond(plan.status, "Validated")["status"] == "True"
+    assert plan.status["phase"] == "Pending"
+    assert plan.status["observedGeneration"] == 3
+    assert all(c["observedGeneration"] == 3 for c in plan.status["conditions"])
+    assert {c["type"] for c in plan.status["conditions"]} == {
+        "Validated",
+        "Running",
+        "Succeeded",
+        "Failed",
+        "Suspended",
+    }
+    assert [e.reason for e in plan.events] == ["Valid"]
+
+
+def test_invalid_spec_is_reported_with_the_field_and_nothing_launches() -> None:
+    issue = FieldIssue(("spec", "training", "maxSteps"), "expected an integer")
+    plan = compute_status(ftj(), observed(None, issues=(issue,), current_hash=None), NOW)
+    assert not plan.create_job
+    validated = cond(plan.status, "Validated")
+    assert validated["status"] == "False" and validated["reason"] == "InvalidSpec"
+    assert "spec.training.maxSteps" in validated["message"]
+    assert plan.status["phase"] == "Failed"
+    assert plan.events[0].type == "Warning"
+    # Fixing the spec launches: InvalidSpec is not terminal.
+    fixed = compute_status(ftj(plan.status), observed(None), NOW)
+    assert fixed.create_job and fixed.status["phase"] == "Pending"
+    assert cond(fixed.status, "Failed")["status"] == "False"
+
+
+def test_running_pod_sets_running_and_start_time() -> None:
+    plan = compute_status(ftj(), observed(job(), pod("p1", "Running")), NOW)
+    assert cond(plan.status, "Running")["status"] == "True"
+    assert plan.status["phase"] == "Running"
+    assert plan.status["startTime"] == "2026-01-01T11:00:00Z"
+    assert plan.status["attempts"] == 1 and plan.status["jobName"] == "a-train"
+    assert not plan.create_job and not plan.delete_job
+
+
+def test_job_complete_is_success_and_sticky() -> None:
+    done = job("Complete", completionTime="2026-01-01T11:30:00Z")
+    plan = compute_status(ftj(), observed(done, pod("p1", "Succeeded")), NOW)
+    assert plan.status["phase"] == "Succeeded"
+    assert plan.status["completionTime"] == "2026-01-01T11:30:00Z"
+    later = compute_status(ftj(plan.status), observed(None), NOW)
+    assert later.status["phase"] == "Succeeded" and not later.create_job
+
+
+def test_oom_kill_retries_then_fails_with_advice() -> None:
+    oom = {"exitCode": 137, "reason": "OOMKilled"}
+    first = compute_status(ftj(), observed(job(), pod("p1", "Failed", terminated=oom)), NOW)
+    running = cond(first.status, "Running")
+    assert running["reason"] == "Restarting" and "OOM" not in running["reason"]
+    assert "gradientCheckpointing" in running["message"]
+    assert first.status["phase"] == "Pending" and not first.delete_job
+    second = compute_status(
+        ftj(first.status),
+        observed(job(), pod("p1", "Failed", terminated=oom), pod("p2", "Failed", terminated=oom)),
+        NOW,
+    )
+    failed = cond(second.status, "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "OOMKilled"
+    assert "perDeviceTrainBatchSize" in failed["message"] and "qlora" in failed["message"]
+    assert "4Gi" in failed["message"]
+    assert second.delete_job and second.status["phase"] == "Failed"
+    assert second.status["attempts"] == 2
+
+
+def test_exit_code_2_fails_at_once_with_termination_message() -> None:
+    bad = {"exitCode": 2, "reason": "Error", "message": "dataset field 'tone' missing\n"}
+    plan = compute_status(ftj(), observed(job(), pod("p1", "Failed", terminated=bad)), NOW)
+    failed = cond(plan.status, "Failed")
+    assert failed["reason"] == "InvalidInput"
+    assert "dataset field 'tone' missing" in failed["message"]
+    assert plan.delete_job
+    # After the Job is gone, the outcome stays.
+    after = compute_status(ftj(plan.status), observed(None), NOW)
+    assert after.status["phase"] == "Failed" and not after.create_job
+
+
+def test_eviction_does_not_count_toward_backoff_limit() -> None:
+    evicted = pod("p1", "Failed", reason="Evicted", message="The node was low on memory.")
+    evicted2 = pod("p2", "Failed", reason="Evicted", message="again")
+    plan = compute_status(ftj(), observed(job(), evicted, evicted2, pod("p3", "Pending")), NOW)
+    assert cond(plan.status, "Failed")["status"] == "False"
+    assert not plan.delete_job
+    was_running = compute_status(ftj(), observed(job(), pod("p1", "Running")), NOW).status
+    plan = compute_status(ftj(was_running), observed(job(), evicted, evicted2), NOW)
+    running = cond(plan.status, "Running")
+    assert running["reason"] == "Restarting" and "does not count" in running["message"]
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", "Restarting")]
+    assert classify_pod(evicted).kind == "disrupted"
+    deleted = pod("p4", "Running")
+    deleted["metadata"]["deletionTimestamp"] = "x"
+    assert classify_pod(deleted).kind == "disrupted"
+
+
+def test_generic_failures_exhaust_backoff_limit() -> None:
+    err = {"exitCode": 1, "reason": "Error", "message": "CUDA error"}
+    plan = compute_status(
+        ftj(),
+        observed(job(), pod("p1", "Failed", terminated=err), pod("p2", "Failed", terminated=err)),
+        NOW,
+    )
+    failed = cond(plan.status, "Failed")
+    assert failed["reason"] == "BackoffLimitExceeded" and "CUDA error" in failed["message"]
+
+
+def test_deadline_exceeded_from_the_job() -> None:
+    plan = compute_status(ftj(), observed(job("Failed:DeadlineExceeded")), NOW)
+    failed = cond(plan.status, "Failed")
+    assert failed["reason"] == "DeadlineExceeded" and not plan.delete_job
+
+
+def test_suspend_deletes_the_job_and_resume_recreates_it() -> None:
+    plan = compute_status(ftj(suspend=True), observed(job(), pod("p1", "Running")), NOW)
+    assert plan.delete_job and plan.status["phase"] == "Suspended"
+    assert cond(plan.status, "Suspended")["status"] == "True"
+    gone = compute_status(ftj(plan.status, suspend=True), observed(None, launched_hash="h"), NOW)
+    assert not gone.create_job and gone.status["phase"] == "Suspended"
+    resumed = compute_status(ftj(gone.status), observed(None, launched_hash="h"), NOW)
+    assert resumed.create_job
+    assert cond(resumed.status, "Suspended")["reason"] == "Resumed"
+
+
+def test_spec_change_after_launch_is_refused_with_the_fields() -> None:
+    plan = compute_status(
+        ftj(),
+        observed(
+            job(), pod("p1", "Running"), current_hash="other", changed=("spec.training.maxSteps",)
+        ),
+        NOW,
+    )
+    validated = cond(plan.status, "Validated")
+    assert validated["status"] == "False" and validated["reason"] == "SpecChangeRefused"
+    assert "spec.training.maxSteps" in validated["message"]
+    assert plan.status["phase"] == "Running" and not plan.delete_job and not plan.create_job
+
+
+def test_ttl_deletes_the_resource_after_it_ended() -> None:
+    done = compute_status(
+        ftj(), observed(job("Complete", completionTime="2026-01-01T11:59:50Z")), NOW
+    )
+    wait = compute_status(
+        ftj(done.status, ttlSecondsAfterFinished=60), observed(job("Complete")), NOW
+    )
+    assert not wait.delete_resource and wait.requeue_after == 50
+    due = compute_status(
+        ftj(done.status, ttlSecondsAfterFinished=60),
+        observed(job("Complete")),
+        NOW + timedelta(seconds=50),
+    )
+    assert due.delete_resource
+
+
+def test_transition_time_moves_only_on_status_change_and_patch_is_minimal() -> None:
+    conds = set_condition([], "Running", "True", "A", "m", generation=1, now=NOW)
+    same = set_condition(
+        conds, "Running", "True", "B", "m2", generation=2, now=NOW + timedelta(hours=1)
+    )
+    assert same[0]["lastTransitionTime"] == conds[0]["lastTransitionTime"]
+    flipped = set_condition(
+        same, "Running", "False", "C", "m", generation=2, now=NOW + timedelta(hours=1)
+    )
+    assert flipped[0]["lastTransitionTime"] != conds[0]["lastTransitionTime"]
+    plan = compute_status(ftj(), observed(job(), pod("p1", "Running")), NOW)
+    again = compute_status(ftj(plan.status), observed(job(), pod("p1", "Running")), NOW)
+    assert status_patch(plan.status, again.status) == {} and again.events == []
+    assert derive_phase([]) == "Pending"
+    # The trainer's fields are never in the operator's patch.
+    assert "progress" not in status_patch({}, {**again.status, "progress": {"step": 1}})
