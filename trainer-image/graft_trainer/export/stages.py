@@ -1,0 +1,476 @@
+"""The OptimizeJob and AdapterBundle stages: local directories in, one output directory out.
+
+The caller (the trainer pod's entry point, or `graft run`) resolves references and downloads:
+it passes the base model directory, adapter directories and eval texts as local paths and
+uploads `out_dir` afterwards (`graft.storage.write_artifact(out_dir, uri, result.manifest)`).
+Each stage checks its input before any heavy work (pre-flight), exports, validates, and writes
+`manifest.json` last; a refused input or a failed check raises `ExportError` with the field.
+
+OptimizeJob output (`out_dir`): an ONNX Runtime GenAI directory (genai_config.json,
+model.onnx + model.onnx.data, tokenizer files); with `adapterMode: separate` also
+`adapter.onnx_adapter` (activate it as "default"), then manifest.json.
+
+AdapterBundle output (`out_dir`): `model/` (the base graph with LoRA inputs), `base/` (the same
+base without LoRA nodes, served when no adapter is active), `adapters/<name>.onnx_adapter`,
+then manifest.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from graft.api.bundle import AdapterBundleSpec, AdapterReport
+from graft.api.errors import field_issues
+from graft.api.optimize import Generation, OptimizeJobSpec, OptimizeMetrics
+from graft_trainer.export import builder, bundle
+from graft_trainer.export.errors import ExportError
+from graft_trainer.export.manifest import (
+    directory_size,
+    library_versions,
+    model_digest,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILE = "adapter.onnx_adapter"
+SEPARATE_ADAPTER_NAME = "default"
+SMOKE_PROMPT = "Hello"
+DECODE_TOKENS = 32
+
+Log = Callable[[str], None]
+SpecT = TypeVar("SpecT", bound=BaseModel)
+
+
+def _parse_spec(obj: Any, model: type[SpecT]) -> SpecT:
+    """A spec model from a model, a resource dict ({"spec": ...}) or a spec dict."""
+    if isinstance(obj, model):
+        return obj
+    if isinstance(obj, Mapping):
+        body = obj.get("spec", obj) if "spec" in obj or "kind" in obj else obj
+        try:
+            return model.model_validate(body)
+        except ValidationError as exc:
+            issues = field_issues(exc, prefix=("spec",))
+            message = "; ".join([issues[0].message] + [str(i) for i in issues[1:]])
+            raise ExportError(issues[0].dotted, message[:2000]) from None
+    raise TypeError(f"expected {model.__name__} or a mapping, got {type(obj).__name__}")
+
+
+def _check_device_runtime(device: str) -> None:
+    if device == "cuda":
+        import onnxruntime_genai as og
+
+        if not og.is_cuda_available():
+            raise ExportError(
+                "spec.target.device",
+                "the export targets cuda, but this trainer's onnxruntime-genai has no CUDA: "
+                "it cannot validate the model; run the job on a GPU node with a CUDA image",
+                "DeviceUnavailable",
+            )
+
+
+def _generations(results: Sequence[Any]) -> list[Generation]:
+    return [Generation(prompt=r.prompt, output=r.output) for r in results]
+
+
+# ---------------------------------------------------------------------------------------------
+# OptimizeJob
+
+
+@dataclass
+class OptimizeResult:
+    """What the OptimizeJob stage produced; `status()` is the status fields it fills."""
+
+    out_dir: Path
+    metrics: OptimizeMetrics
+    generations: list[Generation]
+    manifest: dict[str, Any]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "metrics": self.metrics.to_api(),
+            "generations": [g.to_api() for g in self.generations],
+        }
+
+
+def run_optimize(
+    spec: OptimizeJobSpec | Mapping[str, Any],
+    *,
+    model_dir: Path,
+    out_dir: Path,
+    adapter_dir: Path | None = None,
+    eval_texts: Sequence[str] | None = None,
+    work_dir: Path | None = None,
+    on_progress: Log | None = None,
+) -> OptimizeResult:
+    """Export `model_dir` (+ `adapter_dir`) to `out_dir` and validate it.
+
+    `model_dir`: the base (or full) model, a local Hugging Face directory — for a
+    `fineTuneJobRef` the job's base model. `adapter_dir`: the PEFT adapter (the source's
+    `adapter`, or the FineTuneJob's adapter artifact). `eval_texts`: the texts perplexity is
+    measured on (for a FineTuneJob, its eval split rendered with its textTemplate); without
+    them the validate prompts are used.
+    """
+    say = on_progress or log.info
+    parsed = _parse_spec(spec, OptimizeJobSpec)
+    source_field = (
+        "spec.source.fineTuneJobRef"
+        if parsed.source.fine_tune_job_ref is not None
+        else "spec.source.model"
+    )
+    adapter_field = (
+        "spec.source.fineTuneJobRef"
+        if parsed.source.fine_tune_job_ref is not None
+        else "spec.source.adapter"
+    )
+    device, precision = parsed.target.device, parsed.target.precision
+    validate = parsed.validate_
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+
+    # Pre-flight: nothing heavy before every cheap check has passed.
+    builder.check_target(device, precision)
+    builder.preflight(model_dir, source_field)
+    separate = adapter_dir is not None and parsed.adapter_mode == "separate"
+    peft_adapter = None
+    if adapter_dir is not None:
+        peft_adapter = bundle.read_peft_adapter(Path(adapter_dir), adapter_field)
+        bundle.check_against_base(
+            peft_adapter, bundle.base_linear_shapes(model_dir), name="adapter", field=adapter_field
+        )
+    texts = [t for t in (eval_texts or validate.prompts) if t.strip()]
+    if validate.parity is not None and not texts:
+        raise ExportError(
+            "spec.validate.parity",
+            "perplexity parity needs eval data: the source has none and validate.prompts is empty",
+        )
+    _check_device_runtime(device)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ExportError("", f"output directory {out_dir} is not empty")
+
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="graft-optimize-", dir=work_dir) as tmp:
+        export_start = time.perf_counter()
+        feeds = None
+        if adapter_dir is not None and not separate:
+            from graft_trainer.export.merge import merge_adapter
+
+            say("merging the adapter into the base weights")
+            source = merge_adapter(
+                model_dir, Path(adapter_dir), Path(tmp) / "merged", adapter_field
+            )
+            say(f"exporting {precision} for {device}")
+            builder.build(source, out_dir, precision=precision, device=device)
+        elif separate:
+            assert peft_adapter is not None and adapter_dir is not None
+            say(f"exporting {precision} for {device} with the adapter as graph inputs")
+            layers = int(builder.read_config(model_dir, source_field).get("num_hidden_layers", 0))
+            builder.build(
+                model_dir,
+                out_dir,
+                precision=precision,
+                device=device,
+                adapter_dir=Path(adapter_dir),
+                nodes_to_exclude=bundle.lora_nodes_to_exclude(layers, peft_adapter.target_modules),
+            )
+            graph = bundle.extract_adapter_inputs(out_dir / "model.onnx")
+            feeds = bundle.check_adapter(peft_adapter, graph, name="adapter", field=adapter_field)
+            digest = model_digest(model_dir)
+            bundle.write_adapter_file(feeds, out_dir / ADAPTER_FILE, digest)
+        else:
+            say(f"exporting {precision} for {device}")
+            builder.build(model_dir, out_dir, precision=precision, device=device)
+        conversion_seconds = time.perf_counter() - export_start
+
+    metrics = OptimizeMetrics(
+        size_bytes=directory_size(out_dir), conversion_seconds=round(conversion_seconds, 3)
+    )
+    say("validating with onnxruntime-genai")
+    from graft_trainer.export import validate as checks
+
+    adapters = {SEPARATE_ADAPTER_NAME: out_dir / ADAPTER_FILE} if separate else None
+    active = SEPARATE_ADAPTER_NAME if separate else None
+    genai = checks.GenaiModel(out_dir, adapters)
+    results = [genai.generate(p, validate.max_new_tokens, adapter=active) for p in validate.prompts]
+    smoke_prompt = (validate.prompts or texts or [SMOKE_PROMPT])[0]
+    if not results:
+        genai.generate(smoke_prompt, 4, adapter=active)
+    metrics.decode_tokens_per_second = round(
+        genai.decode_tokens_per_second(smoke_prompt, DECODE_TOKENS, adapter=active), 2
+    )
+    generations = _generations(results)
+
+    if texts and device == "cpu":
+        say("measuring perplexity: PyTorch vs ONNX")
+        token_ids = checks.tokenize_texts(model_dir, texts)
+        if token_ids:
+            ppl_torch = checks.perplexity_torch(model_dir, token_ids, adapter_dir)
+            ppl_onnx = checks.perplexity_onnx(out_dir, token_ids, feeds)
+            metrics.perplexity_py_torch = round(ppl_torch, 6)
+            metrics.perplexity_onnx = round(ppl_onnx, 6)
+            metrics.perplexity_increase = round(checks.perplexity_increase(ppl_torch, ppl_onnx), 6)
+    if validate.parity is not None:
+        limit = validate.parity.max_perplexity_increase
+        increase = metrics.perplexity_increase
+        if increase is None:
+            raise ExportError(
+                "spec.validate.parity",
+                f"perplexity parity could not be measured for device {device} in this trainer",
+                "ParityNotMeasured",
+                details={"metrics": metrics.to_api(), "generations": generations},
+            )
+        if increase > limit:
+            raise ExportError(
+                "spec.validate.parity.maxPerplexityIncrease",
+                f"the {precision} export's perplexity is {metrics.perplexity_onnx:.4f} against "
+                f"{metrics.perplexity_py_torch:.4f} for PyTorch: an increase of {increase:.2%}, "
+                f"above the allowed {limit:.2%}",
+                "ParityExceeded",
+                details={"metrics": metrics.to_api(), "generations": generations},
+            )
+
+    body = {
+        "kind": "onnx-model",
+        "producer": "OptimizeJob",
+        "spec": parsed.to_api(),
+        "target": {"device": device, "precision": precision},
+        "adapterMode": parsed.adapter_mode if adapter_dir is not None else None,
+        "baseModelDigest": model_digest(model_dir),
+        "adapter": (
+            {
+                "file": ADAPTER_FILE if separate else None,
+                "activateAs": SEPARATE_ADAPTER_NAME if separate else None,
+                "rank": peft_adapter.rank,
+                "targetModules": peft_adapter.target_modules,
+            }
+            if peft_adapter is not None
+            else None
+        ),
+        "metrics": metrics.to_api(),
+        "generations": [g.to_api() for g in generations],
+        "evalTexts": len(texts),
+        "libraries": library_versions(),
+        "startTime": started,
+        "endTime": time.time(),
+    }
+    manifest = write_manifest(out_dir, body)
+    return OptimizeResult(
+        out_dir=out_dir, metrics=metrics, generations=generations, manifest=manifest
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# AdapterBundle
+
+
+@dataclass
+class BundleAdapterInput:
+    """One adapter of the bundle, resolved to a local PEFT directory.
+
+    `base_model_digest`: the digest of the base model it was trained on, when known (a
+    FineTuneJob's manifest records it); it must equal the bundle base's digest.
+    """
+
+    name: str
+    path: Path
+    base_model_digest: str | None = None
+
+
+@dataclass
+class BundleResult:
+    out_dir: Path
+    model_dir: Path
+    base_dir: Path | None
+    adapter_files: dict[str, Path]
+    reports: list[AdapterReport]
+    base_decode_tokens_per_second: float
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def status(self) -> dict[str, Any]:
+        return {"adapters": [r.to_api() for r in self.reports]}
+
+
+def run_bundle(
+    spec: AdapterBundleSpec | Mapping[str, Any],
+    *,
+    base_model_dir: Path,
+    adapters: Sequence[BundleAdapterInput],
+    out_dir: Path,
+    work_dir: Path | None = None,
+    plain_base: bool = True,
+    measure_overhead: bool = True,
+    on_progress: Log | None = None,
+) -> BundleResult:
+    """Export the base once with LoRA inputs, write one .onnx_adapter per adapter, and check
+    the compatibility contract. `adapters` follow `spec.adapters` by name (same order)."""
+    say = on_progress or log.info
+    parsed = _parse_spec(spec, AdapterBundleSpec)
+    device, precision = parsed.target.device, parsed.target.precision
+    base_model_dir, out_dir = Path(base_model_dir), Path(out_dir)
+    base_field = "spec.baseModel"
+
+    # Pre-flight.
+    builder.check_target(device, precision)
+    builder.preflight(base_model_dir, base_field)
+    index_of = {a.name: i for i, a in enumerate(parsed.adapters)}
+    given = {a.name for a in adapters}
+    for name, index in index_of.items():
+        if name not in given:
+            raise ExportError(f"spec.adapters[{index}]", f"adapter {name!r} was not resolved")
+    base_digest = model_digest(base_model_dir)
+    shapes = bundle.base_linear_shapes(base_model_dir)
+    peft: dict[str, bundle.PeftAdapter] = {}
+    for item in adapters:
+        if item.name not in index_of:
+            raise ExportError("spec.adapters", f"adapter {item.name!r} is not in the spec")
+        adapter_field = f"spec.adapters[{index_of[item.name]}]"
+        if item.base_model_digest and item.base_model_digest != base_digest:
+            raise ExportError(
+                adapter_field,
+                f"adapter {item.name!r} was trained on base model {item.base_model_digest[:12]}, "
+                f"but the bundle's base model is {base_digest[:12]}; all adapters must share "
+                "the base model",
+                "BaseModelMismatch",
+            )
+        adapter = bundle.read_peft_adapter(Path(item.path), adapter_field)
+        bundle.check_against_base(adapter, shapes, name=item.name, field=adapter_field)
+        peft[item.name] = adapter
+    _check_device_runtime(device)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ExportError("", f"output directory {out_dir} is not empty")
+
+    started = time.time()
+    union = bundle.union_target_modules(peft.values())
+    model_dir = out_dir / "model"
+    layers = int(builder.read_config(base_model_dir, base_field).get("num_hidden_layers", 0))
+    with tempfile.TemporaryDirectory(prefix="graft-bundle-", dir=work_dir) as tmp:
+        union_dir = bundle.write_union_adapter(shapes, union, Path(tmp) / "union")
+        say(f"exporting the {precision} base for {device} with LoRA inputs on {union}")
+        export_start = time.perf_counter()
+        builder.build(
+            base_model_dir,
+            model_dir,
+            precision=precision,
+            device=device,
+            adapter_dir=union_dir,
+            nodes_to_exclude=bundle.lora_nodes_to_exclude(layers, union),
+        )
+        graph = bundle.extract_adapter_inputs(model_dir / "model.onnx")
+        conversion_seconds = time.perf_counter() - export_start
+    base_dir = None
+    if plain_base:
+        say("exporting the plain base (served when no adapter is active)")
+        base_dir = out_dir / "base"
+        builder.build(base_model_dir, base_dir, precision=precision, device=device)
+
+    # The contract: tensors by name, shape and dtype, in the file as written.
+    files: dict[str, Path] = {}
+    reports: dict[str, AdapterReport] = {}
+    from graft.storage.artifacts import file_digest
+
+    for item in adapters:
+        adapter_field = f"spec.adapters[{index_of[item.name]}]"
+        adapter = peft[item.name]
+        feeds = bundle.check_adapter(adapter, graph, name=item.name, field=adapter_field)
+        path = bundle.write_adapter_file(
+            feeds, out_dir / "adapters" / f"{item.name}.onnx_adapter", base_digest
+        )
+        bundle.verify_adapter_file(path, graph, adapter.ranks, name=item.name, field=adapter_field)
+        files[item.name] = path
+        reports[item.name] = AdapterReport(
+            name=item.name,
+            rank=adapter.rank,
+            target_modules=adapter.target_modules,
+            sha256=file_digest(path),
+        )
+
+    # Smoke test each adapter through onnxruntime-genai, and measure decode overhead.
+    from graft_trainer.export import validate as checks
+
+    prompts = parsed.validate_.prompts or [SMOKE_PROMPT]
+    max_new = parsed.validate_.max_new_tokens
+    genai = checks.GenaiModel(model_dir, files)
+    plain = checks.GenaiModel(base_dir) if base_dir is not None else genai
+    base_outputs = [plain.generate(p, max_new) for p in prompts]
+    base_tps = plain.decode_tokens_per_second(prompts[0], DECODE_TOKENS) if measure_overhead else 0
+    failures = []
+    for item in adapters:
+        report = reports[item.name]
+        try:
+            results = [genai.generate(p, max_new, adapter=item.name) for p in prompts]
+            if not any(r.tokens for r in results):
+                raise RuntimeError("generated no tokens")
+            report.smoke_test = "passed"
+            if parsed.validate_.prompts:
+                report.generations = _generations(results)
+            if measure_overhead and base_tps:
+                tps = genai.decode_tokens_per_second(prompts[0], DECODE_TOKENS, adapter=item.name)
+                report.decode_overhead = round(base_tps / tps - 1.0, 4)
+        except Exception as exc:
+            report.smoke_test = "failed"
+            failures.append((item.name, f"{type(exc).__name__}: {exc}"))
+    ordered = [reports[a.name] for a in parsed.adapters if a.name in reports]
+    if failures:
+        name, why = failures[0]
+        raise ExportError(
+            f"spec.adapters[{index_of[name]}]",
+            f"adapter {name!r} failed its onnxruntime-genai smoke test: {why}",
+            "SmokeTestFailed",
+            details={"adapters": [r.to_api() for r in ordered]},
+        )
+
+    bundle.save_graph_spec(graph, model_dir / "adapter_inputs.json")
+    body = {
+        "kind": "adapter-bundle",
+        "producer": "AdapterBundle",
+        "spec": parsed.to_api(),
+        "target": {"device": device, "precision": precision},
+        "baseModelDigest": base_digest,
+        "model": "model/",
+        "base": "base/" if base_dir is not None else None,
+        "adapterInputs": "model/adapter_inputs.json",
+        "targetModules": union,
+        "adapters": [
+            {
+                **reports[a.name].to_api(),
+                "file": f"adapters/{a.name}.onnx_adapter",
+                "baseModelDigest": base_digest,
+                "ranks": dict(sorted(peft[a.name].ranks.items())),
+            }
+            for a in parsed.adapters
+        ],
+        "baseGenerations": [g.to_api() for g in _generations(base_outputs)],
+        "baseDecodeTokensPerSecond": round(base_tps, 2),
+        "conversionSeconds": round(conversion_seconds, 3),
+        "libraries": library_versions(),
+        "startTime": started,
+        "endTime": time.time(),
+    }
+    manifest = write_manifest(out_dir, body)
+    return BundleResult(
+        out_dir=out_dir,
+        model_dir=model_dir,
+        base_dir=base_dir,
+        adapter_files=files,
+        reports=ordered,
+        base_decode_tokens_per_second=base_tps,
+        manifest=manifest,
+    )
+
+
+__all__ = [
+    "BundleAdapterInput",
+    "BundleResult",
+    "ExportError",
+    "OptimizeResult",
+    "run_bundle",
+    "run_optimize",
+]
