@@ -76,7 +76,7 @@ def test_bundle_serves_each_adapter_like_its_merged_export(
     assert alpha == merged_greedy(kit, kit.adapter_a, tmp_path / "a", 12)
     assert beta == merged_greedy(kit, kit.adapter_b, tmp_path / "b", 12)
     # The plain base export (served when no adapter is active) agrees with the LoRA graph.
-    plain = checks.GenaiModel(fp32_bundle.base_dir)
+    plain = checks.GenaiModel(fp32_bundle.model_dir, filename=stages.BASE_GRAPH)
     assert [plain.generate(p, 12).tokens for p in COMPARE] == base
 
 
@@ -104,7 +104,10 @@ def test_bundle_reports_and_manifest(kit: ExportKit, fp32_bundle: Any) -> None:
         entry = listed[name]
         assert entry["sha256"] == manifest["files"][entry["file"]]["sha256"]
         assert path.name == f"{name}.onnx_adapter"
-    assert "model/model.onnx" in manifest["files"] and "base/model.onnx" in manifest["files"]
+    assert {"model/model.onnx", "model/base.onnx", "model/model.onnx.data"} <= set(
+        manifest["files"]
+    )
+    assert manifest["noAdapter"]["filename"] == "base.onnx"
     assert fp32_bundle.status()["adapters"][0]["smokeTest"] == "passed"
 
 

@@ -18,87 +18,127 @@ from graft_trainer.export import bundle  # noqa: E402
 from graft_trainer.export.errors import ExportError  # noqa: E402
 
 IN, OUT, RANK = 8, 6, 2
+Q, KV = 8, 4  # packed q/k/v output sizes
 MODULE = "model.layers.0.attn.q_proj"
 A_NAME = f"{MODULE}.lora_A.MatMul.weight"
 B_NAME = f"{MODULE}.lora_B.MatMul.weight"
+SHAPES = {
+    "model.layers.0.attn.q_proj": (IN, Q),
+    "model.layers.0.attn.k_proj": (IN, KV),
+    "model.layers.0.attn.v_proj": (IN, KV),
+    "model.layers.0.attn.o_proj": (Q, IN),
+}
 
 
-def lora_graph(path: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """y = x @ W + (x @ A) @ B, named like the model builder names a LoRA projection."""
-    w = rng.standard_normal((IN, OUT)).astype(np.float32)
-    a = rng.standard_normal((IN, RANK)).astype(np.float32)
-    b = rng.standard_normal((RANK, OUT)).astype(np.float32)
-    base = "/model/layers.0/attn/q_proj"
+def base_graph(path: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """What the builder exports for one layer: y = (x @ Wqkv) @ Wo, named like it does."""
+    wqkv = rng.standard_normal((IN, Q + 2 * KV)).astype(np.float32)
+    wo = rng.standard_normal((Q, IN)).astype(np.float32)
     nodes = [
-        helper.make_node("MatMul", ["x", f"{MODULE}.MatMul.weight"], ["base"], f"{base}/MatMul"),
-        helper.make_node("MatMul", ["x", A_NAME], ["xa"], f"{base}/lora_A/MatMul"),
-        helper.make_node("MatMul", ["xa", B_NAME], ["xab"], f"{base}/lora_B/MatMul"),
-        helper.make_node("Add", ["base", "xab"], ["y"], f"{base}/lora/Add"),
+        helper.make_node("MatMul", ["x", "wqkv"], ["qkv"], "/model/layers.0/attn/qkv_proj/MatMul"),
+        helper.make_node("Slice", ["qkv", "s0", "s1", "ax"], ["q"], "/model/layers.0/attn/Slice"),
+        helper.make_node("MatMul", ["q", "wo"], ["o"], "/model/layers.0/attn/o_proj/MatMul"),
     ]
+    ints = {"s0": [0], "s1": [Q], "ax": [1]}
     graph = helper.make_graph(
         nodes,
-        "lora",
+        "layer",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", IN])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", OUT])],
+        [
+            helper.make_tensor_value_info("o", TensorProto.FLOAT, ["batch", IN]),
+            helper.make_tensor_value_info("qkv", TensorProto.FLOAT, ["batch", Q + 2 * KV]),
+        ],
         initializer=[
-            numpy_helper.from_array(w, f"{MODULE}.MatMul.weight"),
-            numpy_helper.from_array(a, A_NAME),
-            numpy_helper.from_array(b, B_NAME),
+            numpy_helper.from_array(wqkv, "wqkv"),
+            numpy_helper.from_array(wo, "wo"),
+            *(numpy_helper.from_array(np.array(v, np.int64), k) for k, v in ints.items()),
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
-    return {"w": w, "a": a, "b": b}
+    return {"wqkv": wqkv, "wo": wo}
 
 
-def run(path: Path, x: np.ndarray, feeds: dict[str, np.ndarray] | None = None) -> np.ndarray:
+def run(path: Path, x: np.ndarray, feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    result = session.run(["y"], {"x": x, **(feeds or {})})[0]
-    return np.asarray(result)
+    return [np.asarray(v) for v in session.run(["o", "qkv"], {"x": x, **(feeds or {})})]
 
 
-def test_initializers_become_inputs_with_a_rank_zero_default(tmp_path: Path) -> None:
+def peft_module(
+    module: str, rank: int, fan_in: int, fan_out: int, seed: int
+) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    prefix = "base_model.model." + module.replace(".attn.", ".self_attn.")
+    return {
+        f"{prefix}.lora_A.weight": rng.standard_normal((rank, fan_in)).astype(np.float32),
+        f"{prefix}.lora_B.weight": rng.standard_normal((fan_out, rank)).astype(np.float32),
+    }
+
+
+def test_lora_branches_on_the_packed_projection_match_peft_math(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    path = tmp_path / "model.onnx"
-    weights = lora_graph(path, rng)
-    x = rng.standard_normal((3, IN)).astype(np.float32)
-    baked = run(path, x)
-
-    spec = bundle.extract_adapter_inputs(path)
-
-    assert set(spec.inputs) == {A_NAME, B_NAME}
-    assert spec.inputs[A_NAME].shape(5) == (IN, 5) and spec.inputs[B_NAME].shape(5) == (5, OUT)
-    assert spec.target_modules == ["q_proj"]
-    model = onnx.load(str(path))
+    weights = base_graph(tmp_path / "base.onnx", rng)
+    spec = bundle.add_lora_inputs(
+        tmp_path / "base.onnx", tmp_path / "model.onnx", ["q_proj", "v_proj"], SHAPES
+    )
+    # One branch on the packed qkv projection, with an A/B pair per part; none on o_proj.
+    parts = {"q_proj": Q, "k_proj": KV, "v_proj": KV}
+    names = {f"model.layers.0.attn.{p}.lora_{ab}.MatMul.weight" for p in parts for ab in "AB"}
+    assert set(spec.inputs) == names
+    assert spec.target_modules == ["k_proj", "q_proj", "v_proj"]
+    model = onnx.load(str(tmp_path / "model.onnx"))
     dims = {
         i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim]
         for i in model.graph.input
     }
-    assert dims[A_NAME] == [IN, f"{MODULE}.rank"] and dims[B_NAME] == [f"{MODULE}.rank", OUT]
-    defaults = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    assert defaults[A_NAME] == (IN, 0) and defaults[B_NAME] == (0, OUT)
-    # No adapter: the base alone. The original adapter fed back: the baked-in result.
-    np.testing.assert_allclose(run(path, x), x @ weights["w"], rtol=1e-5, atol=1e-5)
-    fed = run(path, x, {A_NAME: weights["a"], B_NAME: weights["b"]})
-    np.testing.assert_allclose(fed, baked, rtol=1e-5, atol=1e-5)
-    # Another rank works too: the rank axis is symbolic.
-    a4, b4 = np.ones((IN, 4), np.float32), np.ones((4, OUT), np.float32)
-    np.testing.assert_allclose(
-        run(path, x, {A_NAME: a4, B_NAME: b4}), x @ weights["w"] + x @ a4 @ b4, rtol=1e-4
+    defaults = {i.name: tuple(i.dims) for i in model.graph.initializer if "lora" in i.name}
+    for part, size in parts.items():
+        module = f"model.layers.0.attn.{part}"
+        assert dims[f"{module}.lora_A.MatMul.weight"] == [IN, f"{module}.rank"]
+        assert dims[f"{module}.lora_B.MatMul.weight"] == [f"{module}.rank", size]
+        assert defaults[f"{module}.lora_A.MatMul.weight"] == (IN, 0)
+        assert defaults[f"{module}.lora_B.MatMul.weight"] == (0, size)
+    ops = [n.op_type for n in model.graph.node if "/lora" in n.name]
+    assert ops.count("MatMul") == 6 and ops.count("Concat") == 1 and ops.count("Add") == 1
+
+    x = rng.standard_normal((3, IN)).astype(np.float32)
+    o, qkv = run(tmp_path / "model.onnx", x)  # no adapter: the base
+    np.testing.assert_allclose(qkv, x @ weights["wqkv"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(o, run(tmp_path / "base.onnx", x)[0], rtol=1e-5, atol=1e-5)
+
+    # An adapter on q (rank 2) and v (rank 3), none on k: PEFT's x A^T B^T * scaling per part.
+    raw = {
+        **peft_module("model.layers.0.attn.q_proj", 2, IN, Q, 1),
+        **peft_module("model.layers.0.attn.v_proj", 3, IN, KV, 2),
+    }
+    adapter = bundle.read_peft_adapter(
+        write_peft(tmp_path / "a", raw, r=2, alpha=4.0, rank_pattern={"v_proj": 3}), "f"
     )
-    # Idempotent.
-    assert set(bundle.extract_adapter_inputs(path).inputs) == {A_NAME, B_NAME}
+    feeds = bundle.check_adapter(adapter, spec, name="a", field="f")
+    assert feeds["model.layers.0.attn.q_proj.lora_A.MatMul.weight"].shape == (IN, 2)
+    assert feeds["model.layers.0.attn.v_proj.lora_B.MatMul.weight"].shape == (3, KV)
+    assert feeds["model.layers.0.attn.k_proj.lora_B.MatMul.weight"].shape == (0, KV)
+    _, qkv = run(tmp_path / "model.onnx", x, feeds)
+    expected = x @ weights["wqkv"]
+    pq = "base_model.model.model.layers.0.self_attn.q_proj"
+    pv = "base_model.model.model.layers.0.self_attn.v_proj"
+    expected[:, :Q] += x @ raw[f"{pq}.lora_A.weight"].T @ raw[f"{pq}.lora_B.weight"].T * (4.0 / 2)
+    expected[:, Q + KV :] += (
+        x @ raw[f"{pv}.lora_A.weight"].T @ raw[f"{pv}.lora_B.weight"].T * (4.0 / 3)
+    )
+    np.testing.assert_allclose(qkv, expected, rtol=1e-4, atol=1e-4)
+    assert bundle.graph_ranks(adapter, spec) == {
+        "model.layers.0.attn.q_proj": 2,
+        "model.layers.0.attn.k_proj": 0,
+        "model.layers.0.attn.v_proj": 3,
+    }
 
 
-def test_quantized_lora_node_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "model.onnx"
-    lora_graph(path, np.random.default_rng(0))
-    model = onnx.load(str(path))
-    model.graph.node[1].op_type = "MatMulNBits"
-    onnx.save(model, str(path))
-    with pytest.raises(RuntimeError, match="quantized"):
-        bundle.extract_adapter_inputs(path)
+def test_no_projection_for_the_targets_is_an_error(tmp_path: Path) -> None:
+    base_graph(tmp_path / "base.onnx", np.random.default_rng(0))
+    with pytest.raises(RuntimeError, match="no projections"):
+        bundle.add_lora_inputs(tmp_path / "base.onnx", tmp_path / "m.onnx", ["up_proj"], SHAPES)
 
 
 def write_peft(
@@ -212,18 +252,3 @@ def test_contract_pads_untargeted_modules_with_rank_zero_and_ranks_may_differ(
     bundle.verify_adapter_file(path, spec, adapter.ranks, name="a", field="f")
     with pytest.raises(ExportError, match="expects"):
         bundle.verify_adapter_file(path, spec, {MODULE: 3}, name="a", field="f")
-
-
-def test_union_adapter_targets_every_layer(tmp_path: Path) -> None:
-    shapes = {
-        "model.layers.0.attn.q_proj": (8, 8),
-        "model.layers.1.attn.q_proj": (8, 8),
-        "model.layers.0.mlp.up_proj": (8, 16),
-        "lm_head": (8, 32),
-    }
-    out = bundle.write_union_adapter(shapes, ["q_proj"], tmp_path / "u")
-    adapter = bundle.read_peft_adapter(out, "f")
-    assert adapter.modules == {"model.layers.0.attn.q_proj", "model.layers.1.attn.q_proj"}
-    assert adapter.tensors["model.layers.1.attn.q_proj.lora_B.MatMul.weight"].shape == (1, 8)
-    names = bundle.lora_nodes_to_exclude(2, ["q_proj"])
-    assert "/model/layers.1/attn/q_proj/lora_B/MatMul" in names

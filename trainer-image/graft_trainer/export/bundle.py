@@ -1,13 +1,18 @@
 """One base graph, many LoRA adapters: graph surgery, adapter files and their contract.
 
-The model builder, given a PEFT adapter, exports each adapted projection as
-``MatMul(x, W) + MatMul(MatMul(x, A), B)`` with A (``[in, r]``) and B (``[r, out]``, the LoRA
-scaling folded in) as initializers named ``model.layers.N.attn.q_proj.lora_A.MatMul.weight``.
-`extract_adapter_inputs` turns those initializers into graph inputs whose rank axis is symbolic
-and leaves a rank-0 initializer of the same name as the default, so the graph runs as the plain
-base model when no adapter is active (the idea of Olive's ExtractAdapters). Each adapter is then
-written as an ``.onnx_adapter`` file (onnxruntime's adapter format) holding one tensor per graph
-input, converted from the PEFT weights with the builder's own conventions.
+The plain base is exported once by the model builder (fused Q/K/V projection, int4 weights).
+`add_lora_inputs` then adds, after each adapted projection ``y = x W``, a LoRA branch
+``y + (x A) B`` whose A (``[in, r]``) and B (``[r, out]``, LoRA scaling folded in) are graph
+inputs with a symbolic rank axis, each with a rank-0 initializer of the same name as its
+default (the idea of Olive's ExtractAdapters). Branches stay float whatever the base precision.
+The packed ``qkv_proj`` keeps its fused int4 MatMul; its LoRA branch has one A/B pair per part
+(q, k, v: inputs named ``model.layers.N.attn.q_proj.lora_A.MatMul.weight`` as the builder names
+them) whose outputs are concatenated and added. A block-diagonal B would spend three times the
+adapter bytes on zeros, and decode on the CPU is memory-bound. The LoRA graph and the plain
+graph share one external-data file.
+
+Each adapter becomes an ``.onnx_adapter`` file (onnxruntime's adapter format) holding one tensor
+per graph input, converted from the PEFT weights; modules it does not adapt get rank 0.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ import numpy as np
 from graft_trainer.export.errors import ExportError
 from graft_trainer.export.merge import read_adapter_config
 
-LORA_NODE = re.compile(r"^/(?P<module>.+)/lora_(?P<ab>[AB])/MatMul$")
 # PEFT weight key -> (module path, A or B). Adapter names inside keys ("lora_A.default") are
 # removed by save_pretrained but tolerated.
 PEFT_KEY = re.compile(
@@ -50,13 +54,18 @@ def module_suffix(module: str) -> str:
 
 @dataclass(frozen=True)
 class AdapterInput:
-    """One adapter input of the exported graph: its fixed dimension and element type."""
+    """One adapter input of the graph: A ``[in, r]`` or B ``[r, out]`` of one projection.
+
+    `parts` are the PEFT-side modules the projection packs, with their output sizes, in
+    output order: one for a plain projection, q/k/v for a packed ``qkv_proj``.
+    """
 
     name: str
     module: str
-    ab: str  # "A" ([in, r]) or "B" ([r, out])
-    fixed_dim: int  # `in` for A, `out` for B
+    ab: str  # "A" or "B"
+    fixed_dim: int  # `in` for A, `out` (sum of the parts) for B
     dtype: str  # numpy dtype name
+    parts: tuple[tuple[str, int], ...] = ()
 
     @property
     def rank_axis(self) -> int:
@@ -64,6 +73,10 @@ class AdapterInput:
 
     def shape(self, rank: int) -> tuple[int, int]:
         return (self.fixed_dim, rank) if self.ab == "A" else (rank, self.fixed_dim)
+
+    @property
+    def part_modules(self) -> tuple[str, ...]:
+        return tuple(m for m, _ in self.parts) or (self.module,)
 
 
 @dataclass
@@ -74,7 +87,8 @@ class GraphAdapterSpec:
 
     @property
     def modules(self) -> set[str]:
-        return {spec.module for spec in self.inputs.values()}
+        """The PEFT-side modules an adapter may adapt (q_proj, not the packed qkv_proj)."""
+        return {m for spec in self.inputs.values() for m in spec.part_modules}
 
     @property
     def target_modules(self) -> list[str]:
@@ -82,7 +96,13 @@ class GraphAdapterSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            name: {"module": s.module, "ab": s.ab, "fixedDim": s.fixed_dim, "dtype": s.dtype}
+            name: {
+                "module": s.module,
+                "ab": s.ab,
+                "fixedDim": s.fixed_dim,
+                "dtype": s.dtype,
+                "parts": [list(p) for p in s.parts],
+            }
             for name, s in sorted(self.inputs.items())
         }
 
@@ -201,21 +221,6 @@ def union_target_modules(adapters: Iterable[PeftAdapter]) -> list[str]:
     return sorted({m for adapter in adapters for m in adapter.target_modules})
 
 
-def lora_nodes_to_exclude(num_layers: int, target_modules: Iterable[str]) -> list[str]:
-    """Names of the LoRA MatMuls the builder makes, to keep them out of quantization.
-
-    Quantized LoRA MatMuls (MatMulNBits) bake the rank into their weights; they must stay
-    float to take adapter tensors of any rank. Names of nodes that do not exist are harmless.
-    """
-    names = []
-    for layer in range(num_layers):
-        for module in target_modules:
-            for block in ("attn", "mlp"):
-                for ab in ("A", "B"):
-                    names.append(f"/model/layers.{layer}/{block}/{module}/lora_{ab}/MatMul")
-    return names
-
-
 def base_linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
     """Graph module path -> (in, out) of each 2-D weight in the base model, from the
     safetensors headers (no weights are read). Empty when the model has no safetensors."""
@@ -261,38 +266,10 @@ def check_against_base(
             )
 
 
-def write_union_adapter(
-    shapes: Mapping[str, tuple[int, int]], target_modules: Iterable[str], out_dir: Path
-) -> Path:
-    """A zero rank-1 LoRA on `target_modules` of every layer, so the builder emits LoRA nodes
-    for each module any adapter of the bundle adapts. Written without loading the model."""
-    from safetensors.numpy import save_file
-
-    targets = sorted(set(target_modules))
-    tensors: dict[str, np.ndarray] = {}
-    for module, (fan_in, fan_out) in shapes.items():
-        if module_suffix(module) not in targets or ".layers." not in module:
-            continue
-        peft_module = module.replace(".attn.", ".self_attn.")
-        tensors[f"base_model.model.{peft_module}.lora_A.weight"] = np.zeros((1, fan_in), np.float32)
-        tensors[f"base_model.model.{peft_module}.lora_B.weight"] = np.zeros(
-            (fan_out, 1), np.float32
-        )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": 1,
-        "lora_alpha": 1,
-        "lora_dropout": 0.0,
-        "target_modules": targets,
-        "bias": "none",
-        "base_model_name_or_path": None,
-    }
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out_dir
+PROJECTION_NODE = re.compile(
+    r"^/model/layers\.(?P<layer>\d+)/(?P<block>attn|mlp)/(?P<proj>\w+_proj)/MatMul[\w]*$"
+)
+PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def _np_dtype(onnx_type: int) -> str:
@@ -301,54 +278,97 @@ def _np_dtype(onnx_type: int) -> str:
     return str(np.dtype(helper.tensor_dtype_to_np_dtype(onnx_type)))
 
 
-def extract_adapter_inputs(model_path: Path) -> GraphAdapterSpec:
-    """Turn the LoRA A/B initializers of `model_path` into graph inputs, in place.
+def add_lora_inputs(
+    source: Path,
+    target: Path,
+    target_modules: Iterable[str],
+    shapes: Mapping[str, tuple[int, int]],
+) -> GraphAdapterSpec:
+    """Write `target`: the graph `source` with a LoRA branch after each projection whose
+    module (or a module it packs) is in `target_modules`. Both graphs must live in the same
+    directory: the weights stay in `source`'s external data, which `target` references.
 
-    Each input keeps a same-named initializer of rank 0 as its default (base behaviour).
-    Raises `RuntimeError` when a LoRA MatMul was quantized or has no float initializer.
+    `shapes`: graph module path -> (in, out) of the base model's projections
+    (`base_linear_shapes`), for the sizes of packed parts.
     """
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(model_path), load_external_data=False)
+    targets = set(target_modules)
+    model = onnx.load(str(source), load_external_data=False)
     graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    existing_inputs = {i.name for i in graph.input}
+    io_type = graph.output[0].type.tensor_type.elem_type  # logits: the model's I/O type
+    dtype = _np_dtype(io_type)
     spec = GraphAdapterSpec()
+    nodes = []
+    defaults = []
     for node in graph.node:
-        match = LORA_NODE.match(node.name)
-        if match is None:
+        nodes.append(node)
+        match = PROJECTION_NODE.match(node.name)
+        if match is None or node.op_type not in ("MatMul", "MatMulNBits"):
             continue
-        if node.op_type != "MatMul":
-            raise RuntimeError(
-                f"LoRA node {node.name} is {node.op_type}, not MatMul: it was quantized; "
-                "keep LoRA MatMuls out of quantization (nodes_to_exclude)"
+        proj = match["proj"]
+        prefix = f"model.layers.{match['layer']}.{match['block']}"
+        part_names = PACKED.get(proj, (proj,))
+        if not targets.intersection(part_names):
+            continue
+        parts = []
+        for part in part_names:
+            size = shapes.get(f"{prefix}.{part}")
+            if size is None:
+                raise RuntimeError(f"base model has no weight for {prefix}.{part}")
+            parts.append((f"{prefix}.{part}", size))
+        # y = x W  becomes  y = x W + concat_p((x A_p) B_p), under the original output name:
+        # one A/B pair per packed part, so no adapter bytes are spent on zero blocks.
+        base = f"/model/layers.{match['layer']}/{match['block']}/{proj}/lora"
+        out = node.output[0]
+        node.output[0] = f"{base}/base_output"
+        branch_outputs = []
+        for part_module, (fan_in, fan_out) in parts:
+            part = module_suffix(part_module)
+            a_name, b_name = tensor_name(part_module, "A"), tensor_name(part_module, "B")
+            rank = f"{part_module}.rank"
+            spec.inputs[a_name] = AdapterInput(
+                a_name, part_module, "A", fan_in, dtype, ((part_module, fan_in),)
             )
-        weight = node.input[1]
-        if weight in existing_inputs and weight not in initializers:
-            continue  # already extracted
-        init = initializers.get(weight)
-        if init is None:
-            raise RuntimeError(f"LoRA node {node.name} has no initializer for {weight}")
-        ab = match["ab"]
-        module = match["module"].replace("/", ".")
-        dims = list(init.dims)
-        fixed = dims[0] if ab == "A" else dims[1]
-        spec.inputs[weight] = AdapterInput(
-            name=weight, module=module, ab=ab, fixed_dim=int(fixed), dtype=_np_dtype(init.data_type)
-        )
-        rank_dim = f"{module}.rank"
-        shape: list[int | str] = [fixed, rank_dim] if ab == "A" else [rank_dim, fixed]
-        if weight not in existing_inputs:
-            graph.input.append(helper.make_tensor_value_info(weight, init.data_type, shape))
-            existing_inputs.add(weight)
-        default = numpy_helper.from_array(
-            np.zeros(spec.inputs[weight].shape(0), dtype=spec.inputs[weight].dtype), weight
-        )
-        init.CopyFrom(default)
+            spec.inputs[b_name] = AdapterInput(
+                b_name, part_module, "B", fan_out, dtype, ((part_module, fan_out),)
+            )
+            graph.input.append(helper.make_tensor_value_info(a_name, io_type, [fan_in, rank]))
+            graph.input.append(helper.make_tensor_value_info(b_name, io_type, [rank, fan_out]))
+            defaults.append(numpy_helper.from_array(np.zeros((fan_in, 0), dtype), a_name))
+            defaults.append(numpy_helper.from_array(np.zeros((0, fan_out), dtype), b_name))
+            prefix_name = f"{base}/{part}" if len(parts) > 1 else base
+            nodes.append(
+                helper.make_node(
+                    "MatMul",
+                    [node.input[0], a_name],
+                    [f"{prefix_name}/xA"],
+                    f"{prefix_name}_A/MatMul",
+                )
+            )
+            nodes.append(
+                helper.make_node(
+                    "MatMul",
+                    [f"{prefix_name}/xA", b_name],
+                    [f"{prefix_name}/xAB"],
+                    f"{prefix_name}_B/MatMul",
+                )
+            )
+            branch_outputs.append(f"{prefix_name}/xAB")
+        delta = branch_outputs[0]
+        if len(branch_outputs) > 1:
+            delta = f"{base}/delta"
+            nodes.append(
+                helper.make_node("Concat", branch_outputs, [delta], f"{base}/Concat", axis=-1)
+            )
+        nodes.append(helper.make_node("Add", [node.output[0], delta], [out], f"{base}/Add"))
     if not spec.inputs:
-        raise RuntimeError(f"{model_path} has no LoRA nodes to turn into adapter inputs")
-    onnx.save(model, str(model_path))
+        raise RuntimeError(f"{source} has no projections for target modules {sorted(targets)}")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(defaults)
+    onnx.save(model, str(target))
     return spec
 
 
@@ -361,53 +381,73 @@ def check_adapter(
 ) -> dict[str, np.ndarray]:
     """Every graph input for this adapter, or `ExportError` naming the adapter and tensor.
 
-    Modules the adapter does not target get rank-0 tensors (no contribution). Ranks may differ
-    between adapters and modules: the graph's rank axes are symbolic.
+    Modules the adapter does not adapt get rank 0 (no contribution); the parts of a packed
+    projection are stacked (A) and placed block-diagonally (B). Ranks may differ between
+    adapters and modules: the graph's rank axes are symbolic.
     """
-    missing = sorted(set(adapter.tensors) - set(graph.inputs))
-    if missing:
-        lacking = sorted({n.rsplit(".lora_", 1)[0] for n in missing})
+    covered = graph.modules
+    lacking = sorted(adapter.modules - covered)
+    if lacking:
         raise ExportError(
             field,
-            f"adapter {name!r} targets modules the exported graph lacks: {lacking[:4]}"
-            f"{' ...' if len(lacking) > 4 else ''} (tensor {missing[0]}); the graph has LoRA "
-            f"inputs for {graph.target_modules}",
+            f"adapter {name!r} adapts modules the exported graph lacks: {lacking[:4]}"
+            f"{' ...' if len(lacking) > 4 else ''} (tensor {tensor_name(lacking[0], 'A')}); "
+            f"the graph has LoRA inputs for {graph.target_modules}",
             "AdapterMismatch",
         )
-    feeds: dict[str, np.ndarray] = {}
-    for tensor, spec in graph.inputs.items():
-        array = adapter.tensors.get(tensor)
-        if array is None:
-            feeds[tensor] = np.zeros(spec.shape(0), dtype=spec.dtype)
-            continue
-        rank = array.shape[spec.rank_axis] if array.ndim == 2 else -1
-        if array.ndim != 2 or array.shape != spec.shape(rank):
-            expected = "[in, r]" if spec.ab == "A" else "[r, out]"
-            raise ExportError(
-                field,
-                f"adapter {name!r} tensor {tensor} has shape {list(array.shape)}, the graph "
-                f"expects {expected} = {list(spec.shape(rank))}: was it trained on another "
-                "base model?",
-                "AdapterMismatch",
-            )
-        if str(array.dtype) != spec.dtype and np.dtype(spec.dtype).kind == "f":
-            array = array.astype(spec.dtype)  # PEFT weights are float32; a fp16 graph gets fp16
-        if str(array.dtype) != spec.dtype:
-            raise ExportError(
-                field,
-                f"adapter {name!r} tensor {tensor} is {array.dtype}, the graph expects {spec.dtype}",
-                "AdapterMismatch",
-            )
-        feeds[tensor] = array
     for module, rank in adapter.ranks.items():
         b = adapter.tensors[tensor_name(module, "B")]
-        if b.shape[0] != rank:
+        if b.ndim != 2 or b.shape[0] != rank:
             raise ExportError(
                 field,
-                f"adapter {name!r}: {module} has lora_A rank {rank} but lora_B rank {b.shape[0]}",
+                f"adapter {name!r}: {module} has lora_A rank {rank} but lora_B shape "
+                f"{list(b.shape)}",
                 "AdapterMismatch",
             )
+    feeds: dict[str, np.ndarray] = {}
+    for tensor, spec in graph.inputs.items():
+        blocks = []
+        for module, size in spec.parts or ((spec.module, spec.fixed_dim),):
+            part_name = tensor_name(module, spec.ab)
+            array = adapter.tensors.get(part_name)
+            rank = adapter.ranks.get(module, 0)
+            expected = (size, rank) if spec.ab == "A" else (rank, size)
+            if array is None:
+                array = np.zeros(expected, dtype=np.float32)
+            if array.shape != expected:
+                layout = "[in, r]" if spec.ab == "A" else "[r, out]"
+                raise ExportError(
+                    field,
+                    f"adapter {name!r} tensor {part_name} has shape {list(array.shape)}, the "
+                    f"graph expects {layout} = {list(expected)}: was it trained on another "
+                    "base model?",
+                    "AdapterMismatch",
+                )
+            blocks.append(array)
+        if spec.ab == "A":
+            value = np.concatenate(blocks, axis=1)
+        else:
+            value = np.zeros((sum(b.shape[0] for b in blocks), spec.fixed_dim), np.float32)
+            row = col = 0
+            for block in blocks:
+                value[row : row + block.shape[0], col : col + block.shape[1]] = block
+                row, col = row + block.shape[0], col + block.shape[1]
+        if np.dtype(spec.dtype).kind != "f":
+            raise ExportError(
+                field,
+                f"adapter {name!r} tensor {tensor}: the graph expects {spec.dtype}",
+                "AdapterMismatch",
+            )
+        feeds[tensor] = np.ascontiguousarray(value.astype(spec.dtype))
     return feeds
+
+
+def graph_ranks(adapter: PeftAdapter, graph: GraphAdapterSpec) -> dict[str, int]:
+    """Graph module -> the rank of its adapter inputs for `adapter` (packed parts add up)."""
+    ranks: dict[str, int] = {}
+    for spec in graph.inputs.values():
+        ranks[spec.module] = sum(adapter.ranks.get(m, 0) for m in spec.part_modules)
+    return ranks
 
 
 def model_version(digest: str) -> int:

@@ -7,12 +7,14 @@ Each stage checks its input before any heavy work (pre-flight), exports, validat
 `manifest.json` last; a refused input or a failed check raises `ExportError` with the field.
 
 OptimizeJob output (`out_dir`): an ONNX Runtime GenAI directory (genai_config.json,
-model.onnx + model.onnx.data, tokenizer files); with `adapterMode: separate` also
-`adapter.onnx_adapter` (activate it as "default"), then manifest.json.
+model.onnx + model.onnx.data, tokenizer files); with `adapterMode: separate` model.onnx has
+LoRA inputs, `base.onnx` is the plain base, and `adapter.onnx_adapter` is the adapter
+(activate it as "default"); then manifest.json.
 
-AdapterBundle output (`out_dir`): `model/` (the base graph with LoRA inputs), `base/` (the same
-base without LoRA nodes, served when no adapter is active), `adapters/<name>.onnx_adapter`,
-then manifest.json.
+AdapterBundle output (`out_dir`): `model/` (genai_config.json pointing at `model.onnx`, the base
+graph with LoRA inputs; `base.onnx`, the same base without LoRA branches, served when no
+adapter is active; both share `model.onnx.data`), `adapters/<name>.onnx_adapter`, then
+manifest.json. `adapterMode: separate` gives the OptimizeJob the same layout in `out_dir`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ from graft_trainer.export.manifest import (
 log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter.onnx_adapter"
+# The plain base graph beside the LoRA graph (model.onnx); both read model.onnx.data.
+BASE_GRAPH = "base.onnx"
+# What a server overlays on genai_config.json to serve the plain base when no adapter is chosen:
+#   og.Model(og.Config(dir).overlay(NO_ADAPTER_OVERLAY))
+NO_ADAPTER_OVERLAY = '{"model": {"decoder": {"filename": "base.onnx"}}}'
 SEPARATE_ADAPTER_NAME = "default"
 SMOKE_PROMPT = "Hello"
 DECODE_TOKENS = 32
@@ -76,6 +83,31 @@ def _check_device_runtime(device: str) -> None:
                 "it cannot validate the model; run the job on a GPU node with a CUDA image",
                 "DeviceUnavailable",
             )
+
+
+def export_with_lora_inputs(
+    model_dir: Path,
+    out_dir: Path,
+    precision: str,
+    device: str,
+    target_modules: Sequence[str],
+    shapes: Mapping[str, tuple[int, int]],
+) -> bundle.GraphAdapterSpec:
+    """The plain export, kept as `base.onnx`, and `model.onnx`: the same graph with LoRA
+    inputs on `target_modules`. Both share the weights in `model.onnx.data`."""
+    builder.build(model_dir, out_dir, precision=precision, device=device)
+    (out_dir / "model.onnx").rename(out_dir / BASE_GRAPH)
+    return bundle.add_lora_inputs(
+        out_dir / BASE_GRAPH, out_dir / "model.onnx", target_modules, shapes
+    )
+
+
+def plain_base_location(bundle_dir: Path, manifest: Mapping[str, Any]) -> tuple[Path, str]:
+    """(model directory, graph file name) of a bundle's plain base, from its manifest."""
+    entry = manifest.get("noAdapter") or {}
+    return Path(bundle_dir) / str(entry.get("model", "model/")), str(
+        entry.get("filename", BASE_GRAPH)
+    )
 
 
 def _generations(results: Sequence[Any]) -> list[Generation]:
@@ -141,11 +173,10 @@ def run_optimize(
     builder.preflight(model_dir, source_field)
     separate = adapter_dir is not None and parsed.adapter_mode == "separate"
     peft_adapter = None
+    shapes = bundle.base_linear_shapes(model_dir)
     if adapter_dir is not None:
         peft_adapter = bundle.read_peft_adapter(Path(adapter_dir), adapter_field)
-        bundle.check_against_base(
-            peft_adapter, bundle.base_linear_shapes(model_dir), name="adapter", field=adapter_field
-        )
+        bundle.check_against_base(peft_adapter, shapes, name="adapter", field=adapter_field)
     texts = [t for t in (eval_texts or validate.prompts) if t.strip()]
     if validate.parity is not None and not texts:
         raise ExportError(
@@ -170,21 +201,13 @@ def run_optimize(
             say(f"exporting {precision} for {device}")
             builder.build(source, out_dir, precision=precision, device=device)
         elif separate:
-            assert peft_adapter is not None and adapter_dir is not None
+            assert peft_adapter is not None
             say(f"exporting {precision} for {device} with the adapter as graph inputs")
-            layers = int(builder.read_config(model_dir, source_field).get("num_hidden_layers", 0))
-            builder.build(
-                model_dir,
-                out_dir,
-                precision=precision,
-                device=device,
-                adapter_dir=Path(adapter_dir),
-                nodes_to_exclude=bundle.lora_nodes_to_exclude(layers, peft_adapter.target_modules),
+            graph = export_with_lora_inputs(
+                model_dir, out_dir, precision, device, peft_adapter.target_modules, shapes
             )
-            graph = bundle.extract_adapter_inputs(out_dir / "model.onnx")
             feeds = bundle.check_adapter(peft_adapter, graph, name="adapter", field=adapter_field)
-            digest = model_digest(model_dir)
-            bundle.write_adapter_file(feeds, out_dir / ADAPTER_FILE, digest)
+            bundle.write_adapter_file(feeds, out_dir / ADAPTER_FILE, model_digest(model_dir))
         else:
             say(f"exporting {precision} for {device}")
             builder.build(model_dir, out_dir, precision=precision, device=device)
@@ -288,7 +311,6 @@ class BundleAdapterInput:
 class BundleResult:
     out_dir: Path
     model_dir: Path
-    base_dir: Path | None
     adapter_files: dict[str, Path]
     reports: list[AdapterReport]
     base_decode_tokens_per_second: float
@@ -305,7 +327,6 @@ def run_bundle(
     adapters: Sequence[BundleAdapterInput],
     out_dir: Path,
     work_dir: Path | None = None,
-    plain_base: bool = True,
     measure_overhead: bool = True,
     on_progress: Log | None = None,
 ) -> BundleResult:
@@ -350,26 +371,10 @@ def run_bundle(
     started = time.time()
     union = bundle.union_target_modules(peft.values())
     model_dir = out_dir / "model"
-    layers = int(builder.read_config(base_model_dir, base_field).get("num_hidden_layers", 0))
-    with tempfile.TemporaryDirectory(prefix="graft-bundle-", dir=work_dir) as tmp:
-        union_dir = bundle.write_union_adapter(shapes, union, Path(tmp) / "union")
-        say(f"exporting the {precision} base for {device} with LoRA inputs on {union}")
-        export_start = time.perf_counter()
-        builder.build(
-            base_model_dir,
-            model_dir,
-            precision=precision,
-            device=device,
-            adapter_dir=union_dir,
-            nodes_to_exclude=bundle.lora_nodes_to_exclude(layers, union),
-        )
-        graph = bundle.extract_adapter_inputs(model_dir / "model.onnx")
-        conversion_seconds = time.perf_counter() - export_start
-    base_dir = None
-    if plain_base:
-        say("exporting the plain base (served when no adapter is active)")
-        base_dir = out_dir / "base"
-        builder.build(base_model_dir, base_dir, precision=precision, device=device)
+    say(f"exporting the {precision} base for {device} with LoRA inputs on {union}")
+    export_start = time.perf_counter()
+    graph = export_with_lora_inputs(base_model_dir, model_dir, precision, device, union, shapes)
+    conversion_seconds = time.perf_counter() - export_start
 
     # The contract: tensors by name, shape and dtype, in the file as written.
     files: dict[str, Path] = {}
@@ -383,7 +388,9 @@ def run_bundle(
         path = bundle.write_adapter_file(
             feeds, out_dir / "adapters" / f"{item.name}.onnx_adapter", base_digest
         )
-        bundle.verify_adapter_file(path, graph, adapter.ranks, name=item.name, field=adapter_field)
+        bundle.verify_adapter_file(
+            path, graph, bundle.graph_ranks(adapter, graph), name=item.name, field=adapter_field
+        )
         files[item.name] = path
         reports[item.name] = AdapterReport(
             name=item.name,
@@ -398,7 +405,7 @@ def run_bundle(
     prompts = parsed.validate_.prompts or [SMOKE_PROMPT]
     max_new = parsed.validate_.max_new_tokens
     genai = checks.GenaiModel(model_dir, files)
-    plain = checks.GenaiModel(base_dir) if base_dir is not None else genai
+    plain = checks.GenaiModel(model_dir, filename=BASE_GRAPH)
     base_outputs = [plain.generate(p, max_new) for p in prompts]
     base_tps = plain.decode_tokens_per_second(prompts[0], DECODE_TOKENS) if measure_overhead else 0
     failures = []
@@ -435,7 +442,7 @@ def run_bundle(
         "target": {"device": device, "precision": precision},
         "baseModelDigest": base_digest,
         "model": "model/",
-        "base": "base/" if base_dir is not None else None,
+        "noAdapter": {"model": "model/", "filename": BASE_GRAPH, "overlay": NO_ADAPTER_OVERLAY},
         "adapterInputs": "model/adapter_inputs.json",
         "targetModules": union,
         "adapters": [
@@ -458,7 +465,6 @@ def run_bundle(
     return BundleResult(
         out_dir=out_dir,
         model_dir=model_dir,
-        base_dir=base_dir,
         adapter_files=files,
         reports=ordered,
         base_decode_tokens_per_second=base_tps,

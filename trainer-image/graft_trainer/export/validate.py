@@ -28,12 +28,25 @@ class GenerationResult:
 class GenaiModel:
     """An onnxruntime-genai model with its tokenizer and, optionally, loaded adapters."""
 
-    def __init__(self, model_dir: Path, adapters: Mapping[str, Path] | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        adapters: Mapping[str, Path] | None = None,
+        filename: str | None = None,
+    ) -> None:
+        """`filename`: serve this graph of `model_dir` instead of genai_config's (base.onnx)."""
+        import json
+
         import onnxruntime_genai as og
 
         self._og = og
         self.model_dir = Path(model_dir)
-        self.model = og.Model(str(model_dir))
+        if filename is None:
+            self.model = og.Model(str(model_dir))
+        else:
+            config = og.Config(str(model_dir))
+            config.overlay(json.dumps({"model": {"decoder": {"filename": filename}}}))
+            self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
         self.adapters: Any = None
         if adapters:
