@@ -1,0 +1,107 @@
+"""Artifacts: a directory of files plus `manifest.json`, written last.
+
+A reader trusts an artifact only when its manifest exists; the manifest lists every file with
+its sha256 and size, so a half-written directory is never mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from graft.storage.store import Store, open_store, upload_dir
+from graft.storage.uri import join_uri
+
+MANIFEST = "manifest.json"
+CHECKPOINT_DIR = re.compile(r"^step-(\d+)$")
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's content, hex."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_files(local_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """relative path -> {sha256, size} for every file under `local_dir` except the manifest."""
+    root = Path(local_dir)
+    return {
+        p.relative_to(root).as_posix(): {"sha256": file_digest(p), "size": p.stat().st_size}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST
+    }
+
+
+def write_artifact(
+    local_dir: str | Path,
+    uri: str,
+    manifest: dict[str, Any] | None = None,
+    store: Store | None = None,
+) -> dict[str, Any]:
+    """Upload `local_dir` to the prefix `uri`: every file first, then `manifest.json`.
+
+    The manifest gets `files` (sha256 and size of each file) added to what the caller passed;
+    it is also written into `local_dir`. Returns the manifest.
+    """
+    root = Path(local_dir)
+    store = store or open_store(uri)
+    body = dict(manifest or {})
+    body["files"] = describe_files(root)
+    upload_dir(root, uri, store=store, exclude=[MANIFEST])
+    text = json.dumps(body, indent=2, sort_keys=True, default=str) + "\n"
+    (root / MANIFEST).write_text(text)
+    store.write_bytes(join_uri(uri, MANIFEST), text.encode())
+    return body
+
+
+def read_manifest(uri: str, store: Store | None = None) -> dict[str, Any] | None:
+    """The manifest of the artifact at prefix `uri`, or None when it is not complete."""
+    store = store or open_store(uri)
+    data = store.read_bytes(join_uri(uri, MANIFEST))
+    if data is None:
+        return None
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def list_checkpoints(prefix: str, store: Store | None = None) -> list[tuple[int, str, bool]]:
+    """(step, uri, complete) of each `step-N/` directory under `prefix`, by step."""
+    store = store or open_store(prefix)
+    found: dict[int, bool] = {}
+    for key in store.list(prefix):
+        top, _, rest = key.partition("/")
+        match = CHECKPOINT_DIR.match(top)
+        if match:
+            step = int(match.group(1))
+            found[step] = found.get(step, False) or rest == MANIFEST
+    return [
+        (step, join_uri(prefix, f"step-{step:08d}/"), complete)
+        for step, complete in sorted(found.items())
+    ]
+
+
+def checkpoint_uri(prefix: str, step: int) -> str:
+    return join_uri(prefix, f"step-{step:08d}/")
+
+
+def latest_complete_checkpoint(
+    prefix: str, store: Store | None = None
+) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint under `prefix` whose manifest exists: (uri, manifest), or None."""
+    store = store or open_store(prefix)
+    for _step, uri, complete in reversed(list_checkpoints(prefix, store)):
+        if not complete:
+            continue
+        manifest = read_manifest(uri, store)
+        if manifest is not None:
+            return uri, manifest
+    return None

@@ -1,0 +1,330 @@
+"""Stores behind URIs: local files (file://, pvc://, plain paths) and S3 (s3://).
+
+The S3 client is built from the environment (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY) with path-style addressing, so MinIO, Ceph and moto work as well as AWS.
+Directory transfers are parallel and resumable: a file already present with the same size is
+skipped, and each download lands in a `.part` file renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from graft.storage.uri import join_uri, local_path, parse_uri
+
+DEFAULT_WORKERS = 8
+
+
+class StoreError(RuntimeError):
+    """A store could not be reached or an object could not be read or written (one line)."""
+
+
+class Store(ABC):
+    """Object-store operations on full URIs. Keys returned by `list` are relative to the prefix."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> dict[str, int]:
+        """Every object under `prefix` (a directory URI): relative key -> size in bytes."""
+
+    @abstractmethod
+    def read_bytes(self, uri: str) -> bytes | None:
+        """The object's content, or None when it does not exist."""
+
+    @abstractmethod
+    def write_bytes(self, uri: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def upload_file(self, path: Path, uri: str) -> None: ...
+
+    @abstractmethod
+    def download_file(self, uri: str, path: Path) -> None: ...
+
+    @abstractmethod
+    def delete(self, uris: Iterable[str]) -> None: ...
+
+    @abstractmethod
+    def check(self, uri: str, write: bool = False) -> None:
+        """Raise StoreError with a one-line reason when `uri`'s store is unreachable."""
+
+    def exists(self, uri: str) -> bool:
+        return self.read_bytes(uri) is not None
+
+
+class LocalStore(Store):
+    """file://, pvc:// (mounted under GRAFT_PVC_ROOT) and plain paths."""
+
+    @staticmethod
+    def _path(uri: str) -> Path:
+        path = local_path(uri)
+        if path is None:
+            raise ValueError(f"not a local URI: {uri}")
+        return path
+
+    def list(self, prefix: str) -> dict[str, int]:
+        root = self._path(prefix)
+        if not root.is_dir():
+            return {}
+        return {
+            p.relative_to(root).as_posix(): p.stat().st_size
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.endswith(".part")
+        }
+
+    def read_bytes(self, uri: str) -> bytes | None:
+        path = self._path(uri)
+        return path.read_bytes() if path.is_file() else None
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        path = self._path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def upload_file(self, path: Path, uri: str) -> None:
+        target = self._path(uri)
+        if target.resolve() == Path(path).resolve():
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".part")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+
+    def download_file(self, uri: str, path: Path) -> None:
+        source = self._path(uri)
+        if not source.is_file():
+            raise StoreError(f"{uri}: no such file")
+        self.upload_file(source, "file://" + str(Path(path).resolve()))
+
+    def delete(self, uris: Iterable[str]) -> None:
+        for uri in uris:
+            self._path(uri).unlink(missing_ok=True)
+
+    def check(self, uri: str, write: bool = False) -> None:
+        path = self._path(uri)
+        if not write:
+            if not path.exists():
+                raise StoreError(f"{uri}: no such file or directory")
+            return
+        probe = path if path.is_dir() or uri.endswith("/") else path.parent
+        try:
+            probe.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot write to {uri}: {exc.strerror or exc}") from None
+        if not os.access(probe, os.W_OK):
+            raise StoreError(f"cannot write to {uri}: permission denied")
+
+
+def s3_client(endpoint_url: str | None = None) -> Any:
+    """A boto3 S3 client from the environment, path-style, with short connect timeouts."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        s3={"addressing_style": "path"},
+        connect_timeout=float(os.environ.get("GRAFT_S3_CONNECT_TIMEOUT", "5")),
+        read_timeout=120,
+        retries={
+            "max_attempts": int(os.environ.get("GRAFT_S3_MAX_ATTEMPTS", "4")),
+            "mode": "standard",
+        },
+        max_pool_connections=DEFAULT_WORKERS * 2,
+    )
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
+        region_name=region,
+        config=config,
+    )
+
+
+def _s3_reason(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        error = response.get("Error", {})
+        return f"{error.get('Code', '?')}: {error.get('Message', '') or type(exc).__name__}"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+class S3Store(Store):
+    """s3://bucket/key URIs through one boto3 client."""
+
+    def __init__(self, client: Any | None = None) -> None:
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = s3_client()
+        return self._client
+
+    @staticmethod
+    def _split(uri: str) -> tuple[str, str]:
+        parsed = parse_uri(uri)
+        if parsed.scheme != "s3":
+            raise ValueError(f"not an s3:// URI: {uri}")
+        return parsed.netloc, parsed.path
+
+    def _call(self, what: str, uri: str, fn: Callable[[], Any]) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn()
+        except ClientError as exc:
+            raise StoreError(f"{what} {uri} failed: {_s3_reason(exc)}") from None
+        except BotoCoreError as exc:
+            endpoint = self.client.meta.endpoint_url
+            raise StoreError(
+                f"{what} {uri} failed: cannot reach the S3 store at {endpoint} ({_s3_reason(exc)})"
+            ) from None
+
+    def list(self, prefix: str) -> dict[str, int]:
+        bucket, key = self._split(prefix)
+        if key and not key.endswith("/"):
+            key += "/"
+        out: dict[str, int] = {}
+
+        def run() -> None:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=key):
+                for obj in page.get("Contents", []):
+                    out[obj["Key"][len(key) :]] = int(obj["Size"])
+
+        self._call("listing", prefix, run)
+        return out
+
+    def read_bytes(self, uri: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        bucket, key = self._split(uri)
+        try:
+            body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+            data: bytes = body.read()
+            return data
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise StoreError(f"reading {uri} failed: {_s3_reason(exc)}") from None
+        except Exception as exc:
+            raise StoreError(f"reading {uri} failed: {_s3_reason(exc)}") from None
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        bucket, key = self._split(uri)
+        self._call(
+            "writing", uri, lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data)
+        )
+
+    def upload_file(self, path: Path, uri: str) -> None:
+        bucket, key = self._split(uri)
+        self._call("uploading to", uri, lambda: self.client.upload_file(str(path), bucket, key))
+
+    def download_file(self, uri: str, path: Path) -> None:
+        bucket, key = self._split(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        self._call("downloading", uri, lambda: self.client.download_file(bucket, key, str(tmp)))
+        os.replace(tmp, path)
+
+    def delete(self, uris: Iterable[str]) -> None:
+        by_bucket: dict[str, list[str]] = {}
+        for uri in uris:
+            bucket, key = self._split(uri)
+            by_bucket.setdefault(bucket, []).append(key)
+        for bucket, keys in by_bucket.items():
+            for i in range(0, len(keys), 1000):
+                chunk = [{"Key": k} for k in keys[i : i + 1000]]
+                self._call(
+                    "deleting in",
+                    f"s3://{bucket}/",
+                    lambda c=chunk, b=bucket: self.client.delete_objects(  # type: ignore[misc]
+                        Bucket=b, Delete={"Objects": c, "Quiet": True}
+                    ),
+                )
+
+    def check(self, uri: str, write: bool = False) -> None:
+        bucket, _ = self._split(uri)
+        self._call("reaching", f"s3://{bucket}/", lambda: self.client.head_bucket(Bucket=bucket))
+
+
+def open_store(uri: str, client: Any | None = None) -> Store:
+    """The store for a URI's scheme (hf:// is read through huggingface_hub, not a Store)."""
+    scheme = parse_uri(uri).scheme
+    if scheme == "s3":
+        return S3Store(client)
+    if scheme in ("file", "pvc"):
+        return LocalStore()
+    raise ValueError(f"{uri}: {scheme}:// is not an object store")
+
+
+def upload_dir(
+    local_dir: str | Path,
+    uri: str,
+    store: Store | None = None,
+    exclude: Iterable[str] = (),
+    workers: int = DEFAULT_WORKERS,
+) -> list[str]:
+    """Upload every file under `local_dir` to the prefix `uri` in parallel; returns the keys.
+
+    Files already in the store with the same size are skipped (resuming an interrupted upload).
+    """
+    root = Path(local_dir)
+    store = store or open_store(uri)
+    skip = set(exclude)
+    files = [
+        p.relative_to(root).as_posix()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() not in skip
+    ]
+    present = store.list(uri)
+    todo = [f for f in files if present.get(f) != (root / f).stat().st_size]
+    _parallel(lambda f: store.upload_file(root / f, join_uri(uri, f)), todo, workers)
+    return files
+
+
+def download_dir(
+    uri: str,
+    local_dir: str | Path,
+    store: Store | None = None,
+    workers: int = DEFAULT_WORKERS,
+    only: Callable[[str], bool] | None = None,
+) -> Path:
+    """Download every object under the prefix `uri` into `local_dir` in parallel.
+
+    Resumable: files already there with the right size are kept; partial downloads are `.part`
+    files that are only renamed into place when complete.
+    """
+    root = Path(local_dir)
+    store = store or open_store(uri)
+    objects = store.list(uri)
+    if not objects:
+        raise StoreError(f"{uri}: nothing there (expected a directory of files)")
+    todo = []
+    for key, size in objects.items():
+        if only is not None and not only(key):
+            continue
+        target = root / key
+        if target.is_file() and target.stat().st_size == size:
+            continue
+        todo.append(key)
+    root.mkdir(parents=True, exist_ok=True)
+    _parallel(lambda k: store.download_file(join_uri(uri, k), root / k), todo, workers)
+    return root
+
+
+def _parallel(fn: Callable[[str], None], items: list[str], workers: int) -> None:
+    if not items:
+        return
+    if len(items) == 1 or workers <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        for future in [pool.submit(fn, item) for item in items]:
+            future.result()

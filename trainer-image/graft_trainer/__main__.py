@@ -1,0 +1,124 @@
+"""`graft-trainer`: the trainer pod's entry point.
+
+    graft-trainer run-resource PATH    PATH holds the whole FineTuneJob object as JSON
+
+Environment: GRAFT_ARTIFACTS_URI (the artifact prefix), GRAFT_REPORTER (rich | jsonl |
+kubernetes), AWS_* for S3, HF_TOKEN for hf://. Exit codes: 0 success, 2 invalid input (not worth
+retrying), 1 any other failure; on failure a one-line reason goes to /dev/termination-log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from graft_trainer.errors import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, GraftInputError
+
+TERMINATION_LOG = "/dev/termination-log"
+log = logging.getLogger("graft_trainer")
+
+
+def write_termination_log(message: str, path: str = TERMINATION_LOG) -> None:
+    try:
+        with open(path, "w") as fh:
+            fh.write(message[:4000])
+    except OSError:
+        pass
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text
+
+
+def run_object(
+    document: dict[str, Any],
+    artifacts_uri: str,
+    reporter_name: str | None,
+    work_dir: Path | None = None,
+) -> tuple[int, str]:
+    """Validate and run one FineTuneJob object; returns (exit code, one-line message)."""
+    from graft.api.kinds import FineTuneJob, InvalidResource, parse_object
+    from graft.storage import StoreError
+
+    try:
+        obj = parse_object(document)
+    except InvalidResource as exc:
+        return EXIT_INVALID, f"invalid resource: {exc}"
+    if not isinstance(obj, FineTuneJob):
+        return (
+            EXIT_INVALID,
+            f"{obj.kind} is not yet supported by the trainer (expected FineTuneJob)",
+        )
+    if obj.spec.search is not None:
+        return EXIT_INVALID, "spec.search is not yet supported by the trainer"
+    from graft_trainer.engine import Engine, JobIdentity
+    from graft_trainer.reporting import make_reporter
+
+    meta = obj.metadata
+    extra = meta.model_extra or {}
+    identity = JobIdentity(meta.name, meta.namespace or "local", str(extra.get("uid", "")))
+    reporter = make_reporter(reporter_name)
+    try:
+        result = Engine(obj.spec, identity, artifacts_uri, reporter, work_dir=work_dir).run()
+    except GraftInputError as exc:
+        return EXIT_INVALID, one_line(exc)
+    except StoreError as exc:
+        return EXIT_FAILURE, one_line(exc)
+    finally:
+        reporter.close()
+    return EXIT_OK, f"finished at step {result.final_step}; outputs in {artifacts_uri}"
+
+
+def _cmd_run_resource(args: argparse.Namespace) -> int:
+    artifacts = os.environ.get("GRAFT_ARTIFACTS_URI")
+    if not artifacts:
+        msg = "GRAFT_ARTIFACTS_URI is not set (expected the artifact prefix to write under)"
+        print(msg, file=sys.stderr)
+        write_termination_log(msg)
+        return EXIT_INVALID
+    try:
+        document = json.loads(Path(args.path).read_text())
+    except (OSError, ValueError) as exc:
+        msg = f"cannot read {args.path}: {one_line(exc)} (expected a FineTuneJob object as JSON)"
+        print(msg, file=sys.stderr)
+        write_termination_log(msg)
+        return EXIT_INVALID
+    try:
+        code, message = run_object(document, artifacts, os.environ.get("GRAFT_REPORTER", "jsonl"))
+    except Exception as exc:  # the reason, never a traceback with secrets, ends the pod
+        log.exception("training failed")
+        code, message = EXIT_FAILURE, f"{type(exc).__name__}: {one_line(exc)}"
+    if code != EXIT_OK:
+        print(f"error: {message}", file=sys.stderr)
+        write_termination_log(message)
+    else:
+        print(message, file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from graft_trainer.reporting import setup_logging
+
+    parser = argparse.ArgumentParser(prog="graft-trainer", description="The Graft trainer.")
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], default=os.environ.get("GRAFT_LOG_FORMAT", "json")
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    rr = sub.add_parser("run-resource", help="run a FineTuneJob object (JSON file) in the pod")
+    rr.add_argument("path")
+    rr.set_defaults(handler=_cmd_run_resource)
+    args = parser.parse_args(argv)
+    setup_logging(json_lines=args.log_format == "json")
+    code: int = args.handler(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Resumable checkpoints in the output store: `<prefix>checkpoints/step-N/`, manifest last.
+
+A checkpoint holds the trainable weights, optimizer, scheduler and RNG states, the data position
+(the step: batch order depends only on the seed) and the loop's bookkeeping. Only checkpoints
+with a manifest count; older ones are pruned after a newer one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+from graft.storage import Store, latest_complete_checkpoint, list_checkpoints, write_artifact
+from graft.storage.artifacts import MANIFEST, checkpoint_uri
+from graft.storage.store import download_dir
+from graft.storage.uri import join_uri
+
+KEEP = 2
+FAULT_ENV = "GRAFT_FAULT_KILL_AFTER_CHECKPOINT"  # tests: SIGKILL after the Nth checkpoint
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    def __init__(
+        self, prefix: str, store: Store, work_dir: Path, job_manifest: dict[str, Any]
+    ) -> None:
+        self.prefix = prefix
+        self.store = store
+        self.work_dir = work_dir
+        self.job_manifest = job_manifest
+        self.saved_this_process = 0
+
+    def save(
+        self,
+        step: int,
+        trainable: dict[str, Any],
+        optimizer: Any,
+        scheduler: Any,
+        state: dict[str, Any],
+        best: dict[str, Any] | None,
+    ) -> str:
+        import torch
+
+        local = self.work_dir / f"ckpt-{step:08d}"
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        torch.save(trainable, local / "trainable.pt")
+        torch.save(optimizer.state_dict(), local / "optimizer.pt")
+        torch.save(scheduler.state_dict(), local / "scheduler.pt")
+        torch.save(rng_state(), local / "rng.pt")
+        if best is not None:
+            torch.save(best, local / "best.pt")
+        (local / "state.json").write_text(json.dumps(state, default=float))
+        uri = checkpoint_uri(self.prefix, step)
+        manifest = dict(self.job_manifest)
+        manifest.update({"kind": "checkpoint", "step": step})
+        write_artifact(local, uri, manifest, store=self.store)
+        shutil.rmtree(local, ignore_errors=True)
+        self.prune(keep_step=step)
+        self.saved_this_process += 1
+        fault = os.environ.get(FAULT_ENV)
+        if fault and int(fault) == self.saved_this_process:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return uri
+
+    def prune(self, keep_step: int) -> None:
+        """Drop checkpoints older than the newest KEEP complete ones (manifest first)."""
+        found = list_checkpoints(self.prefix, self.store)
+        complete = [s for s, _, c in found if c]
+        keep = set(complete[-KEEP:]) | {keep_step}
+        listing = self.store.list(self.prefix)
+        for step, _uri, _ in found:
+            if step in keep or step > keep_step:
+                continue
+            keys = [k for k in listing if k.startswith(f"step-{step:08d}/")]
+            keys.sort(key=lambda k: k.endswith(MANIFEST), reverse=True)
+            self.store.delete(join_uri(self.prefix, k) for k in keys)
+
+    def latest(self) -> tuple[str, dict[str, Any]] | None:
+        return latest_complete_checkpoint(self.prefix, self.store)
+
+    def load(self, uri: str) -> dict[str, Any]:
+        import torch
+
+        local = download_dir(uri, self.work_dir / "resume", store=self.store)
+        out: dict[str, Any] = {
+            "state": json.loads((local / "state.json").read_text()),
+            "trainable": torch.load(local / "trainable.pt", weights_only=False),
+            "optimizer": torch.load(local / "optimizer.pt", weights_only=False),
+            "scheduler": torch.load(local / "scheduler.pt", weights_only=False),
+            "rng": torch.load(local / "rng.pt", weights_only=False),
+            "best": torch.load(local / "best.pt", weights_only=False)
+            if (local / "best.pt").is_file()
+            else None,
+        }
+        shutil.rmtree(local, ignore_errors=True)
+        return out

@@ -1,0 +1,535 @@
+"""The training engine: one FineTuneJob from pre-flight to the manifest of its outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from graft.api.finetune import (
+    GENERATION_METRICS,
+    FineTuneJobSpec,
+    FineTuneMetrics,
+    FineTuneProgress,
+    TrainingWarning,
+)
+from graft.progress import ProgressEvent, Reporter, Stage
+from graft.storage import open_store
+from graft.storage.uri import join_uri
+from graft_trainer import data as D
+from graft_trainer.checkpoints import CheckpointManager, set_rng_state
+from graft_trainer.evaluation import BestTracker, Evaluator, OverfittingDetector, metric_key
+from graft_trainer.methods import autocast_dtype, load_model, load_trainable_state, trainable_state
+from graft_trainer.preflight import Prepared, prepare
+
+log = logging.getLogger("graft_trainer.engine")
+
+
+@dataclass
+class JobIdentity:
+    name: str
+    namespace: str = "local"
+    uid: str = ""
+
+
+@dataclass
+class RunResult:
+    final_step: int
+    total_steps: int
+    resumed_from: int | None
+    stopped_early: bool
+    best_step: int | None
+    baseline: dict[str, float]
+    final: dict[str, float]
+    warnings: list[TrainingWarning]
+    artifacts: dict[str, str]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    output_dir: Path | None = None
+
+
+def spec_digest(spec: FineTuneJobSpec) -> str:
+    """What must match for a checkpoint to be resumed: everything that shapes training."""
+    api = spec.to_api()
+    keep = {
+        k: api.get(k) for k in ("model", "dataset", "method", "lora", "quantization", "training")
+    }
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+
+def peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def gpu_memory() -> dict[str, int]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {
+        "gpuAllocatedBytes": int(torch.cuda.max_memory_allocated()),
+        "gpuReservedBytes": int(torch.cuda.max_memory_reserved()),
+    }
+
+
+class Engine:
+    def __init__(
+        self,
+        spec: FineTuneJobSpec,
+        identity: JobIdentity,
+        artifacts_uri: str,
+        reporter: Reporter,
+        work_dir: Path | None = None,
+        prepared: Prepared | None = None,
+    ) -> None:
+        self.spec = spec
+        self.identity = identity
+        self.prefix = artifacts_uri if artifacts_uri.endswith("/") else artifacts_uri + "/"
+        self.reporter = reporter
+        self.store = open_store(self.prefix)
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if work_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="graft-")
+            work_dir = Path(self._tmp.name)
+        self.work_dir = work_dir
+        self.prepared = prepared
+        self.metrics = FineTuneMetrics()
+        self.progress = FineTuneProgress()
+        self.warnings: list[TrainingWarning] = []
+        self.artifacts: dict[str, str] = {}
+        self.history: list[dict[str, Any]] = []
+        self.started = datetime.now(UTC)
+
+    # ------------------------------------------------------------ reporting
+
+    def emit(self, stage: Stage, message: str = "") -> None:
+        self.progress.updated_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = ProgressEvent(
+            stage=stage,
+            progress=self.progress.model_copy(),
+            metrics=self.metrics.model_copy(),
+            warnings=list(self.warnings),
+            message=message,
+            artifacts=dict(self.artifacts),
+        )
+        with contextlib.suppress(Exception):
+            self.reporter.report(event)
+        log.info(
+            message or stage,
+            extra={"fields": {"stage": stage, "step": self.progress.step, **self.metrics.to_api()}},
+        )
+
+    def warn(self, kind: Any, message: str, since: int | None = None) -> None:
+        if any(w.type == kind and w.message == message for w in self.warnings):
+            return
+        self.warnings.append(TrainingWarning(type=kind, since_step=since, message=message))
+
+    def set_eval_metrics(self, values: dict[str, float]) -> None:
+        for key, attr in (
+            ("eval_loss", "eval_loss"),
+            ("perplexity", "perplexity"),
+            ("accuracy", "accuracy"),
+            ("f1", "f1"),
+            ("bleu", "bleu"),
+            ("rouge", "rouge"),
+        ):
+            if key in values:
+                setattr(self.metrics, attr, values[key])
+
+    # ------------------------------------------------------------ the run
+
+    def run(self) -> RunResult:
+        try:
+            return self._run()
+        finally:
+            if self._tmp is not None:
+                self._tmp.cleanup()
+
+    def _run(self) -> RunResult:
+        import torch
+
+        spec, t, ds = self.spec, self.spec.training, self.spec.dataset
+        self.emit("preflight", "checking the output store, data, tokenizer and model")
+        self.store.check(self.prefix, write=True)
+        prep = self.prepared or prepare(spec)
+        for w in prep.warnings:
+            self.warn("MemoryPressure" if "memory" in w else "Truncation", w)
+        torch.manual_seed(t.seed)
+        self.emit(
+            "loading",
+            f"tokenizing {len(prep.train_records)} train / {len(prep.eval_records)} eval records",
+        )
+        data = self.tokenize(prep)
+        tok = prep.tokenizer
+        pad_id = int(tok.pad_token_id)
+        device = torch.device(prep.device)
+        amp = autocast_dtype(prep.precision)
+        self.emit(
+            "loading",
+            f"loading {prep.model_dir.name} ({spec.method}, {prep.precision}, {prep.device})",
+        )
+        model = load_model(spec, prep.model_dir, prep.device)
+        model.train()
+
+        accum = t.gradient_accumulation_steps
+        batch = t.per_device_train_batch_size
+        per_epoch = max(1, data.batches_per_epoch(batch) // accum)
+        total = t.max_steps or max(
+            1, math.ceil((t.epochs or 1.0) * data.batches_per_epoch(batch) / accum)
+        )
+        self.progress.total_steps = total
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        opt_kwargs: dict[str, Any] = {"lr": t.learning_rate}
+        if prep.device == "cuda":
+            opt_kwargs["fused"] = True
+        else:
+            opt_kwargs["foreach"] = True
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": t.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            **opt_kwargs,
+        )
+        from transformers import get_scheduler
+
+        scheduler = get_scheduler(
+            t.lr_scheduler,
+            optimizer,
+            num_warmup_steps=math.ceil(t.warmup_ratio * total),
+            num_training_steps=total,
+        )
+
+        label_field = spec.evaluation.label_field
+        stop = ""
+        if ds.text_template is not None and label_field:
+            stop = D.split_template(ds.text_template, label_field)[2]
+        evaluator = Evaluator(
+            [m for m in spec.evaluation.metrics],
+            data.eval,
+            data.eval_texts,
+            pad_id,
+            t.per_device_eval_batch_size,
+            spec.evaluation.max_new_tokens,
+            spec.evaluation.max_generation_samples,
+            stop,
+        )
+        es = t.early_stopping
+        tracker = BestTracker(
+            metric=metric_key(es.metric) if es else "eval_loss",
+            patience=es.patience if es else None,
+            min_delta=es.min_delta if es else 0.0,
+        )
+        gen_during = tracker.metric in GENERATION_METRICS
+        overfit = OverfittingDetector()
+        best_weights: dict[str, Any] | None = None
+
+        job_manifest = {
+            "job": {
+                "name": self.identity.name,
+                "namespace": self.identity.namespace,
+                "uid": self.identity.uid,
+            },
+            "specDigest": spec_digest(spec),
+        }
+        ckpts = CheckpointManager(
+            join_uri(self.prefix, "checkpoints/"), self.store, self.work_dir, job_manifest
+        )
+        self.artifacts["checkpoints"] = ckpts.prefix
+
+        step = 0
+        resumed_from: int | None = None
+        baseline: dict[str, float] = {}
+        baseline_samples: list[dict[str, str]] = []
+        train_seconds = 0.0
+        tokens_total = 0
+        latest = ckpts.latest()
+        if latest is not None and latest[1].get("specDigest") != job_manifest["specDigest"]:
+            self.warn(
+                "NoImprovement", f"ignoring checkpoint {latest[0]}: it was made by a different spec"
+            )
+            latest = None
+        if latest is not None:
+            loaded = ckpts.load(latest[0])
+            state = loaded["state"]
+            load_trainable_state(model, loaded["trainable"])
+            optimizer.load_state_dict(loaded["optimizer"])
+            scheduler.load_state_dict(loaded["scheduler"])
+            set_rng_state(loaded["rng"])
+            best_weights = loaded["best"]
+            step = resumed_from = int(state["step"])
+            baseline = state["baseline"]
+            baseline_samples = state.get("baseline_samples", [])
+            self.history = state["history"]
+            tracker.load(state["tracker"])
+            overfit.load(state["overfit"])
+            train_seconds = float(state.get("train_seconds", 0.0))
+            tokens_total = int(state.get("tokens_total", 0))
+            self.warnings = [TrainingWarning.model_validate(w) for w in state.get("warnings", [])]
+            self.progress.step = step
+            self.emit("training", f"resumed from checkpoint at step {step} ({latest[0]})")
+        else:
+            self.emit("baseline", "measuring the base model on the eval split")
+            baseline, baseline_samples = evaluator.run(model, tok, device, amp)
+        self.metrics.baseline_eval_loss = baseline.get("eval_loss")
+        self.metrics.baseline_accuracy = baseline.get("accuracy")
+
+        def save_checkpoint() -> None:
+            best = None
+            if best_weights is not None and tracker.best_step != step:
+                best = best_weights
+            state = {
+                "step": step,
+                "baseline": baseline,
+                "baseline_samples": baseline_samples,
+                "history": self.history,
+                "tracker": tracker.state(),
+                "overfit": overfit.state(),
+                "train_seconds": train_seconds,
+                "tokens_total": tokens_total,
+                "warnings": [w.to_api() for w in self.warnings],
+            }
+            if best is None and tracker.best_step == step:
+                best = None
+            ckpts.save(step, trainable_state(model), optimizer, scheduler, state, best)
+
+        stopped_early = False
+        window_loss = 0.0
+        window_steps = 0
+        window_tokens = 0
+        window_start = time.perf_counter()
+        last_train_loss: float | None = None
+        batches = data.batches(t.seed, batch, pad_id, start=step * accum)
+        self.emit("training", f"training {total} steps ({per_epoch} per epoch)")
+        while step < total:
+            t0 = time.perf_counter()
+            micro = [next(batches)[1] for _ in range(accum)]
+            targets = sum(b.target_tokens for b in micro) or 1
+            step_loss = 0.0
+            for b in micro:
+                inputs = b.tensors(device)
+                with (
+                    torch.autocast(device_type=device.type, dtype=amp)
+                    if amp is not None
+                    else contextlib.nullcontext()
+                ):
+                    out = model(**inputs)
+                loss = out.loss * (b.target_tokens / targets)
+                loss.backward()
+                step_loss += float(loss.detach())
+                window_tokens += b.tokens
+                tokens_total += b.tokens
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            train_seconds += time.perf_counter() - t0
+            window_loss += step_loss
+            window_steps += 1
+            self.progress.step = step
+            self.progress.epoch = round(step / per_epoch, 4)
+            self.progress.percent = int(100 * step / total)
+
+            if step % t.logging_steps == 0 or step == total:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                last_train_loss = window_loss / window_steps
+                tps = window_tokens / elapsed
+                rate = train_seconds / max(step - (resumed_from or 0), 1)
+                self.progress.tokens_per_second = round(tps, 1)
+                self.progress.eta_seconds = int(rate * (total - step))
+                self.metrics.train_loss = last_train_loss
+                self.metrics.peak_memory_bytes = (
+                    gpu_memory().get("gpuAllocatedBytes") or peak_rss_bytes()
+                )
+                self.history.append(
+                    {
+                        "step": step,
+                        "train_loss": last_train_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_second": tps,
+                        "epoch": self.progress.epoch,
+                        "peak_rss_bytes": peak_rss_bytes(),
+                        **gpu_memory(),
+                    }
+                )
+                window_loss, window_steps, window_tokens = 0.0, 0, 0
+                window_start = time.perf_counter()
+                self.emit("training")
+
+            if data.eval and (step % t.eval_steps == 0 or step == total):
+                values, _ = evaluator.run(model, tok, device, amp, generate_texts=gen_during)
+                self.set_eval_metrics(values)
+                self.history.append({"step": step, **{f"eval/{k}": v for k, v in values.items()}})
+                watched = values.get(tracker.metric)
+                if watched is not None and tracker.update(step, watched):
+                    best_weights = trainable_state(model)
+                    self.metrics.best_step = step
+                if last_train_loss is not None:
+                    since = overfit.update(step, last_train_loss, values["eval_loss"])
+                    if since is not None:
+                        self.warn(
+                            "Overfitting",
+                            f"eval loss rose over {overfit.window} evaluations since step {since} "
+                            "while train loss fell: consider fewer steps, more data, a lower "
+                            "learning rate or early stopping",
+                            since,
+                        )
+                self.emit("evaluating")
+                if tracker.should_stop:
+                    stopped_early = True
+                    self.warn(
+                        "NoImprovement",
+                        f"early stopping at step {step}: {tracker.metric} did not improve by more "
+                        f"than {tracker.min_delta} for {tracker.patience} evaluations "
+                        f"(best {tracker.best_value:.4g} at step {tracker.best_step})",
+                        tracker.best_step,
+                    )
+                    break
+            if step % t.save_steps == 0 and step < total:
+                save_checkpoint()
+                self.emit("training", f"checkpoint at step {step}")
+
+        # ------------------------------------------------------ final evaluation and export
+        final_step = step
+        if (
+            best_weights is not None
+            and tracker.best_step is not None
+            and tracker.best_step != final_step
+        ):
+            load_trainable_state(model, best_weights)
+        best_step = tracker.best_step if best_weights is not None else final_step
+        self.metrics.best_step = best_step
+        self.emit("evaluating", f"final evaluation of step {best_step}")
+        final, samples = evaluator.run(model, tok, device, amp)
+        self.set_eval_metrics(final)
+        self.progress.percent = 100 if not stopped_early else self.progress.percent
+
+        from graft_trainer.outputs import OutputWriter
+
+        self.emit("exporting", f"writing outputs to {self.prefix}")
+        writer = OutputWriter(self, prep, data)
+        writer.write(
+            model=model,
+            tokenizer=tok,
+            final_step=final_step,
+            total_steps=total,
+            best_step=best_step,
+            resumed_from=resumed_from,
+            stopped_early=stopped_early,
+            baseline=baseline,
+            final=final,
+            samples=samples,
+            baseline_samples=baseline_samples,
+            train_seconds=train_seconds,
+            tokens_total=tokens_total,
+        )
+        self.emit(
+            "done", f"finished at step {final_step}" + (" (early stop)" if stopped_early else "")
+        )
+        return RunResult(
+            final_step,
+            total,
+            resumed_from,
+            stopped_early,
+            best_step,
+            baseline,
+            final,
+            list(self.warnings),
+            dict(self.artifacts),
+            self.history,
+            writer.out_dir,
+        )
+
+    def tokenize(self, prep: Prepared) -> D.TrainData:
+        ds = self.spec.dataset
+        tok = prep.tokenizer
+        label = self.spec.evaluation.label_field
+        train: list[D.Example] = []
+        truncated = 0
+        for i, r in enumerate(prep.train_records):
+            texts = D.record_texts(ds, r, i, tok, label)
+            ex = D.tokenize_record(texts, tok, ds.max_seq_length, ds.completion_only)
+            truncated += ex.truncated
+            train.append(ex)
+        eval_ex: list[D.Example] = []
+        eval_texts: list[D.PromptText] = []
+        for i, r in enumerate(prep.eval_records):
+            texts = D.record_texts(ds, r, i, tok, label)
+            ex = D.tokenize_record(texts, tok, ds.max_seq_length, ds.completion_only)
+            eval_ex.append(ex)
+            eval_texts.append(texts)
+        if truncated:
+            self.warn(
+                "Truncation",
+                f"{truncated} of {len(train)} training texts are longer than maxSeqLength "
+                f"{ds.max_seq_length} and were truncated",
+            )
+        if all(not any(x != -100 for x in e.labels[1:]) for e in train):
+            from graft_trainer.errors import GraftInputError
+
+            raise GraftInputError(
+                "no training text has a token to learn after masking (check completionOnly and maxSeqLength)"
+            )
+        packed = D.pack_examples(train, ds.max_seq_length) if ds.packing else None
+        counts: dict[str, dict[str, int]] = {}
+        strat = ds.stratify_by or label
+        if strat:
+            for name, rows in (("train", prep.train_records), ("eval", prep.eval_records)):
+                c: dict[str, int] = {}
+                for r in rows:
+                    c[str(r.get(strat))] = c.get(str(r.get(strat)), 0) + 1
+                counts[name] = dict(sorted(c.items()))
+        samples = [
+            D.record_texts(ds, r, i, tok, label).prompt
+            + D.record_texts(ds, r, i, tok, label).completion
+            for i, r in enumerate(prep.train_records[:3])
+        ]
+        return D.TrainData(
+            train, eval_ex, eval_texts, len(train), len(eval_ex), packed, truncated, counts, samples
+        )
+
+
+def clean_local_output(uri: str) -> None:
+    """Remove a local output directory (tests)."""
+    from graft.storage import local_path
+
+    path = local_path(uri)
+    if path is not None and path.exists():
+        shutil.rmtree(path)
+
+
+def environment_summary() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in (
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "bitsandbytes",
+        "datasets",
+        "tokenizers",
+        "sacrebleu",
+        "rouge-score",
+        "scikit-learn",
+        "graft",
+    ):
+        with contextlib.suppress(Exception):
+            out[pkg] = md.version(pkg)
+    out["python"] = os.sys.version.split()[0]  # type: ignore[attr-defined]
+    return out

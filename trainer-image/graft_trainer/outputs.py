@@ -1,0 +1,251 @@
+"""Outputs of a run: adapter or model, metrics.json, training log, TensorBoard events, the
+curve PNG, a self-contained report.html, and manifest.json, which is written last."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from graft.storage import write_artifact
+from graft.storage.uri import join_uri
+from graft_trainer.data import TrainData, digest_files
+from graft_trainer.preflight import Prepared
+
+if TYPE_CHECKING:
+    from graft_trainer.engine import Engine
+
+
+def curves_png(history: list[dict[str, Any]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
+    evals = [(h["step"], h["eval/eval_loss"]) for h in history if "eval/eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", marker=".")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), label="eval loss", marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_tensorboard(directory: Path, history: list[dict[str, Any]]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(directory))
+    try:
+        for h in history:
+            for key, value in h.items():
+                if key in ("step", "epoch") or not isinstance(value, int | float):
+                    continue
+                tag = key if key.startswith("eval/") else f"train/{key}"
+                writer.add_scalar(tag, float(value), int(h["step"]))
+    finally:
+        writer.close()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "" if value is None else html.escape(str(value))
+
+
+def render_report(ctx: dict[str, Any], png: bytes) -> str:
+    """A self-contained HTML page: config, data, curves, before/after metrics, samples."""
+    rows = []
+    for name in sorted(set(ctx["baseline"]) | set(ctx["final"])):
+        before, after = ctx["baseline"].get(name), ctx["final"].get(name)
+        delta = after - before if isinstance(before, float) and isinstance(after, float) else None
+        rows.append(
+            f"<tr><td>{name}</td><td>{_fmt(before)}</td><td>{_fmt(after)}</td><td>{_fmt(delta)}</td></tr>"
+        )
+    samples = "".join(
+        f"<tr><td><pre>{html.escape(s['prompt'])}</pre></td><td>{html.escape(s['reference'])}</td>"
+        f"<td>{html.escape(s.get('before', ''))}</td><td>{html.escape(s['generated'])}</td></tr>"
+        for s in ctx["samples"]
+    )
+    warnings = (
+        "".join(
+            f"<li><b>{html.escape(w['type'])}</b>"
+            f"{' (since step ' + str(w['sinceStep']) + ')' if w.get('sinceStep') is not None else ''}: "
+            f"{html.escape(w['message'])}</li>"
+            for w in ctx["warnings"]
+        )
+        or "<li>none</li>"
+    )
+    data = ctx["data"]
+    mix = "".join(
+        f"<tr><td>{html.escape(split)}</td><td>{html.escape(json.dumps(c))}</td></tr>"
+        for split, c in data.get("labelCounts", {}).items()
+    )
+    run = ctx["run"]
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Graft report: {html.escape(ctx["name"])}</title>
+<style>body{{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}}
+pre{{background:#f6f6f6;padding:.6em;overflow:auto;margin:0}}</style></head><body>
+<h1>FineTuneJob {html.escape(ctx["name"])}</h1>
+<p>method <b>{html.escape(ctx["method"])}</b>, {run["finalStep"]} of {run["totalSteps"]} steps,
+best step {run["bestStep"]}{", resumed from step " + str(run["resumedFrom"]) if run["resumedFrom"] else ""}
+{", stopped early" if run["stoppedEarly"] else ""}; {run["trainSeconds"]:.1f} s training,
+{run["tokensPerSecond"]:.0f} tokens/s, peak memory {run["peakMemoryBytes"] / 2**20:.0f} MiB.</p>
+<h2>Metrics before and after</h2>
+<table><tr><th>metric</th><th>baseline</th><th>after</th><th>change</th></tr>{"".join(rows)}</table>
+<h2>Warnings</h2><ul>{warnings}</ul>
+<h2>Curves</h2><img alt="loss curves" src="data:image/png;base64,{base64.b64encode(png).decode()}">
+<h2>Data</h2><p>{data["trainRecords"]} train records, {data["evalRecords"]} eval records,
+{data["truncated"]} truncated, packing {data["packing"]}; digest {html.escape(data["digest"])}.</p>
+<table>{mix}</table>
+<h2>Sample generations</h2>
+<table><tr><th>prompt</th><th>reference</th><th>before</th><th>after</th></tr>{samples}</table>
+<h2>Configuration</h2><pre>{html.escape(yaml.safe_dump(ctx["spec"], sort_keys=False))}</pre>
+</body></html>
+"""
+
+
+class OutputWriter:
+    def __init__(self, engine: Engine, prep: Prepared, data: TrainData) -> None:
+        self.engine = engine
+        self.prep = prep
+        self.data = data
+        self.out_dir = engine.work_dir / "output"
+
+    def write(
+        self,
+        *,
+        model: Any,
+        tokenizer: Any,
+        final_step: int,
+        total_steps: int,
+        best_step: int | None,
+        resumed_from: int | None,
+        stopped_early: bool,
+        baseline: dict[str, float],
+        final: dict[str, float],
+        samples: list[dict[str, str]],
+        baseline_samples: list[dict[str, str]],
+        train_seconds: float,
+        tokens_total: int,
+    ) -> None:
+        from graft_trainer.engine import environment_summary, peak_rss_bytes
+
+        eng, spec = self.engine, self.engine.spec
+        out = self.out_dir
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        kind = "model" if spec.method == "full" else "adapter"
+        weights = out / kind
+        model.save_pretrained(str(weights))
+        tokenizer.save_pretrained(str(weights))
+        base_digest = "sha256:" + digest_files(
+            [p for p in self.prep.model_dir.iterdir() if p.is_file()]
+        )
+        finished = datetime.now(UTC)
+        before = {s["prompt"]: s["generated"] for s in baseline_samples}
+        for s in samples:
+            s["before"] = before.get(s["prompt"], "")
+        run = {
+            "finalStep": final_step,
+            "totalSteps": total_steps,
+            "bestStep": best_step,
+            "resumedFrom": resumed_from,
+            "stoppedEarly": stopped_early,
+            "trainSeconds": train_seconds,
+            "tokens": tokens_total,
+            "tokensPerSecond": tokens_total / train_seconds if train_seconds else 0.0,
+            "peakMemoryBytes": eng.metrics.peak_memory_bytes or peak_rss_bytes(),
+        }
+        data_summary = {
+            "uri": spec.dataset.uri,
+            "digest": self.prep.dataset_digest,
+            "trainRecords": self.data.train_records,
+            "evalRecords": self.data.eval_records,
+            "truncated": self.data.truncated,
+            "packing": spec.dataset.packing,
+            "packedRows": len(self.data.packed_rows) if self.data.packed_rows else None,
+            "labelCounts": self.data.label_counts,
+        }
+        metrics = {
+            "baseline": baseline,
+            "final": final,
+            "run": run,
+            "memoryEstimate": self.prep.memory,
+            "warnings": [w.to_api() for w in eng.warnings],
+            "history": eng.history,
+        }
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+        (out / "train_log.jsonl").write_text(
+            "".join(json.dumps(h, default=float) + "\n" for h in eng.history)
+        )
+        write_tensorboard(out / "tensorboard", eng.history)
+        png = curves_png(eng.history)
+        (out / "curves.png").write_bytes(png)
+        ctx = {
+            "name": eng.identity.name,
+            "method": spec.method,
+            "spec": spec.to_api(),
+            "baseline": baseline,
+            "final": final,
+            "samples": samples,
+            "run": run,
+            "data": data_summary,
+            "warnings": metrics["warnings"],
+        }
+        (out / "report.html").write_text(render_report(ctx, png))
+        common = {
+            "job": {
+                "name": eng.identity.name,
+                "namespace": eng.identity.namespace,
+                "uid": eng.identity.uid,
+            },
+            "spec": spec.to_api(),
+            "baseModel": {
+                "uri": spec.model.uri,
+                "revision": spec.model.revision,
+                "digest": base_digest,
+            },
+            "dataset": {"uri": spec.dataset.uri, "digest": self.prep.dataset_digest},
+            "libraries": environment_summary(),
+            "timings": {
+                "started": eng.started.isoformat(),
+                "finished": finished.isoformat(),
+                "seconds": (finished - eng.started).total_seconds(),
+                "trainSeconds": train_seconds,
+            },
+        }
+        weights_uri = join_uri(eng.prefix, f"{kind}/")
+        write_artifact(
+            weights, weights_uri, {**common, "kind": kind, "bestStep": best_step}, store=eng.store
+        )
+        eng.artifacts[kind] = weights_uri
+        write_artifact(
+            out,
+            eng.prefix,
+            {**common, "kind": "finetune-output", "run": run, "metrics": final},
+            store=eng.store,
+        )
+        eng.artifacts.update(
+            {
+                "report": join_uri(eng.prefix, "report.html"),
+                "metrics": join_uri(eng.prefix, "metrics.json"),
+                "tensorboard": join_uri(eng.prefix, "tensorboard/"),
+            }
+        )

@@ -1,0 +1,253 @@
+"""Pre-flight: cheap checks before any heavy work, and the data/model preparation they share.
+
+The dataset is readable and non-empty per split, every template field exists (the first
+offending row is named), the tokenizer has what the template needs, the target modules exist
+(checked on a weightless "meta" model) and a memory estimate fits the requested resources.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from graft.api.finetune import FineTuneJobSpec, template_fields
+from graft.storage import parse_uri
+from graft_trainer import data as D
+from graft_trainer.errors import GraftInputError
+from graft_trainer.methods import (
+    check_causal_lm,
+    check_quantization,
+    check_targets,
+    default_targets,
+    load_tokenizer,
+    resolve_precision,
+)
+from graft_trainer.sources import fetch_model, load_splits
+
+
+@dataclass
+class Prepared:
+    model_dir: Path
+    config: Any
+    tokenizer: Any
+    train_records: list[D.Record]
+    eval_records: list[D.Record]
+    dataset_digest: str
+    device: str
+    precision: str
+    targets: list[str] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def device_name() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def select_records(
+    spec: FineTuneJobSpec, splits: dict[str, list[D.Record]]
+) -> tuple[list[D.Record], list[D.Record]]:
+    ds = spec.dataset
+    hf = parse_uri(ds.uri).scheme == "hf"
+    if hf:
+        train = splits[ds.train_split]
+        evals = splits.get(ds.eval_split, []) if ds.eval_split else []
+    elif ds.stratify_by and ds.eval_split:
+        train, evals = D.stratified_splits(splits, ds.train_split, ds.eval_split, ds.stratify_by)
+    else:
+        train = D.select_split(splits, ds.train_split)
+        evals = D.select_split(splits, ds.eval_split) if ds.eval_split else []
+    if ds.max_samples is not None:
+        train = train[: ds.max_samples]
+    if not train:
+        raise GraftInputError(
+            f"trainSplit {ds.train_split!r} is empty (expected at least one record)"
+        )
+    if ds.eval_split and not evals:
+        raise GraftInputError(
+            f"evalSplit {ds.eval_split!r} is empty (expected at least one record)"
+        )
+    return train, evals
+
+
+def check_records(spec: FineTuneJobSpec, train: list[D.Record], evals: list[D.Record]) -> None:
+    ds = spec.dataset
+    if ds.text_template is not None:
+        D.check_template_fields(ds.text_template, train, f"trainSplit {ds.train_split!r}")
+        D.check_template_fields(ds.text_template, evals, f"evalSplit {ds.eval_split!r}")
+    else:
+        for where, rows in (("trainSplit", train), ("evalSplit", evals)):
+            for i, r in enumerate(rows):
+                if not isinstance(r.get("messages"), list) or not r["messages"]:
+                    raise GraftInputError(
+                        f"{where} row {i}: chatTemplate needs a non-empty `messages` list "
+                        f"(the record has: {', '.join(map(str, r))})"
+                    )
+    label = spec.evaluation.label_field
+    if label and evals:
+        if ds.text_template is not None and label not in template_fields(ds.text_template):
+            raise GraftInputError(
+                f"evaluation.labelField {label!r} is not a field of textTemplate "
+                "(the prompt is the template up to that field)"
+            )
+        for i, r in enumerate(evals):
+            if label not in r and ds.chat_template is False:
+                raise GraftInputError(f"evalSplit row {i}: labelField {label!r} is missing")
+
+
+def check_tokenizer(spec: FineTuneJobSpec, tokenizer: Any) -> list[str]:
+    warnings = []
+    if spec.dataset.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise GraftInputError(
+            "dataset.chatTemplate is true but the tokenizer has no chat template; "
+            "use textTemplate instead"
+        )
+    if tokenizer.eos_token_id is None:
+        warnings.append(
+            "the tokenizer has no end-of-sequence token; generations run to maxNewTokens"
+        )
+    template = spec.dataset.text_template or ""
+    specials = set(re.findall(r"<\|[^|>]+\|>|<[a-z_]+>", template))
+    known = set(tokenizer.get_vocab())
+    unknown = sorted(s for s in specials if s not in known)
+    if unknown:
+        warnings.append(
+            f"textTemplate markers {unknown} are not tokens of the tokenizer; they are split "
+            "into pieces (train them, or use the model's own markers)"
+        )
+    return warnings
+
+
+def parse_quantity(text: str | int | float) -> float:
+    units = {
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "Pi": 2**50,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "P": 1e15,
+        "m": 1e-3,
+    }
+    s = str(text)
+    for unit, mult in sorted(units.items(), key=lambda u: -len(u[0])):
+        if s.endswith(unit):
+            return float(s[: -len(unit)]) * mult
+    return float(s)
+
+
+def meta_model(config: Any, trust_remote_code: bool) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def estimate_memory(
+    spec: FineTuneJobSpec, model: Any, config: Any, precision: str
+) -> dict[str, Any]:
+    """A rough peak-memory estimate in bytes, with its parts."""
+    total = sum(p.numel() for p in model.parameters())
+    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0)
+    layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 0)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    t = spec.training
+    tokens = t.per_device_train_batch_size * spec.dataset.max_seq_length
+    if spec.method == "qlora":
+        bits = spec.quantization.bits if spec.quantization else 4
+        weights = total * bits / 8 * 1.1
+    else:
+        weights = total * 4
+    if spec.method == "full":
+        trainable = total
+    else:
+        r = spec.lora.r if spec.lora else 16
+        trainable = layers * 4 * 2 * r * hidden
+    optimizer = trainable * (4 + 4 + 8)  # grads + Adam moments
+    act_bytes = 2 if precision in ("bf16", "fp16") else 4
+    per_layer = tokens * hidden * 18 * act_bytes
+    activations = per_layer * (2 if t.gradient_checkpointing else max(layers, 1))
+    logits = tokens * vocab * 4 * 3
+    overhead = 300 * 2**20
+    est = int(weights + optimizer + activations + logits + overhead)
+    return {
+        "parameters": total,
+        "trainableParameters": trainable,
+        "weightsBytes": int(weights),
+        "optimizerBytes": int(optimizer),
+        "activationsBytes": int(activations + logits),
+        "estimatedBytes": est,
+    }
+
+
+def check_memory(spec: FineTuneJobSpec, est: dict[str, Any], device: str) -> list[str]:
+    limit: float | None = None
+    where = ""
+    if device == "cuda":
+        import torch
+
+        limit = float(torch.cuda.get_device_properties(0).total_memory)
+        where = "GPU memory"
+    elif spec.resources.memory is not None:
+        limit = parse_quantity(spec.resources.memory)
+        where = f"resources.memory {spec.resources.memory}"
+    if limit is None:
+        return []
+    need = est["estimatedBytes"]
+    gib = 2**30
+    text = (
+        f"estimated peak memory {need / gib:.2f} GiB (weights {est['weightsBytes'] / gib:.2f}, "
+        f"optimizer {est['optimizerBytes'] / gib:.2f}, activations {est['activationsBytes'] / gib:.2f}) "
+        f"vs {where} = {limit / gib:.2f} GiB"
+    )
+    if need > limit:
+        raise GraftInputError(
+            text + "; lower perDeviceTrainBatchSize or maxSeqLength, enable gradientCheckpointing, "
+            "use qlora, or ask for more memory"
+        )
+    if need > 0.8 * limit:
+        return [text + " (above 80%)"]
+    return []
+
+
+def prepare(spec: FineTuneJobSpec) -> Prepared:
+    """Run every pre-flight check; returns what the engine needs next."""
+    splits, digest = load_splits(spec.dataset)
+    train, evals = select_records(spec, splits)
+    check_records(spec, train, evals)
+    model_dir = fetch_model(spec.model)
+    config = check_causal_lm(model_dir, spec.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, spec.model.trust_remote_code)
+    warnings = check_tokenizer(spec, tokenizer)
+    device = device_name()
+    precision = resolve_precision(spec.training.precision, device)
+    check_quantization(spec, device)
+    meta = meta_model(config, spec.model.trust_remote_code)
+    targets: list[str] = []
+    if spec.method != "full":
+        assert spec.lora is not None
+        targets = spec.lora.target_modules or default_targets(meta)
+        check_targets(meta, targets, spec.lora.modules_to_save)
+    memory = estimate_memory(spec, meta, config, precision)
+    warnings += check_memory(spec, memory, device)
+    return Prepared(
+        model_dir,
+        config,
+        tokenizer,
+        train,
+        evals,
+        digest,
+        device,
+        precision,
+        targets,
+        memory,
+        warnings,
+    )

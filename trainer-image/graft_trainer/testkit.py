@@ -1,0 +1,234 @@
+"""A tiny-model kit for tests and the demo: a small Llama, a BPE tokenizer and a synthetic
+phrase -> tone dataset, all built locally (no hub) and deterministic for a given seed."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+TONES = ("positive", "negative", "neutral")
+
+_SUBJECTS = [
+    "the movie",
+    "this phone",
+    "the service",
+    "our trip",
+    "the food",
+    "my new job",
+    "the book",
+    "the hotel",
+    "this update",
+    "the concert",
+    "the weather",
+    "the meeting",
+    "the team",
+    "the app",
+    "the coffee",
+    "the game",
+    "the class",
+    "the show",
+    "the car",
+    "the park",
+]
+_WORDS = {
+    "positive": [
+        "great",
+        "wonderful",
+        "amazing",
+        "lovely",
+        "excellent",
+        "fantastic",
+        "delightful",
+        "brilliant",
+        "superb",
+        "pleasant",
+    ],
+    "negative": [
+        "terrible",
+        "awful",
+        "horrible",
+        "dreadful",
+        "disappointing",
+        "boring",
+        "broken",
+        "annoying",
+        "miserable",
+        "useless",
+    ],
+    "neutral": [
+        "okay",
+        "average",
+        "scheduled",
+        "on time",
+        "beige",
+        "ordinary",
+        "standard",
+        "fine I guess",
+        "plain",
+        "unchanged",
+    ],
+}
+# The tone word ends every phrase, so a tiny model learns the mapping in a few dozen steps.
+_FRAMES = [
+    "{s} was {w}",
+    "I think {s} is {w}",
+    "honestly {s} felt {w}",
+    "today {s} is {w}",
+    "everyone says {s} was {w}",
+    "wow, {s} is {w}",
+    "to me {s} seemed {w}",
+]
+
+TEMPLATE = "<|user|>\n{phrase}<|end|>\n<|assistant|>\n{tone}<|end|>"
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def tone_records(n: int = 300, seed: int = 0) -> list[dict[str, str]]:
+    """n synthetic phrases, each labelled with its tone; balanced and shuffled by `seed`."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        tone = TONES[i % len(TONES)]
+        phrase = rng.choice(_FRAMES).format(s=rng.choice(_SUBJECTS), w=rng.choice(_WORDS[tone]))
+        records.append({"phrase": phrase[0].upper() + phrase[1:], "tone": tone})
+    rng.shuffle(records)
+    return records
+
+
+def write_tone_dataset(path: str | Path, n: int = 300, seed: int = 0) -> Path:
+    """Write the phrase -> tone set as jsonl (or csv/json/parquet by suffix) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = tone_records(n, seed)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(records, indent=1))
+    elif path.suffix == ".csv":
+        import csv
+
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["phrase", "tone"])
+            writer.writeheader()
+            writer.writerows(records)
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), path)
+    else:
+        raise ValueError(f"unsupported dataset suffix {path.suffix!r}")
+    return path
+
+
+def _corpus(seed: int) -> list[str]:
+    texts = [TEMPLATE.format(**r) for r in tone_records(600, seed)]
+    words = [w for ws in _WORDS.values() for w in ws] + _SUBJECTS
+    texts += [" ".join(words)] * 4
+    texts += ["The quick brown fox jumps over the lazy dog. 0123456789 ,.;:!?'\"()[]{}-_/"]
+    return texts
+
+
+def build_tokenizer(directory: str | Path, seed: int = 0, vocab_size: int = 512) -> Any:
+    """Train a byte-level BPE tokenizer with chat tokens and save it with save_pretrained."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|end|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(directory))
+    return fast
+
+
+def build_tiny_llama(
+    directory: str | Path,
+    seed: int = 0,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab_size: int = 512,
+    pretrain_steps: int = 0,
+) -> Path:
+    """Build a randomly initialized small Llama and its tokenizer into `directory`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(directory, seed=seed, vocab_size=vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    if pretrain_steps:
+        _pretrain(model, tok, seed, pretrain_steps)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(str(directory))
+    return directory
+
+
+def _pretrain(model: Any, tok: Any, seed: int, steps: int) -> None:
+    """Teach the random model the text format with *random* tones: the base model then answers
+    with some tone (baseline accuracy near chance) and fine-tuning has the mapping to learn."""
+    import torch
+
+    rng = random.Random(seed + 1)
+    texts = []
+    for r in tone_records(2000, seed + 7):
+        texts.append(TEMPLATE.format(phrase=r["phrase"], tone=rng.choice(TONES)))
+    enc = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(steps):
+        batch = [enc[(step * 32 + i) % len(enc)] for i in range(32)]
+        width = max(len(b) for b in batch)
+        ids = torch.tensor([b + [tok.pad_token_id] * (width - len(b)) for b in batch])
+        labels = torch.tensor([b + [-100] * (width - len(b)) for b in batch])
+        mask = (labels != -100).long()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def build_kit(directory: str | Path, n: int = 300, seed: int = 0) -> dict[str, Path]:
+    """Model in `<dir>/tiny-llama/`, data in `<dir>/phrases.jsonl`; returns both paths."""
+    directory = Path(directory)
+    model = build_tiny_llama(directory / "tiny-llama", seed=seed)
+    data = write_tone_dataset(directory / "phrases.jsonl", n=n, seed=seed)
+    return {"model": model, "dataset": data}
