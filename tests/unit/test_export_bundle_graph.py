@@ -252,3 +252,22 @@ def test_contract_pads_untargeted_modules_with_rank_zero_and_ranks_may_differ(
     bundle.verify_adapter_file(path, spec, adapter.ranks, name="a", field="f")
     with pytest.raises(ExportError, match="expects"):
         bundle.verify_adapter_file(path, spec, {MODULE: 3}, name="a", field="f")
+
+
+def test_modules_outside_the_decoder_projections_are_refused_up_front(tmp_path: Path) -> None:
+    tensors = {
+        **peft_tensors(),
+        "base_model.model.lm_head.lora_A.weight": np.zeros((2, IN), np.float32),
+        "base_model.model.lm_head.lora_B.weight": np.zeros((OUT, 2), np.float32),
+    }
+    adapter = bundle.read_peft_adapter(write_peft(tmp_path / "a", tensors), "f")
+    with pytest.raises(ExportError) as caught:
+        bundle.check_runtime_modules(adapter, name="writer", field="spec.adapters[3]")
+    err = caught.value
+    assert err.field == "spec.adapters[3]" and "'writer'" in err.message
+    assert "lm_head" in err.message and "lacks" in err.message
+    bundle.check_runtime_modules(
+        bundle.read_peft_adapter(write_peft(tmp_path / "b", peft_tensors()), "f"),
+        name="b",
+        field="f",
+    )

@@ -239,6 +239,22 @@ def base_linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+RUNTIME_MODULE = re.compile(r"^model\.layers\.\d+\.(attn|mlp)\.\w+_proj$")
+
+
+def check_runtime_modules(adapter: PeftAdapter, *, name: str, field: str) -> None:
+    """Pre-flight: a runtime adapter can only adapt the decoder layers' projections."""
+    other = sorted(m for m in adapter.modules if not RUNTIME_MODULE.match(m))
+    if other:
+        raise ExportError(
+            field,
+            f"adapter {name!r} adapts {other[:4]}, which the exported graph lacks as adapter "
+            "inputs: a runtime adapter can only adapt the attention and MLP projections of the "
+            "decoder layers (merge it into the weights instead)",
+            "AdapterMismatch",
+        )
+
+
 def check_against_base(
     adapter: PeftAdapter, shapes: Mapping[str, tuple[int, int]], *, name: str, field: str
 ) -> None:

@@ -177,6 +177,8 @@ def run_optimize(
     if adapter_dir is not None:
         peft_adapter = bundle.read_peft_adapter(Path(adapter_dir), adapter_field)
         bundle.check_against_base(peft_adapter, shapes, name="adapter", field=adapter_field)
+        if separate:
+            bundle.check_runtime_modules(peft_adapter, name="adapter", field=adapter_field)
     texts = [t for t in (eval_texts or validate.prompts) if t.strip()]
     if validate.parity is not None and not texts:
         raise ExportError(
@@ -231,12 +233,12 @@ def run_optimize(
     )
     generations = _generations(results)
 
-    if texts and device == "cpu":
+    if texts and precision != "bf16":  # numpy has no bfloat16 for the KV cache feeds
         say("measuring perplexity: PyTorch vs ONNX")
         token_ids = checks.tokenize_texts(model_dir, texts)
         if token_ids:
             ppl_torch = checks.perplexity_torch(model_dir, token_ids, adapter_dir)
-            ppl_onnx = checks.perplexity_onnx(out_dir, token_ids, feeds)
+            ppl_onnx = checks.perplexity_onnx(out_dir, token_ids, feeds, device=device)
             metrics.perplexity_py_torch = round(ppl_torch, 6)
             metrics.perplexity_onnx = round(ppl_onnx, 6)
             metrics.perplexity_increase = round(checks.perplexity_increase(ppl_torch, ppl_onnx), 6)
@@ -246,7 +248,7 @@ def run_optimize(
         if increase is None:
             raise ExportError(
                 "spec.validate.parity",
-                f"perplexity parity could not be measured for device {device} in this trainer",
+                f"perplexity parity is not measured for {precision} exports in this trainer",
                 "ParityNotMeasured",
                 details={"metrics": metrics.to_api(), "generations": generations},
             )
@@ -363,6 +365,7 @@ def run_bundle(
             )
         adapter = bundle.read_peft_adapter(Path(item.path), adapter_field)
         bundle.check_against_base(adapter, shapes, name=item.name, field=adapter_field)
+        bundle.check_runtime_modules(adapter, name=item.name, field=adapter_field)
         peft[item.name] = adapter
     _check_device_runtime(device)
     if out_dir.exists() and any(out_dir.iterdir()):

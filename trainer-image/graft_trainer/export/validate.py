@@ -161,8 +161,9 @@ def perplexity_onnx(
     model_dir: Path,
     token_ids: Sequence[Sequence[int]],
     adapter_feeds: Mapping[str, np.ndarray] | None = None,
+    device: str = "cpu",
 ) -> float:
-    """Perplexity of the exported graph (CPU), feeding adapter tensors as inputs if given."""
+    """Perplexity of the exported graph, feeding adapter tensors as inputs if given."""
     import json
 
     import onnxruntime as ort
@@ -173,7 +174,11 @@ def perplexity_onnx(
     session = ort.InferenceSession(
         str(Path(model_dir) / genai.get("filename", "model.onnx")),
         options,
-        providers=["CPUExecutionProvider"],
+        providers=(
+            ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            if device == "cuda"
+            else ["CPUExecutionProvider"]
+        ),
     )
     inputs = {i.name: i for i in session.get_inputs()}
     # Adapter inputs have rank-0 initializers as defaults: ORT lists them apart.
