@@ -170,7 +170,7 @@ def build_tiny_llama(
     heads: int = 4,
     kv_heads: int = 2,
     vocab_size: int = 512,
-    pretrain_steps: int = 0,
+    pretrain_steps: int = 60,
 ) -> Path:
     """Build a randomly initialized small Llama and its tokenizer into `directory`."""
     import torch

@@ -1,0 +1,94 @@
+"""A run killed (SIGKILL) right after a checkpoint resumes from it and ends at the same step,
+with the local store and with the S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from graft.api.kinds import FineTuneJob, parse_object
+from graft.storage import latest_complete_checkpoint, read_manifest
+from graft_trainer.engine import Engine, JobIdentity, RunResult
+from graft_trainer.reporting import NullReporter
+from tests.integration.trainer_kit import job_document, shared_kit
+
+pytestmark = [pytest.mark.trainer, pytest.mark.timeout(600)]
+
+TRAINING = {"maxSteps": 30, "saveSteps": 10, "evalSteps": 10, "loggingSteps": 5}
+
+
+@pytest.fixture(scope="session")
+def kit() -> dict[str, Path]:
+    return shared_kit()
+
+
+def run_in_process(doc: dict[str, Any], uri: str) -> RunResult:
+    job = parse_object(doc)
+    assert isinstance(job, FineTuneJob)
+    return Engine(job.spec, JobIdentity(job.metadata.name), uri, NullReporter()).run()
+
+
+def killed_run(doc: dict[str, Any], uri: str, tmp_path: Path, env: dict[str, str]) -> int:
+    """Start graft-trainer in a pod-like process that SIGKILLs itself after checkpoint 1."""
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(doc))
+    full_env = {
+        **os.environ,
+        **env,
+        "GRAFT_ARTIFACTS_URI": uri,
+        "GRAFT_REPORTER": "none",
+        "GRAFT_FAULT_KILL_AFTER_CHECKPOINT": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "graft_trainer", "run-resource", str(path)],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return proc.returncode
+
+
+def check_resume(doc: dict[str, Any], uri: str, tmp_path: Path, env: dict[str, str]) -> None:
+    code = killed_run(doc, uri, tmp_path, env)
+    assert code == -signal.SIGKILL
+    found = latest_complete_checkpoint(uri + "checkpoints/")
+    assert found is not None and found[1]["step"] == 10
+    assert read_manifest(uri) is None  # the killed run left no output manifest
+    resumed = run_in_process(doc, uri)
+    assert resumed.resumed_from == 10
+    assert resumed.final_step == resumed.total_steps == 30
+    assert read_manifest(uri) is not None
+    # The same job without interruption ends at the same step with (nearly) the same model.
+    fresh = run_in_process(doc, uri.rstrip("/") + "-fresh/")
+    assert fresh.resumed_from is None and fresh.final_step == 30
+    assert resumed.final["eval_loss"] == pytest.approx(fresh.final["eval_loss"], rel=1e-3)
+    # the resumed run's history covers the steps before the kill too
+    assert [h["step"] for h in resumed.history if "train_loss" in h] == [5, 10, 15, 20, 25, 30]
+
+
+def test_resume_after_kill_local(kit: dict[str, Path], tmp_path: Path) -> None:
+    doc = job_document(kit, name="resume-local", training=TRAINING)
+    check_resume(doc, f"file://{tmp_path}/out/", tmp_path, {})
+
+
+def test_resume_after_kill_s3(
+    kit: dict[str, Path], tmp_path: Path, s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    uri = f"s3://{s3.bucket}/trainer-tests/{uuid.uuid4().hex[:8]}/"
+    doc = job_document(kit, name="resume-s3", training=TRAINING)
+    check_resume(doc, uri, tmp_path, s3.env())
+    keys = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=uri.split("/", 3)[3])
+    names = {o["Key"].rsplit("/", 1)[-1] for o in keys.get("Contents", [])}
+    assert {"manifest.json", "report.html", "metrics.json", "adapter_model.safetensors"} <= names

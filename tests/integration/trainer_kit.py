@@ -1,0 +1,64 @@
+"""Helpers for the trainer tests: a FineTuneJob document on the tiny-model kit."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import tempfile
+from pathlib import Path
+from typing import Any
+
+TEMPLATE = "<|user|>\n{phrase}<|end|>\n<|assistant|>\n{tone}<|end|>"
+
+
+def job_document(kit: dict[str, Path], name: str = "tone", **spec_overrides: Any) -> dict[str, Any]:
+    """A small LoRA job on the kit; `training`/`dataset`/... overrides are merged one level."""
+    spec: dict[str, Any] = {
+        "model": {"uri": f"file://{kit['model']}"},
+        "dataset": {
+            "uri": f"file://{kit['dataset']}",
+            "trainSplit": "train[:80%]",
+            "evalSplit": "train[80%:]",
+            "stratifyBy": "tone",
+            "textTemplate": TEMPLATE,
+            "completionOnly": True,
+            "maxSeqLength": 64,
+        },
+        "method": "lora",
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "training": {
+            "maxSteps": 40,
+            "learningRate": 1.0e-2,
+            "warmupRatio": 0.05,
+            "perDeviceTrainBatchSize": 16,
+            "loggingSteps": 10,
+            "evalSteps": 20,
+            "saveSteps": 1000,
+        },
+        "evaluation": {"metrics": ["loss", "perplexity"], "labelField": "tone", "maxNewTokens": 4},
+    }
+    for key, value in spec_overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        elif value is None:
+            spec.pop(key, None)
+        else:
+            spec[key] = value
+    return {
+        "apiVersion": "graft.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "uid": "0123abcd-0000-0000-0000-000000000000",
+        },
+        "spec": copy.deepcopy(spec),
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def shared_kit() -> dict[str, Path]:
+    """The tiny model and data, built once per test session (seconds) into a temp folder."""
+    from graft_trainer.testkit import build_kit
+
+    return build_kit(Path(tempfile.mkdtemp(prefix="graft-kit-")), n=300)
