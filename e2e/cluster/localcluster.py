@@ -23,12 +23,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import secrets
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -72,6 +74,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GRAFT_CACHE_DIR", Path.home() / ".cache" / "graft"))
 
 
+def base_tarball() -> Path:
+    return cache_dir() / "base" / "debian-python-bookworm.tar"
+
+
 def default_state_dir() -> Path:
     return Path(os.environ.get("GRAFT_CLUSTER_STATE_DIR", "/tmp/graft-cluster"))
 
@@ -100,6 +106,30 @@ class Ports:
     def with_offset(cls, offset: int) -> Ports:
         base = cls()
         return cls(**{f.name: getattr(base, f.name) + offset for f in dataclasses.fields(cls)})
+
+
+def ports_free(ports: Ports) -> bool:
+    for port in dataclasses.astuple(ports):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def find_free_offset(start: int = 1000, stop: int = 2000, step: int = 20) -> int:
+    """A port offset whose ports are all free on 127.0.0.1 (for a second, throwaway cluster).
+
+    Multiples of 20 in [1000, 2000) never make one cluster's port equal another's."""
+    import random
+
+    offsets = list(range(start, stop, step))
+    random.shuffle(offsets)
+    for off in offsets:
+        if ports_free(Ports.with_offset(off)):
+            return off
+    raise RuntimeError("no free port offset")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -490,6 +520,39 @@ class LocalCluster:
         self.state_dir = (state_dir or default_state_dir()).resolve()
         self.port_offset = port_offset
         self._cfg: ClusterConfig | None = None
+        self._debootstrap: subprocess.Popen[bytes] | None = None
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialize up/down on one state dir (several sessions may share a machine)."""
+        lock = self.state_dir.parent / f".{self.state_dir.name}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with lock.open("a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"waiting for another up/down on {self.state_dir} ({lock})")
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # -- users (test sessions) --
+    def users_dir(self) -> Path:
+        return self.state_dir / "users"
+
+    def add_user(self, pid: int) -> None:
+        self.users_dir().mkdir(parents=True, exist_ok=True)
+        (self.users_dir() / f"{pid}.pid").write_text(f"{pid} {proc_starttime(pid)}\n")
+
+    def remove_user(self, pid: int) -> None:
+        (self.users_dir() / f"{pid}.pid").unlink(missing_ok=True)
+
+    def live_users(self) -> list[int]:
+        if not self.users_dir().is_dir():
+            return []
+        return [p for f in self.users_dir().glob("*.pid") if (p := pid_alive(f)) is not None]
 
     # -- paths --
     def pidfile(self, comp: str) -> Path:
@@ -605,6 +668,8 @@ class LocalCluster:
         if not alive:
             self._fresh_state()
         self.ensure_debs(mode)
+        if mode == "full" and not base_tarball().exists():
+            self._start_debootstrap_in_background()
         self.ensure_k8s_binaries()
         if "etcd" not in alive:
             self._start_control_plane()
@@ -614,6 +679,20 @@ class LocalCluster:
         log(f"cluster up ({mode}) in {time.monotonic() - t_total:.1f}s total")
         log(f"    export KUBECONFIG={self.cfg.kubeconfig}")
         log(f"    source {self.state_dir / 's3.env'}   # S3 endpoint, credentials, bucket")
+
+    def _start_debootstrap_in_background(self) -> None:
+        """Cold machine: debootstrap (network bound) runs while Go compiles (CPU bound)."""
+        lf = cache_dir() / "logs" / "debootstrap.log"
+        lf.parent.mkdir(parents=True, exist_ok=True)
+        base_tarball().parent.mkdir(parents=True, exist_ok=True)
+        log(f"==> debootstrap of the base rootfs started in the background (log {lf})")
+        with lf.open("ab") as f:
+            self._debootstrap = subprocess.Popen(
+                ["bash", str(SCRIPTS / "build-base-rootfs.sh"), str(base_tarball())],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
 
     def _fresh_state(self) -> None:
         with step("prepare a fresh state dir"):
@@ -845,7 +924,13 @@ class LocalCluster:
         if self.image_exists(BASE_IMAGE):
             log(f"    {BASE_IMAGE}: present")
             return
-        tarball = cache_dir() / "base" / "debian-python-bookworm.tar"
+        tarball = base_tarball()
+        bg = self._debootstrap
+        if bg is not None:
+            log("    waiting for the background debootstrap")
+            if bg.wait() != 0:
+                raise RuntimeError("debootstrap failed (see ~/.cache/graft/logs/debootstrap.log)")
+            self._debootstrap = None
         if not tarball.exists():
             tarball.parent.mkdir(parents=True, exist_ok=True)
             log("    debootstrap bookworm (python3) -> cached rootfs tarball (~3 min cold)")
@@ -1132,9 +1217,11 @@ def main(argv: list[str] | None = None) -> int:
     c = LocalCluster(a.state_dir, a.port_offset)
     try:
         if a.command == "up":
-            c.up(a.mode)
+            with c.locked():
+                c.up(a.mode)
         elif a.command == "down":
-            return 1 if c.down(a.keep_control_plane) else 0
+            with c.locked():
+                return 1 if c.down(a.keep_control_plane) else 0
         elif a.command == "status":
             return c.status()
         elif a.command == "image-base":

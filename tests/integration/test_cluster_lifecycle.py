@@ -48,7 +48,7 @@ def test_down_leaves_no_process(tmp_path: Path, control_plane) -> None:
     # control_plane: the binaries are built (cold machine) and a second cluster must coexist
     state = tmp_path / "cluster"
     common = ["--state-dir", str(state)]
-    r = _cli("up", "--mode", "control-plane", "--port-offset", "1000", *common)
+    r = _cli("up", "--mode", "control-plane", "--port-offset", str(lc.find_free_offset()), *common)
     assert r.returncode == 0, r.stdout + r.stderr
     try:
         c = lc.LocalCluster(state)
@@ -76,7 +76,7 @@ def test_down_leaves_no_process(tmp_path: Path, control_plane) -> None:
 
 def test_half_started_cluster_is_cleaned_and_restarted(tmp_path: Path, control_plane) -> None:
     state = tmp_path / "cluster"
-    common = ["--state-dir", str(state), "--port-offset", "1100"]
+    common = ["--state-dir", str(state), "--port-offset", str(lc.find_free_offset())]
     r = _cli("up", "--mode", "control-plane", *common)
     assert r.returncode == 0, r.stdout + r.stderr
     try:

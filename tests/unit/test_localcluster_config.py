@@ -102,3 +102,13 @@ def test_pidfile_identity_check(tmp_path: Path) -> None:
     pf.write_text(f"{os.getpid()} {st + 1}\n")  # same PID, other process: never signalled
     assert lc.pid_alive(pf) is None
     assert lc.pid_alive(tmp_path / "missing.pid") is None
+
+
+def test_free_offsets_never_collide() -> None:
+    """Offsets that are multiples of 20 in [1000, 2000) keep every cluster's ports distinct."""
+    seen: dict[int, int] = {}
+    for off in [0, *range(1000, 2000, 20)]:
+        for port in vars(lc.Ports.with_offset(off)).values():
+            assert port not in seen, (port, off, seen.get(port))
+            seen[port] = off
+    assert 1000 <= lc.find_free_offset() < 2000

@@ -3,6 +3,9 @@
 # The mirror is read from the machine's apt configuration at run time.
 set -euo pipefail
 TARBALL=${1:?usage: build-base-rootfs.sh TARBALL}
+mkdir -p "$(dirname "$TARBALL")"
+exec 9>"$TARBALL.lock"
+flock 9
 if [ -s "$TARBALL" ]; then echo "base rootfs cached: $TARBALL"; exit 0; fi
 MIRROR=$(python3 - <<'PY'
 import pathlib

@@ -5,6 +5,10 @@
 set -euo pipefail
 OUT=${1:?usage: build-k8s.sh CACHE_DIR}
 BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl pause)
+mkdir -p "$OUT"
+# One build at a time per cache (several test sessions may share a machine).
+exec 9>"$OUT/.build.lock"
+flock 9
 done_all=1
 for b in "${BINS[@]}"; do [ -x "$OUT/bin/$b" ] || done_all=0; done
 if [ "$done_all" = 1 ]; then echo "k8s binaries cached in $OUT/bin"; exit 0; fi
