@@ -148,11 +148,17 @@ def test_adapter_of_another_base_is_refused_naming_it(kit: ExportKit, tmp_path: 
 
 
 def test_adapter_declaring_another_base_digest_is_refused(kit: ExportKit, tmp_path: Path) -> None:
+    # As a FineTuneJob's adapter artifact declares it: manifest.json with baseModel.digest.
+    import shutil
+
+    adapter = tmp_path / "beta"
+    shutil.copytree(kit.adapter_b, adapter)
+    (adapter / "manifest.json").write_text(
+        json.dumps({"kind": "adapter", "baseModel": {"digest": model_digest(kit.foreign_base)}})
+    )
     adapters = [
         stages.BundleAdapterInput("alpha", kit.adapter_a),
-        stages.BundleAdapterInput(
-            "beta", kit.adapter_b, base_model_digest=model_digest(kit.foreign_base)
-        ),
+        stages.BundleAdapterInput("beta", adapter),
     ]
     with pytest.raises(ExportError) as caught:
         stages.run_bundle(
@@ -161,6 +167,7 @@ def test_adapter_declaring_another_base_digest_is_refused(kit: ExportKit, tmp_pa
     assert caught.value.field == "spec.adapters[1]"
     assert caught.value.reason == "BaseModelMismatch"
     assert "'beta'" in caught.value.message
+    assert not (tmp_path / "x").exists()
 
 
 def test_precision_the_device_cannot_run_is_refused(kit: ExportKit, tmp_path: Path) -> None:

@@ -468,6 +468,7 @@ def graph_ranks(adapter: PeftAdapter, graph: GraphAdapterSpec) -> dict[str, int]
 
 def model_version(digest: str) -> int:
     """The adapter file's model version: the first 28 bits of the base graph's sha256."""
+    digest = digest.removeprefix("sha256:")
     return int(digest[:7], 16) if digest else 0
 
 

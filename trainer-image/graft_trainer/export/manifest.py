@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 from pathlib import Path
 from typing import Any
 
-from graft.storage.artifacts import MANIFEST, describe_files, file_digest
+from graft.storage.artifacts import MANIFEST, describe_files
 
-# What identifies a model's weights: config and weight files, not READMEs or manifests.
-_MODEL_FILES = ("config.json",)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 _LIBRARIES = (
     "torch",
     "transformers",
@@ -25,21 +21,28 @@ _LIBRARIES = (
 
 
 def model_digest(model_dir: Path) -> str:
-    """sha256 over config.json and the weight files (name and content), hex.
+    """The base-model digest as the FineTuneJob's manifest records it (`baseModel.digest`):
+    ``sha256:`` over the names and contents of the files directly in the directory."""
+    from graft_trainer.data import digest_files
 
-    Two directories holding the same weights have the same digest wherever they live; the
-    tokenizer does not count (a retrained tokenizer with the same weights is caught by shapes).
-    """
-    root = Path(model_dir)
-    digest = hashlib.sha256()
-    files = sorted(
-        p
-        for p in root.iterdir()
-        if p.is_file() and (p.name in _MODEL_FILES or p.name.endswith(_WEIGHT_SUFFIXES))
-    )
-    for path in files:
-        digest.update(f"{path.name}\0{file_digest(path)}\n".encode())
-    return digest.hexdigest()
+    files = [p for p in Path(model_dir).iterdir() if p.is_file() and p.name != MANIFEST]
+    return "sha256:" + digest_files(files)
+
+
+def same_digest(a: str, b: str) -> bool:
+    return a.removeprefix("sha256:") == b.removeprefix("sha256:")
+
+
+def declared_base_digest(adapter_dir: Path) -> str | None:
+    """The base-model digest an adapter artifact's manifest.json declares, if any."""
+    path = Path(adapter_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    base = manifest.get("baseModel") if isinstance(manifest, dict) else None
+    digest = base.get("digest") if isinstance(base, dict) else None
+    return digest if isinstance(digest, str) and digest else None
 
 
 def library_versions() -> dict[str, str]:

@@ -35,9 +35,11 @@ from graft.api.optimize import Generation, OptimizeJobSpec, OptimizeMetrics
 from graft_trainer.export import builder, bundle
 from graft_trainer.export.errors import ExportError
 from graft_trainer.export.manifest import (
+    declared_base_digest,
     directory_size,
     library_versions,
     model_digest,
+    same_digest,
     write_manifest,
 )
 
@@ -108,6 +110,10 @@ def plain_base_location(bundle_dir: Path, manifest: Mapping[str, Any]) -> tuple[
     return Path(bundle_dir) / str(entry.get("model", "model/")), str(
         entry.get("filename", BASE_GRAPH)
     )
+
+
+def short(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:12]
 
 
 def _generations(results: Sequence[Any]) -> list[Generation]:
@@ -300,8 +306,9 @@ def run_optimize(
 class BundleAdapterInput:
     """One adapter of the bundle, resolved to a local PEFT directory.
 
-    `base_model_digest`: the digest of the base model it was trained on, when known (a
-    FineTuneJob's manifest records it); it must equal the bundle base's digest.
+    `base_model_digest`: the digest of the base model it was trained on (`baseModel.digest` of
+    the FineTuneJob's adapter manifest; read from `path/manifest.json` when not given); it must
+    equal the bundle base's digest (`manifest.model_digest`, the trainer's definition).
     """
 
     name: str
@@ -351,18 +358,21 @@ def run_bundle(
     base_digest = model_digest(base_model_dir)
     shapes = bundle.base_linear_shapes(base_model_dir)
     peft: dict[str, bundle.PeftAdapter] = {}
+    digests: dict[str, str | None] = {}
     for item in adapters:
         if item.name not in index_of:
             raise ExportError("spec.adapters", f"adapter {item.name!r} is not in the spec")
         adapter_field = f"spec.adapters[{index_of[item.name]}]"
-        if item.base_model_digest and item.base_model_digest != base_digest:
+        declared = item.base_model_digest or declared_base_digest(Path(item.path))
+        if declared and not same_digest(declared, base_digest):
             raise ExportError(
                 adapter_field,
-                f"adapter {item.name!r} was trained on base model {item.base_model_digest[:12]}, "
-                f"but the bundle's base model is {base_digest[:12]}; all adapters must share "
-                "the base model",
+                f"adapter {item.name!r} was trained on base model {short(declared)}, but the "
+                f"bundle's base model is {short(base_digest)}; all adapters must share the "
+                "base model",
                 "BaseModelMismatch",
             )
+        digests[item.name] = declared
         adapter = bundle.read_peft_adapter(Path(item.path), adapter_field)
         bundle.check_against_base(adapter, shapes, name=item.name, field=adapter_field)
         bundle.check_runtime_modules(adapter, name=item.name, field=adapter_field)
@@ -452,7 +462,7 @@ def run_bundle(
             {
                 **reports[a.name].to_api(),
                 "file": f"adapters/{a.name}.onnx_adapter",
-                "baseModelDigest": base_digest,
+                "declaredBaseModelDigest": digests.get(a.name),
                 "ranks": dict(sorted(peft[a.name].ranks.items())),
             }
             for a in parsed.adapters
