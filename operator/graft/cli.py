@@ -1,11 +1,13 @@
-"""The `graft` command line: CRDs, validation, docs (and later local runs)."""
+"""The `graft` command line: CRDs, validation, docs, local runs and pre-flight checks."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -70,6 +72,130 @@ def _cmd_operator(args: argparse.Namespace, out: Console) -> int:
     return operator_main(args.operator_args)
 
 
+def _local_uri(value: object, base: Path) -> object:
+    """A plain relative or absolute path in a local spec becomes a file:// URI."""
+    if isinstance(value, str) and "://" not in value:
+        slash = "/" if value.endswith("/") else ""
+        return "file://" + str((base / value).resolve()) + slash
+    return value
+
+
+def resolve_local_paths(document: Any, base: Path) -> Any:
+    """Resolve the plain paths of model, dataset and output against the YAML file's folder."""
+    if not isinstance(document, dict) or not isinstance(document.get("spec"), dict):
+        return document
+    spec = document["spec"]
+    for key in ("model", "dataset", "output"):
+        loc = spec.get(key)
+        if isinstance(loc, dict) and "uri" in loc:
+            loc["uri"] = _local_uri(loc["uri"], base)
+    return document
+
+
+def _load_documents(path: Path, out: Console) -> list[Any] | None:
+    import yaml
+
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except (OSError, yaml.YAMLError) as exc:
+        out.print(f"error: cannot read {path}: {str(exc).splitlines()[0]}", markup=False)
+        return None
+    if not docs:
+        out.print(f"error: {path} holds no YAML document", markup=False)
+        return None
+    return [resolve_local_paths(d, path.resolve().parent) for d in docs]
+
+
+def _artifacts_uri(document: dict[str, Any], override: str | None) -> str:
+    name = str(document.get("metadata", {}).get("name", "run"))
+    if override:
+        return str(_local_uri(override.rstrip("/") + "/", Path.cwd()))
+    output = document.get("spec", {}).get("output") or {}
+    if isinstance(output, dict) and output.get("uri"):
+        return str(output["uri"]).rstrip("/") + f"/{name}/"
+    return str(_local_uri(f"graft-runs/{name}/", Path.cwd()))
+
+
+def _cmd_run(args: argparse.Namespace, out: Console) -> int:
+    docs = _load_documents(Path(args.file), out)
+    if docs is None:
+        return 2
+    for doc in docs:
+        kind = doc.get("kind") if isinstance(doc, dict) else None
+        if kind != "FineTuneJob":
+            out.print(
+                f"error: {kind or 'a document without kind'} is not yet supported by graft run "
+                "(expected FineTuneJob)",
+                markup=False,
+            )
+            return 2
+    from graft_trainer.__main__ import run_object
+    from graft_trainer.reporting import setup_logging
+
+    setup_logging(json_lines=args.log_format == "json", level=logging.WARNING)
+    for doc in docs:
+        uri = _artifacts_uri(doc, args.out)
+        code, message = run_object(doc, uri, args.reporter)
+        if code != 0:
+            out.print(f"error: {message}", markup=False, highlight=False)
+            return int(code)
+        out.print(message, markup=False, highlight=False)
+    return 0
+
+
+def _cmd_preflight(args: argparse.Namespace, out: Console) -> int:
+    docs = _load_documents(Path(args.file), out)
+    if docs is None:
+        return 2
+    from graft.api.kinds import FineTuneJob, InvalidResource, parse_object
+    from graft.storage import StoreError
+    from graft_trainer.errors import GraftInputError
+    from graft_trainer.preflight import prepare
+
+    failed = 0
+    for doc in docs:
+        try:
+            obj = parse_object(doc)
+        except InvalidResource as exc:
+            out.print(f"error: invalid resource: {exc}", markup=False)
+            return 2
+        if not isinstance(obj, FineTuneJob):
+            out.print(f"error: {obj.kind} is not yet supported by graft preflight", markup=False)
+            return 2
+        try:
+            prep = prepare(obj.spec)
+        except GraftInputError as exc:
+            out.print(f"error: {obj.metadata.name}: {exc}", markup=False, highlight=False)
+            failed = failed or 2
+            continue
+        except StoreError as exc:
+            out.print(f"error: {obj.metadata.name}: {exc}", markup=False, highlight=False)
+            failed = failed or 1
+            continue
+        mem = prep.memory
+        out.print(
+            f"{obj.metadata.name}: ok: {len(prep.train_records)} train / "
+            f"{len(prep.eval_records)} eval records; {prep.config.model_type} with "
+            f"{mem['parameters']:,} parameters on {prep.device} ({prep.precision}); "
+            f"targets {', '.join(prep.targets) or 'all weights'}; estimated peak memory "
+            f"{mem['estimatedBytes'] / 2**30:.2f} GiB",
+            markup=False,
+            highlight=False,
+        )
+        for warning in prep.warnings:
+            out.print(f"warning: {warning}", markup=False, highlight=False)
+    return failed
+
+
+def _cmd_testkit(args: argparse.Namespace, out: Console) -> int:
+    from graft_trainer.testkit import build_kit
+
+    paths = build_kit(Path(args.dir), n=args.records, seed=args.seed)
+    for name, path in paths.items():
+        out.print(f"{name}: {path}", markup=False, highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graft", description="Fine-tuning of small language models on Kubernetes."
@@ -98,6 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     operator.add_argument("operator_args", nargs=argparse.REMAINDER)
     operator.set_defaults(handler=_cmd_operator)
+
+    run = commands.add_parser("run", help="run a FineTuneJob locally (no cluster needed)")
+    run.add_argument("file", metavar="FILE")
+    run.add_argument(
+        "--out",
+        help="artifact directory or URI (default: spec.output.uri/<name>/ or ./graft-runs/<name>/)",
+    )
+    run.add_argument("--reporter", choices=["rich", "jsonl", "none"], default="rich")
+    run.add_argument("--log-format", choices=["text", "json"], default="text")
+    run.set_defaults(handler=_cmd_run)
+
+    preflight = commands.add_parser("preflight", help="check data, model and memory of a job")
+    preflight.add_argument("file", metavar="FILE")
+    preflight.set_defaults(handler=_cmd_preflight)
+
+    testkit = commands.add_parser("testkit", help="build the tiny model and phrase->tone data")
+    testkit.add_argument("dir", metavar="DIR")
+    testkit.add_argument("--records", type=int, default=300)
+    testkit.add_argument("--seed", type=int, default=0)
+    testkit.set_defaults(handler=_cmd_testkit)
     return parser
 
 

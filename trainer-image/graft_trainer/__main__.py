@@ -24,9 +24,9 @@ TERMINATION_LOG = "/dev/termination-log"
 log = logging.getLogger("graft_trainer")
 
 
-def write_termination_log(message: str, path: str = TERMINATION_LOG) -> None:
+def write_termination_log(message: str, path: str | None = None) -> None:
     try:
-        with open(path, "w") as fh:
+        with open(path or TERMINATION_LOG, "w") as fh:
             fh.write(message[:4000])
     except OSError:
         pass
