@@ -1,0 +1,134 @@
+"""Progress into the resource's own status: the trainer side of the operator's status contract.
+
+The trainer patches only `status.progress`, `status.metrics`, `status.warnings` and
+`status.artifacts` of the resource it runs for (GRAFT_RESOURCE_KIND/NAME/NAMESPACE), through the
+status subresource, as the `graft-trainer` ServiceAccount whose Role allows nothing but `get` and
+`patch` on `<kinds>/status`. Conditions and phase belong to the operator and are never sent.
+
+Patches are throttled (about one per two seconds; the last state is always flushed on `close`
+and on stage changes) and failures are logged, never raised into the training loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from graft.api.base import GROUP, VERSION
+from graft.api.kinds import KINDS_BY_NAME
+from graft.progress import ProgressEvent
+
+log = logging.getLogger("graft_trainer.status")
+
+MIN_INTERVAL = 2.0
+TRAINER_FIELDS = ("progress", "metrics", "warnings", "artifacts")
+
+
+def status_body(event: ProgressEvent, now: datetime | None = None) -> dict[str, Any]:
+    """The merge patch for one event: the trainer's four status fields, nothing else."""
+    progress = event.progress.to_api()
+    progress["updatedAt"] = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    status: dict[str, Any] = {
+        "progress": progress,
+        "metrics": event.metrics.to_api(),
+        "warnings": [w.to_api() for w in event.warnings],
+    }
+    if event.artifacts:
+        status["artifacts"] = dict(event.artifacts)
+    return {"status": status}
+
+
+def _default_api() -> Any:
+    from kubernetes import client, config
+
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config()
+    else:  # a workstation run with GRAFT_REPORTER=kubernetes
+        config.load_kube_config()
+    return client.CustomObjectsApi()
+
+
+class KubernetesStatusReporter:
+    """`graft.progress.Reporter` that writes the resource's status subresource."""
+
+    def __init__(
+        self,
+        api: Any = None,
+        *,
+        min_interval: float = MIN_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kind = os.environ.get("GRAFT_RESOURCE_KIND", "FineTuneJob")
+        self.name = os.environ.get("GRAFT_RESOURCE_NAME", "")
+        self.namespace = os.environ.get("GRAFT_RESOURCE_NAMESPACE", "default")
+        info = KINDS_BY_NAME.get(self.kind)
+        self.plural = info.plural if info else "finetunejobs"
+        self._api = api
+        self._min_interval = min_interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending: ProgressEvent | None = None
+        self._last_sent = float("-inf")
+        self._last_stage = ""
+        self._last_artifacts: dict[str, str] = {}
+        self._failures = 0
+        self.patches = 0
+
+    def report(self, event: ProgressEvent) -> None:
+        try:
+            with self._lock:
+                self._pending = event
+                urgent = (
+                    event.stage != self._last_stage
+                    or event.artifacts != self._last_artifacts
+                    or event.stage == "done"
+                )
+                if urgent or self._clock() - self._last_sent >= self._min_interval:
+                    self._flush_locked()
+        except Exception as exc:  # never into the training loop
+            log.warning("status report dropped: %s", exc)
+
+    def close(self) -> None:
+        try:
+            with self._lock:
+                self._flush_locked()
+        except Exception as exc:
+            log.warning("final status report dropped: %s", exc)
+
+    def _flush_locked(self) -> None:
+        event, self._pending = self._pending, None
+        if event is None or not self.name:
+            return
+        self._last_sent = self._clock()
+        self._last_stage = event.stage
+        self._last_artifacts = dict(event.artifacts)
+        try:
+            if self._api is None:
+                self._api = _default_api()
+            self._api.patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                self.namespace,
+                self.plural,
+                self.name,
+                status_body(event),
+                _content_type="application/merge-patch+json",
+            )
+            self.patches += 1
+            self._failures = 0
+        except Exception as exc:
+            self._failures += 1
+            if self._failures in (1, 10) or self._failures % 100 == 0:
+                log.warning(
+                    "could not patch %s %s/%s status (%d failures): %s",
+                    self.kind,
+                    self.namespace,
+                    self.name,
+                    self._failures,
+                    exc,
+                )
