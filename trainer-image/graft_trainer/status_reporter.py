@@ -47,9 +47,9 @@ def _default_api() -> Any:
     from kubernetes import client, config
 
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config()
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
     else:  # a workstation run with GRAFT_REPORTER=kubernetes
-        config.load_kube_config()
+        config.load_kube_config()  # type: ignore[no-untyped-call]
     return client.CustomObjectsApi()
 
 
