@@ -109,6 +109,13 @@ def test_bundle_reports_and_manifest(kit: ExportKit, fp32_bundle: Any) -> None:
     )
     assert manifest["noAdapter"]["filename"] == "base.onnx"
     assert fp32_bundle.status()["adapters"][0]["smokeTest"] == "passed"
+    # alpha adapts no k_proj/mlp: its file leaves them out, the graph's rank-0 defaults apply.
+    from graft_trainer.export import bundle
+
+    alpha = bundle.read_adapter_file(fp32_bundle.adapter_files["alpha"])
+    assert alpha and not any("k_proj" in n or ".mlp." in n for n in alpha)
+    beta = bundle.read_adapter_file(fp32_bundle.adapter_files["beta"])
+    assert any("gate_proj" in n for n in beta)
 
 
 def test_int4_bundle_keeps_lora_float_and_measures_overhead(kit: ExportKit, tmp_path: Path) -> None:

@@ -473,8 +473,17 @@ def model_version(digest: str) -> int:
 
 
 def write_adapter_file(feeds: Mapping[str, np.ndarray], path: Path, base_digest: str) -> Path:
-    """Write `feeds` in onnxruntime's adapter format (read by og.Adapters.load)."""
+    """Write `feeds` in onnxruntime's adapter format (read by og.Adapters.load).
+
+    Empty (rank-0) tensors are left out: the graph's rank-0 defaults stand in for them (what
+    og does for inputs an adapter does not set), and AdapterFormat.export_adapter can crash
+    on zero-size tensors.
+    """
     import onnxruntime as ort
+
+    feeds = {name: array for name, array in feeds.items() if array.size}
+    if not feeds:
+        raise ValueError(f"adapter for {path} has no non-empty tensors")
 
     adapter = ort.AdapterFormat()
     adapter.set_adapter_version(1)
@@ -493,26 +502,32 @@ def write_adapter_file(feeds: Mapping[str, np.ndarray], path: Path, base_digest:
 def read_adapter_file(path: Path) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
-    params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
-    return {name: value.numpy() for name, value in params.items()}
+    adapter = ort.AdapterFormat.read_adapter(str(path))
+    params = adapter.get_parameters()
+    # The values borrow the adapter's memory: copy them while it is alive.
+    arrays = {name: np.array(value.numpy(), copy=True) for name, value in params.items()}
+    del params, adapter
+    return arrays
 
 
 def verify_adapter_file(
     path: Path, graph: GraphAdapterSpec, ranks: Mapping[str, int], *, name: str, field: str
 ) -> None:
-    """The written file holds exactly the graph's adapter inputs, by name, shape and dtype."""
+    """The written file holds a tensor, of the graph's name, shape and dtype, for every module
+    the adapter adapts; the modules it leaves out run with the graph's rank-0 defaults."""
     params = read_adapter_file(path)
-    if set(params) != set(graph.inputs):
-        extra = sorted(set(params) - set(graph.inputs))
-        missing = sorted(set(graph.inputs) - set(params))
+    unknown = sorted(set(params) - set(graph.inputs))
+    expected_names = {n for n, s in graph.inputs.items() if ranks.get(s.module, 0) > 0}
+    missing = sorted(expected_names - set(params))
+    if unknown or missing:
         raise ExportError(
             field,
             f"adapter file of {name!r} does not match the graph's adapter inputs "
-            f"(unexpected {extra[:3]}, missing {missing[:3]})",
+            f"(unknown {unknown[:3]}, missing {missing[:3]})",
             "AdapterMismatch",
         )
-    for tensor, spec in graph.inputs.items():
-        value = params[tensor]
+    for tensor, value in params.items():
+        spec = graph.inputs[tensor]
         expected = spec.shape(ranks.get(spec.module, 0))
         if tuple(value.shape) != expected or str(value.dtype) != spec.dtype:
             raise ExportError(
