@@ -4,7 +4,7 @@
     python e2e/cluster/localcluster.py up     [--mode control-plane|full] [--state-dir DIR]
     python e2e/cluster/localcluster.py down   [--state-dir DIR] [--keep-control-plane]
     python e2e/cluster/localcluster.py status [--state-dir DIR]
-    python e2e/cluster/localcluster.py image-base | image-trainer [--tag TAG]
+    python e2e/cluster/localcluster.py image-base | image-trainer | image-operator [--tag TAG]
     python e2e/cluster/localcluster.py env    (prints `export ...` lines)
 
 Modes:
@@ -48,6 +48,12 @@ NODE_NAME = "localhost"  # resolves to 127.0.0.1, so the apiserver reaches the k
 PAUSE_IMAGE = "k8s.gcr.io/pause:3.2"
 BASE_IMAGE = "local/debian-python:bookworm"
 TRAINER_IMAGE = "graft/trainer:dev"
+OPERATOR_IMAGE = "graft/operator:dev"
+# image name -> (pyproject extra, Dockerfile, default tag)
+IMAGES = {
+    "trainer": ("trainer", "trainer-image/Dockerfile", TRAINER_IMAGE),
+    "operator": ("operator", "operator/Dockerfile", OPERATOR_IMAGE),
+}
 S3_BUCKET = "graft-artifacts"
 S3_SECRET = "graft-s3"
 S3_REGION = "us-east-1"
@@ -373,13 +379,13 @@ def s3_env(cfg: ClusterConfig) -> dict[str, str]:
     }
 
 
-def trainer_requirements(pyproject_text: str) -> list[str]:
-    """The requirement set of the trainer image: core dependencies + the `trainer` extra."""
+def trainer_requirements(pyproject_text: str, extra: str = "trainer") -> list[str]:
+    """The requirement set of an image: core dependencies + one extra (`trainer`, `operator`)."""
     import tomllib
 
     proj = tomllib.loads(pyproject_text)["project"]
     reqs = list(proj.get("dependencies", [])) + list(
-        proj.get("optional-dependencies", {}).get("trainer", [])
+        proj.get("optional-dependencies", {}).get(extra, [])
     )
     return sorted(set([*reqs, "setuptools>=69", "wheel"]))
 
@@ -1080,26 +1086,32 @@ class LocalCluster:
             raise SystemExit("dockerd is not running: run `make cluster-up` (full mode) first")
 
     def build_trainer_image(self, tag: str = TRAINER_IMAGE) -> None:
+        self.build_image("trainer", tag)
+
+    def build_image(self, name: str, tag: str | None = None) -> None:
+        """Build the trainer or operator image on the local base image, offline."""
+        extra, dockerfile, default_tag = IMAGES[name]
+        tag = tag or default_tag
         t0 = time.monotonic()
         self.require_docker()
         with step("base image", cache_dir() / "logs" / "debootstrap.log"):
             self.ensure_base_image()
-        reqs = trainer_requirements((REPO / "pyproject.toml").read_text())
+        reqs = trainer_requirements((REPO / "pyproject.toml").read_text(), extra)
         wh = cache_dir() / "wheelhouse" / wheelhouse_key(reqs)
         lf = cache_dir() / "logs" / "wheelhouse.log"
         with step(f"wheelhouse ({len(reqs)} requirements) in {wh}", lf):
             ensure_wheelhouse(reqs, wh, lf)
-        ctx = cache_dir() / "trainer-context"
+        ctx = cache_dir() / f"{name}-context"
         with step("assemble build context"):
             assemble_context(ctx, wh)
-        with step(f"docker build {tag} (FROM {BASE_IMAGE})", self.logfile("image-trainer")):
+        with step(f"docker build {tag} (FROM {BASE_IMAGE})", self.logfile(f"image-{name}")):
             self.docker(
                 [
                     "build",
                     "--network",
                     "host",
                     "-f",
-                    str(ctx / "trainer-image" / "Dockerfile"),
+                    str(ctx / dockerfile),
                     "--build-arg",
                     f"BASE_IMAGE={BASE_IMAGE}",
                     "--build-arg",
@@ -1108,9 +1120,9 @@ class LocalCluster:
                     tag,
                     str(ctx),
                 ],
-                logfile=self.logfile("image-trainer"),
+                logfile=self.logfile(f"image-{name}"),
             )
-        log(f"trainer image {tag} built in {time.monotonic() - t0:.1f}s")
+        log(f"{name} image {tag} built in {time.monotonic() - t0:.1f}s")
 
 
 def find_links() -> list[str]:
@@ -1197,7 +1209,8 @@ def assemble_context(ctx: Path, wh: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument(
-        "command", choices=["up", "down", "status", "image-base", "image-trainer", "env"]
+        "command",
+        choices=["up", "down", "status", "image-base", "image-trainer", "image-operator", "env"],
     )
     ap.add_argument("--mode", choices=list(MODES), default="full")
     ap.add_argument("--state-dir", type=Path, default=None)
@@ -1212,7 +1225,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="down: stop only scheduler, dockerd and kubelet",
     )
-    ap.add_argument("--tag", default=TRAINER_IMAGE)
+    ap.add_argument("--tag", default=None, help="image tag (default: graft/<name>:dev)")
     a = ap.parse_args(argv)
     c = LocalCluster(a.state_dir, a.port_offset)
     try:
@@ -1228,8 +1241,8 @@ def main(argv: list[str] | None = None) -> int:
             c.require_docker()
             with step("base image", cache_dir() / "logs" / "debootstrap.log"):
                 c.ensure_base_image()
-        elif a.command == "image-trainer":
-            c.build_trainer_image(a.tag)
+        elif a.command in ("image-trainer", "image-operator"):
+            c.build_image(a.command.removeprefix("image-"), a.tag)
         elif a.command == "env":
             for f in ("cluster.env", "s3.env"):
                 p = c.state_dir / f

@@ -78,7 +78,7 @@ def test_operator_runs_alone_and_restricted() -> None:
     pod = deployment["spec"]["template"]["spec"]
     assert restricted_violations(pod) == []
     container = pod["containers"][0]
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "http://127.0.0.1:8080/healthz" in container["livenessProbe"]["exec"]["command"][-1]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
 
