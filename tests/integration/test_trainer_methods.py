@@ -109,3 +109,97 @@ def test_early_stopping_stops_when_the_metric_stalls(kit: dict[str, Path], tmp_p
     assert result.best_step == 5
     assert any(w.type == "NoImprovement" for w in result.warnings)
     assert reporter.events[-1].metrics.best_step == 5
+
+
+def test_packed_texts_do_not_attend_to_each_other(kit: dict[str, Path]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from graft_trainer import data as D
+
+    model = AutoModelForCausalLM.from_pretrained(str(kit["model"]))
+    a = D.Example(list(range(10, 22)), list(range(10, 22)))
+    b = D.Example(list(range(30, 37)), list(range(30, 37)))
+    with torch.no_grad():
+        padded = model(**D.collate_padded([a, b], 0).tensors("cpu"))
+        packed = model(**D.collate_packed([[a, b]], 0).tensors("cpu"))
+        alone = model(input_ids=torch.tensor([b.input_ids])).logits[0]
+    assert float(packed.loss) == pytest.approx(float(padded.loss), rel=1e-5)
+    assert torch.allclose(packed.logits[0, 12:19], alone, atol=1e-4)
+
+
+def test_packing_and_chat_template_runs(kit: dict[str, Path], tmp_path: Path) -> None:
+    import json
+
+    from graft_trainer.testkit import tone_records
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": r["phrase"]},
+                        {"role": "assistant", "content": r["tone"]},
+                    ],
+                    "tone": r["tone"],
+                }
+            )
+            + "\n"
+            for r in tone_records(120, 5)
+        )
+    )
+    doc = job_document(
+        kit,
+        dataset={
+            "uri": f"file://{chat}",
+            "textTemplate": None,
+            "chatTemplate": True,
+            "completionOnly": False,
+            "packing": True,
+            "maxSeqLength": 128,
+        },
+        evaluation={"metrics": ["loss", "accuracy"]},
+    )
+    doc["spec"]["dataset"].pop("textTemplate")
+    result, _ = run(doc, tmp_path / "out")
+    assert result.final_step == 40
+    assert result.final["eval_loss"] < result.baseline["eval_loss"]
+    assert "accuracy" in result.final
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["run"]["finalStep"] == 40
+
+
+def test_overfitting_is_reported_with_the_step_where_it_began(
+    kit: dict[str, Path], tmp_path: Path
+) -> None:
+    # Six training records, full fine-tuning, a high constant learning rate: the model memorizes
+    # them (train loss falls) while eval loss climbs.
+    doc = job_document(
+        kit,
+        method="full",
+        lora=None,
+        dataset={"maxSamples": 6, "completionOnly": False},
+        training={
+            "maxSteps": 20,
+            "learningRate": 1.0e-2,
+            "lrScheduler": "constant",
+            "warmupRatio": 0.0,
+            "perDeviceTrainBatchSize": 6,
+            "evalSteps": 5,
+            "loggingSteps": 5,
+        },
+    )
+    result, reporter = run(doc, tmp_path)
+    evals = [h["eval/eval_loss"] for h in result.history if "eval/eval_loss" in h]
+    trains = [h["train_loss"] for h in result.history if "train_loss" in h]
+    assert evals[-1] > evals[0] and trains[-1] < trains[0]
+    warnings = [w for w in result.warnings if w.type == "Overfitting"]
+    assert len(warnings) == 1 and warnings[0].since_step is not None
+    since = warnings[0].since_step
+    # it began at the first evaluation after which eval loss kept rising
+    steps = [h["step"] for h in result.history if "eval/eval_loss" in h]
+    i = steps.index(since)
+    assert evals[i] < evals[i + 1] < evals[i + 2]
+    assert any(w.type == "Overfitting" for e in reporter.events for w in e.warnings)
+    assert "Overfitting" in (tmp_path / "report.html").read_text()

@@ -374,7 +374,10 @@ class Batch:
     def tensors(self, device: Any) -> dict[str, Any]:
         import torch
 
-        out = {
+        # use_cache=False: no KV cache in training, and transformers only detects packed
+        # sequences (block-diagonal attention from restarting position ids) without one.
+        out: dict[str, Any] = {
+            "use_cache": False,
             "input_ids": torch.tensor(self.input_ids, dtype=torch.long, device=device),
             "labels": torch.tensor(self.labels, dtype=torch.long, device=device),
         }
