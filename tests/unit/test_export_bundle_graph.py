@@ -196,6 +196,10 @@ def test_adapters_a_runtime_adapter_cannot_carry_are_refused(
     with pytest.raises(ExportError, match=expected) as caught:
         bundle.read_peft_adapter(path, "spec.adapters[2]")
     assert caught.value.field == "spec.adapters[2]"
+    if config.get("peft_type") is None:
+        # Merged into the weights instead, the same adapter is fine.
+        merged = bundle.read_peft_adapter(path, "spec.source.adapter", runtime=False)
+        assert merged.target_modules == ["q_proj"]
 
 
 def graph_spec() -> bundle.GraphAdapterSpec:

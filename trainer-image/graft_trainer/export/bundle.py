@@ -161,19 +161,25 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
     return default
 
 
-def read_peft_adapter(adapter_dir: Path, field: str, dtype: str = "float32") -> PeftAdapter:
-    """Convert a PEFT LoRA directory into graph tensors, or `ExportError` naming `field`."""
+def read_peft_adapter(
+    adapter_dir: Path, field: str, dtype: str = "float32", runtime: bool = True
+) -> PeftAdapter:
+    """Convert a PEFT LoRA directory into graph tensors, or `ExportError` naming `field`.
+
+    `runtime=False` (an adapter that will be merged): DoRA magnitudes and modulesToSave are
+    allowed and skipped; only the LoRA A/B pairs are read, for the pre-flight shape check.
+    """
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir, field)
-    if config.get("use_dora"):
+    if runtime and config.get("use_dora"):
         raise ExportError(field, "DoRA adapters cannot be a runtime adapter; use adapterMode merge")
-    if config.get("modules_to_save"):
+    if runtime and config.get("modules_to_save"):
         raise ExportError(
             field,
             f"the adapter also trains whole modules {config['modules_to_save']} "
             "(modulesToSave), which a runtime adapter cannot carry; use adapterMode merge",
         )
-    if config.get("fan_in_fan_out"):
+    if runtime and config.get("fan_in_fan_out"):
         raise ExportError(field, "fan_in_fan_out adapters (GPT-2 Conv1D) are not supported")
     weights = _load_weights(adapter_dir, field)
     r_default = int(config.get("r", 8))
@@ -185,6 +191,8 @@ def read_peft_adapter(adapter_dir: Path, field: str, dtype: str = "float32") -> 
     ranks: dict[str, int] = {}
     for key, value in weights.items():
         match = PEFT_KEY.match(key)
+        if match is None and not runtime:
+            continue
         if match is None:
             raise ExportError(
                 field, f"adapter tensor {key} is not a LoRA A/B weight; only LoRA can be bundled"

@@ -181,7 +181,7 @@ def run_optimize(
     peft_adapter = None
     shapes = bundle.base_linear_shapes(model_dir)
     if adapter_dir is not None:
-        peft_adapter = bundle.read_peft_adapter(Path(adapter_dir), adapter_field)
+        peft_adapter = bundle.read_peft_adapter(Path(adapter_dir), adapter_field, runtime=separate)
         bundle.check_against_base(peft_adapter, shapes, name="adapter", field=adapter_field)
         if separate:
             bundle.check_runtime_modules(peft_adapter, name="adapter", field=adapter_field)
