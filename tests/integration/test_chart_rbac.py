@@ -1,0 +1,172 @@
+"""The chart's RBAC on a real API server: the operator's ServiceAccount, bound as the chart
+binds it, can do what the operator needs and nothing more (no Secret data, no escalation)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import helm_python
+import pytest
+
+from graft.chart_values import CHART_DIR
+from tests.fixtures.cluster import ClusterInfo
+
+pytestmark = pytest.mark.integration
+
+
+def _release(control_plane: ClusterInfo, values: dict[str, Any]) -> Iterator[tuple[str, str, Any]]:
+    from kubernetes import client as k8s
+
+    api = control_plane.api_client()
+    name = f"graft-rbac-{uuid.uuid4().hex[:6]}"
+    namespace = name
+    core = k8s.CoreV1Api(api)
+    core.create_namespace({"metadata": {"name": namespace}})
+    helm = helm_python.Config(kubeconfig_path=str(control_plane.kubeconfig), namespace=namespace)
+    # CRDs are left to the other tests here; chart-managed CRDs are covered by the e2e install.
+    helm.install(str(CHART_DIR), name, {"crds": {"enabled": False}, **values}, timeout=60)
+    try:
+        yield name, namespace, api
+    finally:
+        helm.uninstall(name, timeout=60)
+        core.delete_namespace(namespace)
+
+
+@pytest.fixture(scope="module")
+def cluster_release(control_plane: ClusterInfo) -> Iterator[tuple[str, str, Any]]:
+    yield from _release(control_plane, {})
+
+
+@pytest.fixture(scope="module")
+def namespaced_release(control_plane: ClusterInfo) -> Iterator[tuple[str, str, Any]]:
+    yield from _release(control_plane, {"rbac": {"scope": "namespaced"}})
+
+
+def allowed(
+    api: Any,
+    user: str,
+    verb: str,
+    resource: str,
+    namespace: str | None = None,
+    group: str = "",
+    subresource: str = "",
+    name: str = "",
+) -> bool:
+    from kubernetes import client as k8s
+
+    review = k8s.AuthorizationV1Api(api).create_subject_access_review(
+        {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {
+                "user": user,
+                "groups": ["system:serviceaccounts", "system:authenticated"],
+                "resourceAttributes": {
+                    "verb": verb,
+                    "resource": resource,
+                    "group": group,
+                    "subresource": subresource,
+                    "namespace": namespace or "",
+                    "name": name,
+                },
+            },
+        }
+    )
+    return bool(review.status.allowed)
+
+
+NEEDED = [
+    ("watch", "finetunejobs", "graft.dev", ""),
+    ("patch", "finetunejobs", "graft.dev", "status"),
+    ("patch", "adapterbundles", "graft.dev", "status"),
+    ("delete", "optimizejobs", "graft.dev", ""),
+    ("create", "jobs", "batch", ""),
+    ("delete", "jobs", "batch", ""),
+    ("list", "pods", "", ""),
+    ("delete", "pods", "", ""),
+    ("create", "configmaps", "", ""),
+    ("create", "events", "", ""),
+    ("create", "serviceaccounts", "", ""),
+    ("create", "rolebindings", "rbac.authorization.k8s.io", ""),
+]
+REFUSED = [
+    ("get", "secrets", "", ""),
+    ("list", "secrets", "", ""),
+    ("watch", "secrets", "", ""),
+    ("create", "pods", "", ""),
+    ("create", "roles", "rbac.authorization.k8s.io", ""),
+    ("update", "finetunejobs", "graft.dev", ""),
+    ("delete", "namespaces", "", ""),
+]
+
+
+def test_operator_can_do_its_work_in_any_namespace(cluster_release: tuple[str, str, Any]) -> None:
+    name, namespace, api = cluster_release
+    user = f"system:serviceaccount:{namespace}:{name}"
+    for verb, resource, group, sub in NEEDED:
+        assert allowed(api, user, verb, resource, "team-a", group, sub), (verb, resource, sub)
+    assert allowed(api, user, "list", "customresourcedefinitions", group="apiextensions.k8s.io")
+
+
+def test_operator_is_refused_secrets_and_escalation(cluster_release: tuple[str, str, Any]) -> None:
+    name, namespace, api = cluster_release
+    user = f"system:serviceaccount:{namespace}:{name}"
+    for verb, resource, group, sub in REFUSED:
+        assert not allowed(api, user, verb, resource, "team-a", group, sub), (verb, resource)
+    rbac = "rbac.authorization.k8s.io"
+    assert allowed(api, user, "bind", "clusterroles", group=rbac, name=f"{name}-trainer")
+    assert not allowed(api, user, "bind", "clusterroles", group=rbac, name="cluster-admin")
+
+
+def test_operator_can_bind_the_trainer_role_but_not_cluster_admin(
+    cluster_release: tuple[str, str, Any], control_plane: ClusterInfo
+) -> None:
+    """The real escalation check, not a review: act as the operator and try both bindings."""
+    from kubernetes import client as k8s
+    from kubernetes.client.rest import ApiException
+
+    name, namespace, _ = cluster_release
+    as_operator = control_plane.api_client()
+    as_operator.set_default_header("Impersonate-User", f"system:serviceaccount:{namespace}:{name}")
+    rbac = k8s.RbacAuthorizationV1Api(as_operator)
+
+    def binding(role: str) -> dict[str, Any]:
+        return {
+            "metadata": {"name": f"graft-trainer-{role}"[:63]},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": role,
+            },
+            "subjects": [
+                {"kind": "ServiceAccount", "name": "graft-trainer", "namespace": namespace}
+            ],
+        }
+
+    rbac.create_namespaced_role_binding(namespace, binding(f"{name}-trainer"))
+    # What the trainer identity then holds: its resources' status in this namespace, only.
+    admin = control_plane.api_client()
+    trainer = f"system:serviceaccount:{namespace}:graft-trainer"
+    assert allowed(admin, trainer, "patch", "finetunejobs", namespace, "graft.dev", "status")
+    assert not allowed(admin, trainer, "patch", "finetunejobs", namespace, "graft.dev")
+    assert not allowed(admin, trainer, "get", "secrets", namespace)
+    assert not allowed(admin, trainer, "patch", "finetunejobs", "team-b", "graft.dev", "status")
+    with pytest.raises(ApiException) as caught:
+        rbac.create_namespaced_role_binding(namespace, binding("cluster-admin"))
+    assert caught.value.status == 403
+    with pytest.raises(ApiException) as caught:
+        k8s.CoreV1Api(as_operator).list_namespaced_secret(namespace)
+    assert caught.value.status == 403
+
+
+def test_namespaced_scope_stays_in_its_namespace(
+    namespaced_release: tuple[str, str, Any],
+) -> None:
+    name, namespace, api = namespaced_release
+    user = f"system:serviceaccount:{namespace}:{name}"
+    assert allowed(api, user, "create", "jobs", namespace, "batch")
+    assert allowed(api, user, "patch", "finetunejobs", namespace, "graft.dev", "status")
+    assert not allowed(api, user, "create", "jobs", "team-a", "batch")
+    assert not allowed(api, user, "get", "secrets", namespace)
