@@ -16,7 +16,7 @@
 | GRAFT_METRICS_HOST | address the metrics endpoint binds | 0.0.0.0 |
 | GRAFT_RESYNC_SECONDS | period of the level-based resync of every resource | 60 |
 | GRAFT_DISRUPTION_ALLOWANCE | pod disruptions (evictions) retried beyond backoffLimit | 10 |
-| GRAFT_WORKERS | concurrent reconciles | 16 |
+| GRAFT_WORKERS | concurrent reconciles | 32 |
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class OperatorConfig:
     metrics_host: str = "0.0.0.0"
     resync_seconds: float = 60.0
     disruption_allowance: int = 10
-    workers: int = 16
+    workers: int = 32
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
@@ -99,5 +99,5 @@ class OperatorConfig:
             metrics_host=text("GRAFT_METRICS_HOST", "0.0.0.0"),
             resync_seconds=number("GRAFT_RESYNC_SECONDS", 60.0, 1),
             disruption_allowance=int(number("GRAFT_DISRUPTION_ALLOWANCE", 10)),
-            workers=int(number("GRAFT_WORKERS", 16, 1)),
+            workers=int(number("GRAFT_WORKERS", 32, 1)),
         )

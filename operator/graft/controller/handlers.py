@@ -170,6 +170,10 @@ def register(runtime: Runtime, registry: kopf.OperatorRegistry) -> None:
     # Triggers: any change of the resource or of a child reconciles the resource.
     @kopf.on.event(*ftj, registry=registry, id="graft_resource_event")
     def graft_resource_event(**kw: Any) -> None:
+        body = kw["body"]
+        fresh = not body.get("status") and not body["metadata"].get("deletionTimestamp")
+        if runtime.reconciler is not None and kw.get("type") in (None, "ADDED") and fresh:
+            runtime.reconciler.hints[(kw["namespace"], kw["name"])] = plain(body)
         runtime.enqueue(kw["namespace"], kw["name"])
 
     @kopf.on.event(

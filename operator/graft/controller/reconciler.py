@@ -76,7 +76,9 @@ class Reconciler:
         self.config = config
         self.caches = caches or Caches()
         self.metrics = metrics or Metrics()
-        self._identities: set[str] = set()
+        self._identities: dict[str, asyncio.Future[None]] = {}
+        self._background: set[asyncio.Future[None]] = set()
+        self.hints: dict[tuple[str, str], dict[str, Any]] = {}
         self._phases: dict[tuple[str, str], str] = {}
 
     async def __call__(self, key: Hashable) -> float | None:
@@ -94,7 +96,9 @@ class Reconciler:
 
     async def reconcile(self, key: tuple[str, str]) -> float | None:
         namespace, name = key
-        obj = await self.kube.get(resource_path(namespace, name))
+        # A resource seen for the first time (no status yet) is taken from its watch event:
+        # nothing of ours can be newer, and it saves a round trip on the create path.
+        obj = self.hints.pop(key, None) or await self.kube.get(resource_path(namespace, name))
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             self._set_phase(key, None)
             return None  # the garbage collector removes the Job, pods and ConfigMap
@@ -144,13 +148,18 @@ class Reconciler:
             plan.events.append(Event("Normal", "JobDeleted", f"deleted Job {job_name(job)}"))
 
         patch = status_patch(obj.get("status") or {}, plan.status)
+        if plan.create_job and requeue is None:
+            # Just launched: the Job's watch event brings this resource back for its status
+            # patch. Under a burst, the queue's other launches go first.
+            self._set_phase(key, str(plan.status.get("phase")))
+            return 2.0
         if patch and not plan.delete_resource:
             await self.kube.merge_patch(
                 resource_path(namespace, name, status=True), {"status": patch}
             )
         self._set_phase(key, str(plan.status.get("phase")))
         for event in plan.events:
-            await self._post(obj, event)
+            self._post(obj, event)
         if plan.delete_resource:
             await self.kube.delete(resource_path(namespace, name))
             self._set_phase(key, None)
@@ -164,51 +173,70 @@ class Reconciler:
         configmap: dict[str, Any] | None,
         status: dict[str, Any],
     ) -> dict[str, Any] | None:
-        namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        namespace = obj["metadata"]["namespace"]
         uid = obj["metadata"]["uid"]
-        if configmap is None:
-            if resolved is None:
-                return None
-            wanted = planner.build_spec_configmap(obj, resolved)
-            configmap = await self.kube.create(wanted)
-            if configmap is None:  # exists already: ours (cache lag) or an old incarnation's
-                configmap = await self.kube.get(object_path(wanted))
-                if configmap is None or not _owned_by(configmap, uid):
-                    return None
-        spec, spec_hash = planner.launched_spec(configmap)
         await self._ensure_identity(namespace)
-        job = planner.build_trainer_job(
-            obj,
-            spec,
-            self.config,
-            spec_hash_=spec_hash,
-            attempts_before=int(status.get("attempts") or 0),
-        )
-        created = await self.kube.create(job)
+        attempts = int(status.get("attempts") or 0)
+        if configmap is not None:  # launched before (resume): the frozen spec
+            spec, spec_hash = planner.launched_spec(configmap)
+            created = await self.kube.create(
+                planner.build_trainer_job(
+                    obj, spec, self.config, spec_hash_=spec_hash, attempts_before=attempts
+                )
+            )
+        elif resolved is not None:  # first launch: ConfigMap and Job together
+            wanted = planner.build_spec_configmap(obj, resolved)
+            job = planner.build_trainer_job(
+                obj, resolved.spec, self.config, spec_hash_=resolved.spec_hash
+            )
+            cm_created, created = await asyncio.gather(
+                self.kube.create(wanted), self.kube.create(job)
+            )
+            if cm_created is None:  # exists: ours (cache lag) or an old incarnation's
+                existing_cm = await self.kube.get(object_path(wanted))
+                if existing_cm is None or not _owned_by(existing_cm, uid):
+                    return None
+        else:
+            return None
+        name = planner.job_name(obj["metadata"]["name"])
         if created is None:
-            existing = await self.kube.get(object_path(job))
+            existing = await self.kube.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}")
             if existing is None or not _owned_by(existing, uid):
                 return None
             created = existing
         else:
             self.metrics.jobs_created.labels(planner.KIND).inc()
-            logger.info("created Job %s/%s", namespace, job_name(created))
-            await self._post(obj, Event("Normal", "JobCreated", f"created Job {job_name(created)}"))
-        status["jobName"] = job_name(created)
-        del name
+            logger.info("created Job %s/%s", namespace, name)
+            self._post(obj, Event("Normal", "JobCreated", f"created Job {name}"))
+        status["jobName"] = name
         return created
 
     async def _ensure_identity(self, namespace: str) -> None:
-        if namespace in self._identities:
-            return
+        """ServiceAccount and RoleBinding for trainer pods, once per namespace and process."""
+        task = self._identities.get(namespace)
+        if task is None:
+            task = asyncio.ensure_future(self._create_identity(namespace))
+            self._identities[namespace] = task
+        try:
+            await asyncio.shield(task)
+        except Exception:
+            self._identities.pop(namespace, None)
+            raise
+
+    async def _create_identity(self, namespace: str) -> None:
         for manifest in planner.trainer_identity(namespace, self.config):
             await self.kube.create(manifest)  # 409: exists, fine
-        self._identities.add(namespace)
 
-    async def _post(self, obj: dict[str, Any], event: Event) -> None:
+    def _post(self, obj: dict[str, Any], event: Event) -> None:
+        """Post an Event in the background: best effort, never delays a reconcile."""
+        task = asyncio.ensure_future(self._send(obj, event))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send(self, obj: dict[str, Any], event: Event) -> None:
         try:
             await self.kube.event(obj, event.type, event.reason, event.message)
-        except Exception as exc:  # events are best effort
+        except Exception as exc:
             logger.warning("could not post event %s: %s", event.reason, exc)
 
     def _set_phase(self, key: tuple[str, str], phase: str | None) -> None:
