@@ -126,6 +126,21 @@ def test_packed_texts_do_not_attend_to_each_other(kit: dict[str, Path]) -> None:
         alone = model(input_ids=torch.tensor([b.input_ids])).logits[0]
     assert float(packed.loss) == pytest.approx(float(padded.loss), rel=1e-5)
     assert torch.allclose(packed.logits[0, 12:19], alone, atol=1e-4)
+    # the engine's flattened micro-batches: per-text attention blocks, same loss and gradients
+    from graft_trainer import attention
+
+    flat = D.collate_flat([a, b])
+    assert flat.input_ids == [a.input_ids + b.input_ids] and flat.seq_starts == [0, 12, 19]
+    ref = model(**D.collate_padded([a, b], 0).tensors("cpu"))
+    ref.loss.backward()
+    ref_grad = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    assert attention.enable(model)
+    varlen = model(**flat.tensors("cpu"))
+    varlen.loss.backward()
+    grad = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert float(varlen.loss) == pytest.approx(float(ref.loss), rel=1e-5)
+    assert torch.allclose(grad, ref_grad, rtol=1e-3, atol=1e-6)
 
 
 def test_packing_and_chat_template_runs(kit: dict[str, Path], tmp_path: Path) -> None:

@@ -370,6 +370,7 @@ class Batch:
     attention_mask: list[list[int]] | None = None
     tokens: int = 0  # real (non-pad) tokens
     target_tokens: int = 0  # tokens that carry a label
+    seq_starts: list[int] | None = None  # one flattened row: where each text starts (+ end)
 
     def tensors(self, device: Any) -> dict[str, Any]:
         import torch
@@ -386,6 +387,15 @@ class Batch:
         if self.attention_mask is not None:
             out["attention_mask"] = torch.tensor(
                 self.attention_mask, dtype=torch.long, device=device
+            )
+        if self.seq_starts is not None:
+            starts = torch.tensor(self.seq_starts, dtype=torch.int32, device=device)
+            longest = max(b - a for a, b in zip(self.seq_starts, self.seq_starts[1:], strict=False))
+            out.update(
+                cu_seq_lens_q=starts,
+                cu_seq_lens_k=starts,
+                max_length_q=longest,
+                max_length_k=longest,
             )
         return out
 
@@ -439,6 +449,17 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int) -> Batch:
     return Batch(ids, labels, position_ids=positions, tokens=tokens, target_tokens=targets)
 
 
+def collate_flat(examples: Sequence[Example]) -> Batch:
+    """A micro-batch as one row without padding: the texts back to back, position ids
+    restarting at each, and the sequence starts for block-diagonal attention."""
+    batch = collate_packed([list(examples)], pad_id=0)
+    starts = [0]
+    for e in examples:
+        starts.append(starts[-1] + len(e))
+    batch.seq_starts = starts
+    return batch
+
+
 def epoch_order(
     n: int, seed: int, epoch: int, batch_size: int, lengths: Sequence[int] | None
 ) -> list[list[int]]:
@@ -480,7 +501,7 @@ class TrainData:
         return len(self.packed_rows) if self.packed_rows is not None else len(self.train)
 
     def batches(
-        self, seed: int, batch_size: int, pad_id: int, start: int = 0
+        self, seed: int, batch_size: int, pad_id: int, start: int = 0, flatten: bool = False
     ) -> Iterator[tuple[int, Batch]]:
         """(micro-batch index, batch) forever, from global micro-batch `start` on. The order
         depends only on the seed, so a resumed run sees exactly the batches it would have."""
@@ -494,6 +515,8 @@ class TrainData:
             for b in order[pos:]:
                 if self.packed_rows is not None:
                     yield index, collate_packed([self.packed_rows[i] for i in b], pad_id)
+                elif flatten:
+                    yield index, collate_flat([self.train[i] for i in b])
                 else:
                     yield index, collate_padded([self.train[i] for i in b], pad_id)
                 index += 1

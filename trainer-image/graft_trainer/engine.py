@@ -27,6 +27,7 @@ from graft.api.finetune import (
 from graft.progress import ProgressEvent, Reporter, Stage
 from graft.storage import open_store
 from graft.storage.uri import join_uri
+from graft_trainer import attention
 from graft_trainer import data as D
 from graft_trainer.checkpoints import CheckpointManager, set_rng_state
 from graft_trainer.evaluation import BestTracker, Evaluator, OverfittingDetector, metric_key
@@ -180,6 +181,14 @@ class Engine:
         )
         model = load_model(spec, prep.model_dir, prep.device)
         model.train()
+        # Ragged texts without padding: each micro-batch becomes one row with block-diagonal
+        # attention (the same loss as padded batches, no pad tokens, no cross-text attention).
+        flatten = (
+            not ds.packing
+            and os.environ.get("GRAFT_FLATTEN", "1") != "0"
+            and spec.method != "qlora"
+            and attention.enable(model)
+        )
 
         accum = t.gradient_accumulation_steps
         batch = t.per_device_train_batch_size
@@ -312,7 +321,7 @@ class Engine:
         window_tokens = 0
         window_start = time.perf_counter()
         last_train_loss: float | None = None
-        batches = data.batches(t.seed, batch, pad_id, start=step * accum)
+        batches = data.batches(t.seed, batch, pad_id, start=step * accum, flatten=flatten)
         self.emit("training", f"training {total} steps ({per_epoch} per epoch)")
         while step < total:
             t0 = time.perf_counter()
