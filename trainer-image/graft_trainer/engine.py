@@ -160,6 +160,7 @@ class Engine:
         import torch
 
         spec, t, ds = self.spec, self.spec.training, self.spec.dataset
+        quiet_libraries()
         self.emit("preflight", "checking the output store, data, tokenizer and model")
         self.store.check(self.prefix, write=True)
         prep = self.prepared or prepare(spec)
@@ -510,6 +511,19 @@ class Engine:
         return D.TrainData(
             train, eval_ex, eval_texts, len(train), len(eval_ex), packed, truncated, counts, samples
         )
+
+
+def quiet_libraries() -> None:
+    """Our reporter and logs say what happens; silence per-file progress bars and notices."""
+    import warnings
+
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
 
 
 def clean_local_output(uri: str) -> None:

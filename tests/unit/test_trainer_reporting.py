@@ -1,0 +1,44 @@
+"""Reporter factory and the JSON-lines reporter."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+
+from graft.api.finetune import FineTuneMetrics, FineTuneProgress, TrainingWarning
+from graft.progress import ProgressEvent
+from graft_trainer.reporting import JsonlReporter, NullReporter, make_reporter
+
+
+def test_jsonl_reporter_writes_one_camelcase_object_per_event() -> None:
+    stream = io.StringIO()
+    reporter = JsonlReporter(stream)
+    reporter.report(
+        ProgressEvent(
+            stage="training",
+            progress=FineTuneProgress(step=3, total_steps=10, tokens_per_second=12.5),
+            metrics=FineTuneMetrics(train_loss=1.5, peak_memory_bytes=1024),
+            warnings=[TrainingWarning(type="Overfitting", since_step=2, message="m")],
+            artifacts={"adapter": "s3://b/p/adapter/"},
+        )
+    )
+    (line,) = stream.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["stage"] == "training"
+    assert record["progress"] == {"step": 3, "totalSteps": 10, "tokensPerSecond": 12.5}
+    assert record["metrics"] == {"trainLoss": 1.5, "peakMemoryBytes": 1024}
+    assert record["warnings"] == [{"type": "Overfitting", "sinceStep": 2, "message": "m"}]
+    assert record["artifacts"] == {"adapter": "s3://b/p/adapter/"}
+
+
+def test_make_reporter_names_and_kubernetes_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert isinstance(make_reporter("jsonl"), JsonlReporter)
+    assert isinstance(make_reporter("none"), NullReporter)
+    with pytest.raises(ValueError, match="unknown reporter"):
+        make_reporter("carrier-pigeon")
+    # without graft_trainer.status_reporter the kubernetes reporter falls back to jsonl
+    monkeypatch.setitem(sys.modules, "graft_trainer.status_reporter", None)
+    assert isinstance(make_reporter("kubernetes"), JsonlReporter)
