@@ -55,6 +55,11 @@ def rss_mib(pid: int) -> dict[str, float]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ftj(name: str, ns: str) -> dict[str, Any]:
     return {
         "apiVersion": "graft.dev/v1alpha1",
@@ -140,6 +145,7 @@ async def burst(kubeconfig: str, count: int, operator_pid: int) -> dict[str, Any
         await asyncio.sleep(0.2)
     await asyncio.sleep(2)
     # 2. Through the operator: N FineTuneJobs, the trainer Job is <name>-train.
+    cpu_before = cpu_seconds(operator_pid)
     ops = await asyncio.gather(
         *(
             timed(
@@ -153,6 +159,7 @@ async def burst(kubeconfig: str, count: int, operator_pid: int) -> dict[str, Any
     )
     await wait_seen([k for k, _, _ in ops])
     memory = rss_mib(operator_pid)
+    cpu = cpu_seconds(operator_pid) - cpu_before
     for task in watchers:
         task.cancel()
     await api.close()
@@ -162,6 +169,7 @@ async def burst(kubeconfig: str, count: int, operator_pid: int) -> dict[str, Any
         "bare_job_create_to_watch": summary([seen[k] - s for k, s, _ in bare]),
         "ftj_create_call": summary([d for _, _, d in ops]),
         "ftj_create_to_job_on_watch": summary([seen[k] - s for k, s, _ in ops]),
+        "operator_cpu_seconds_for_burst": round(cpu, 2),
         "operator_rss_mib": memory.get("VmRSS"),
         "operator_peak_rss_mib": memory.get("VmHWM"),
     }
@@ -178,6 +186,7 @@ def main() -> int:
         "--kubeconfig", default=os.environ.get("KUBECONFIG", "/tmp/graft-cluster/kubeconfig")
     )
     parser.add_argument("--keep", action="store_true", help="keep the namespaces")
+    parser.add_argument("--profile", help="write a cProfile of the operator to this file")
     args = parser.parse_args()
 
     kubectl = Path.home() / ".cache/graft/k8s-v1.20.2/bin/kubectl"
@@ -198,8 +207,12 @@ def main() -> int:
         "GRAFT_METRICS_PORT": str(port),
         "GRAFT_TRAINER_IMAGE": "graft/trainer:bench",
     }
+    profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "graft.controller"], env=env, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, *profile, "-m", "graft.controller"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 30

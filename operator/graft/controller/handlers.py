@@ -148,28 +148,29 @@ def register(runtime: Runtime, registry: kopf.OperatorRegistry) -> None:
     async def graft_cleanup(**_: Any) -> None:
         await runtime.stop()
 
+    # All handlers are coroutines: kopf would run plain functions in a thread pool.
     # Caches. kopf runs no handler until every index has its initial listing, so the first
     # reconciles after a restart already see every existing Job and pod.
     @kopf.index(*ftj, registry=registry, id="graft_resources")
-    def graft_resources(**kw: Any) -> Any:
+    async def graft_resources(**kw: Any) -> Any:
         return {(kw["namespace"], kw["name"]): None}
 
     @kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS, registry=registry, id="graft_jobs")
-    def graft_jobs(**kw: Any) -> Any:
+    async def graft_jobs(**kw: Any) -> Any:
         return {(kw["namespace"], kw["labels"][planner.LABEL_NAME]): _slim(kw["body"])}
 
     @kopf.index("v1", "pods", labels=CHILD_LABELS, registry=registry, id="graft_pods")
-    def graft_pods(**kw: Any) -> Any:
+    async def graft_pods(**kw: Any) -> Any:
         return {(kw["namespace"], kw["labels"][planner.LABEL_NAME]): _slim(kw["body"])}
 
     @kopf.index("v1", "configmaps", labels=CHILD_LABELS, registry=registry, id="graft_configmaps")
-    def graft_configmaps(**kw: Any) -> Any:
+    async def graft_configmaps(**kw: Any) -> Any:
         key = (kw["namespace"], kw["labels"][planner.LABEL_NAME])
         return {key: _slim(kw["body"], keep_data=True)}
 
     # Triggers: any change of the resource or of a child reconciles the resource.
     @kopf.on.event(*ftj, registry=registry, id="graft_resource_event")
-    def graft_resource_event(**kw: Any) -> None:
+    async def graft_resource_event(**kw: Any) -> None:
         body = kw["body"]
         fresh = not body.get("status") and not body["metadata"].get("deletionTimestamp")
         if runtime.reconciler is not None and kw.get("type") in (None, "ADDED") and fresh:
@@ -179,11 +180,11 @@ def register(runtime: Runtime, registry: kopf.OperatorRegistry) -> None:
     @kopf.on.event(
         "batch", "v1", "jobs", labels=CHILD_LABELS, registry=registry, id="graft_job_event"
     )
-    def graft_job_event(**kw: Any) -> None:
+    async def graft_job_event(**kw: Any) -> None:
         runtime.enqueue(kw["namespace"], kw["labels"].get(planner.LABEL_NAME))
 
     @kopf.on.event("v1", "pods", labels=CHILD_LABELS, registry=registry, id="graft_pod_event")
-    def graft_pod_event(**kw: Any) -> None:
+    async def graft_pod_event(**kw: Any) -> None:
         runtime.enqueue(kw["namespace"], kw["labels"].get(planner.LABEL_NAME))
 
 
