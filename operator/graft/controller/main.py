@@ -12,6 +12,7 @@ import kopf
 
 from graft.controller.config import ConfigError, OperatorConfig
 from graft.controller.handlers import Runtime, register
+from graft.controller.login import login_in_cluster
 
 logger = logging.getLogger("graft.controller")
 
@@ -54,7 +55,7 @@ async def run(config: OperatorConfig, kubeconfig: str | None) -> None:
             if kubeconfig:
                 os.environ["KUBECONFIG"] = kubeconfig
             return kopf.login_with_kubeconfig(**kwargs)  # type: ignore[arg-type]
-        return kopf.login_with_service_account(**kwargs)  # type: ignore[arg-type]
+        return login_in_cluster()
 
     namespaces = list(config.watch_namespaces)
     logger.info(
