@@ -26,7 +26,12 @@ def _release(control_plane: ClusterInfo, values: dict[str, Any]) -> Iterator[tup
     core.create_namespace({"metadata": {"name": namespace}})
     helm = helm_python.Config(kubeconfig_path=str(control_plane.kubeconfig), namespace=namespace)
     # CRDs are left to the other tests here; chart-managed CRDs are covered by the e2e install.
-    helm.install(str(CHART_DIR), name, {"crds": {"enabled": False}, **values}, timeout=60)
+    # The operator pod must not run (on a full cluster it would dial the service network):
+    # an image that is never pulled keeps it waiting while the RBAC objects are checked.
+    never = {"repository": "graft/operator", "tag": "rbac-test-absent", "pullPolicy": "Never"}
+    helm.install(
+        str(CHART_DIR), name, {"crds": {"enabled": False}, "image": never, **values}, timeout=60
+    )
     try:
         yield name, namespace, api
     finally:
