@@ -1,0 +1,132 @@
+"""The operator (as a process on the host) on the full local cluster with the real trainer image:
+`kubectl apply -f examples/finetunejob.yaml` reaches Succeeded with progress observed moving and
+artifacts with a manifest in S3; a trainer pod deleted mid-training resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from e2e.quickstart import copy_secret, seed_store
+from tests.integration.operator_kit import REPO, Cluster, Operator, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
+
+EXAMPLE = REPO / "examples" / "finetunejob.yaml"
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+@pytest.fixture(scope="module")
+def env(
+    full_cluster: Any, s3: Any, trainer_image: str, tmp_path_factory: pytest.TempPathFactory
+) -> Any:
+    from kubernetes import client
+
+    work = tmp_path_factory.mktemp("operator-e2e")
+    seed_store(s3.client(), s3.bucket, work)
+    full_cluster.kubectl("apply", "-f", str(REPO / "crds"))
+    api = full_cluster.api_client()
+    ns = f"e2e-op-{uuid.uuid4().hex[:6]}"
+    cluster = Cluster(api, ns)
+    cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+    copy_secret(api, "graft-s3", "default", ns)
+    server = urlparse(
+        yaml.safe_load(Path(full_cluster.kubeconfig).read_text())["clusters"][0]["cluster"][
+            "server"
+        ]
+    )
+    op = Operator(
+        Path(full_cluster.kubeconfig),
+        ns,
+        work / "operator.log",
+        GRAFT_TRAINER_IMAGE=trainer_image,
+        GRAFT_TRAINER_IMAGE_PULL_POLICY="IfNotPresent",
+        GRAFT_TRAINER_HOST_NETWORK="true",
+        GRAFT_TRAINER_EXTRA_ENV=json.dumps(
+            {
+                "KUBERNETES_SERVICE_HOST": server.hostname,
+                "KUBERNETES_SERVICE_PORT": str(server.port),
+            }
+        ),
+    )
+    op.start()
+    try:
+        yield full_cluster, cluster, s3
+    finally:
+        op.stop()
+        log = (work / "operator.log").read_text() if (work / "operator.log").exists() else ""
+        print(log[-4000:])
+        cluster.core.delete_namespace(ns)
+
+
+def finish(cluster: Cluster, name: str, timeout: float = 900) -> tuple[dict[str, Any], set[int]]:
+    steps: set[int] = set()
+
+    def done() -> dict[str, Any] | None:
+        obj = cluster.ftj(name) or {}
+        status = obj.get("status") or {}
+        step = (status.get("progress") or {}).get("step")
+        if step is not None:
+            steps.add(int(step))
+        return obj if status.get("phase") in ("Succeeded", "Failed") else None
+
+    obj = wait_for(f"{name} to finish", done, timeout, interval=0.5)
+    if obj["status"]["phase"] != "Succeeded":
+        pods = cluster.pods(name)
+        raise AssertionError(f"{name} failed: {obj['status']}; pods: {[p.status for p in pods]}")
+    return obj, steps
+
+
+def test_apply_example_succeeds_with_progress_and_artifacts(env: Any) -> None:
+    full_cluster, cluster, s3 = env
+    # The example as written, but for the 2-CPU test node (it asks for 2 CPUs).
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["spec"]["resources"]["cpu"] = "1"
+    full_cluster.kubectl("-n", cluster.ns, "apply", "-f", "-", input=yaml.safe_dump(doc).encode())
+    obj, steps = finish(cluster, "tone-classifier")
+    assert len({s for s in steps if s > 0}) >= 2, f"progress never moved: {steps}"
+    artifacts = obj["status"]["artifacts"]
+    bucket, key = split_s3(artifacts["adapter"])
+    listing = s3.client().list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/")
+    names = {o["Key"].rsplit("/", 1)[-1] for o in listing.get("Contents", [])}
+    assert "adapter_config.json" in names or "adapter_model.safetensors" in names, names
+    prefix = key.split("adapter")[0]
+    manifests = s3.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
+    assert any(o["Key"].endswith("manifest.json") for o in manifests.get("Contents", []))
+    assert obj["status"]["completionTime"] and obj["status"]["startTime"]
+
+
+def test_deleted_trainer_pod_resumes_from_checkpoint(env: Any) -> None:
+    _, cluster, s3 = env
+    doc = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text()))
+    doc["metadata"] = {"name": "resumer", "namespace": cluster.ns}
+    doc["spec"]["training"].update(maxSteps=1500, saveSteps=20, evalSteps=200, loggingSteps=5)
+    doc["spec"]["training"].pop("earlyStopping", None)
+    doc["spec"]["resources"]["cpu"] = "1"
+    cluster.custom.create_namespaced_custom_object(
+        "graft.dev", "v1alpha1", cluster.ns, "finetunejobs", doc
+    )
+
+    def past_checkpoint() -> Any:
+        status = (cluster.ftj("resumer") or {}).get("status") or {}
+        return ((status.get("progress") or {}).get("step") or 0) >= 50 and status
+
+    wait_for("training past the second checkpoint", past_checkpoint, 600, interval=0.3)
+    (pod,) = [p for p in cluster.pods("resumer") if p.status.phase == "Running"]
+    # Lost at once (grace period 0), as on a node failure: no chance to finish on SIGTERM.
+    cluster.core.delete_namespaced_pod(pod.metadata.name, cluster.ns, grace_period_seconds=0)
+    obj, _ = finish(cluster, "resumer")
+    bucket, key = split_s3(obj["status"]["artifacts"]["metrics"])
+    metrics = json.loads(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert (metrics["run"]["resumedFrom"] or 0) > 0, metrics["run"]
