@@ -1,0 +1,120 @@
+"""The chart on the full local cluster: helm install, the operator trains a FineTuneJob from the
+example with the real trainer image, and helm uninstall leaves no operator object behind."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from e2e import quickstart
+from tests.fixtures.cluster import ClusterInfo, S3Info
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "finetunejob.yaml"
+
+
+def _operator_objects(api: Any, namespace: str, release: str) -> list[str]:
+    from kubernetes import client as k8s
+
+    selector = f"app.kubernetes.io/instance={release}"
+    found = [
+        f"Deployment/{d.metadata.name}"
+        for d in k8s.AppsV1Api(api)
+        .list_namespaced_deployment(namespace, label_selector=selector)
+        .items
+    ]
+    core = k8s.CoreV1Api(api)
+    found += [
+        f"ServiceAccount/{s.metadata.name}"
+        for s in core.list_namespaced_service_account(namespace, label_selector=selector).items
+    ]
+    found += [
+        f"Service/{s.metadata.name}"
+        for s in core.list_namespaced_service(namespace, label_selector=selector).items
+    ]
+    rbac = k8s.RbacAuthorizationV1Api(api)
+    found += [
+        f"ClusterRole/{r.metadata.name}"
+        for r in rbac.list_cluster_role(label_selector=selector).items
+    ]
+    found += [
+        f"ClusterRoleBinding/{r.metadata.name}"
+        for r in rbac.list_cluster_role_binding(label_selector=selector).items
+    ]
+    return found
+
+
+def test_helm_install_trains_the_example_and_uninstalls_cleanly(
+    full_cluster: ClusterInfo,
+    trainer_image: str,
+    operator_image: str,
+    s3: S3Info,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from kubernetes import client as k8s
+
+    api = full_cluster.api_client()
+    release, operator_ns = "graft", "graft-system"
+    namespace = f"quickstart-{uuid.uuid4().hex[:6]}"
+    # Watch only this test's namespace: other tests run operators of their own.
+    quickstart.install_operator(
+        full_cluster.kubeconfig, api, operator_ns, release, watch_namespaces=[namespace]
+    )
+    try:
+        (deployment,) = (
+            k8s.AppsV1Api(api)
+            .list_namespaced_deployment(
+                operator_ns, label_selector=f"app.kubernetes.io/instance={release}"
+            )
+            .items
+        )
+        assert deployment.status.ready_replicas == 1
+
+        quickstart.seed_store(s3.client(), s3.bucket, tmp_path_factory.mktemp("seed"))
+        k8s.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
+        quickstart.copy_secret(api, "graft-s3", "default", namespace)
+        job = yaml.safe_load(EXAMPLE.read_text())
+        quickstart.apply(api, namespace, [job])
+
+        seen_steps: set[int] = set()
+
+        def watch(obj: dict[str, Any]) -> None:
+            step = ((obj.get("status") or {}).get("progress") or {}).get("step")
+            if step is not None:
+                seen_steps.add(step)
+
+        name = job["metadata"]["name"]
+        done = quickstart.wait_until_done(
+            api, namespace, "finetunejobs", name, timeout=600, on_poll=watch
+        )
+        status = done["status"]
+        succeeded = quickstart.condition(done, "Succeeded")
+        assert succeeded and succeeded["status"] == "True", json.dumps(status, indent=1)
+        assert status["phase"] == "Succeeded"
+        # Progress was seen moving while the pod trained, not only at the end.
+        assert len(seen_steps) >= 2, seen_steps
+        adapter = status["artifacts"]["adapter"]
+        bucket, _, key = adapter.removeprefix("s3://").partition("/")
+        manifest = json.loads(
+            s3.client()
+            .get_object(Bucket=bucket, Key=f"{key.rstrip('/')}/manifest.json")["Body"]
+            .read()
+        )
+        assert manifest["files"], manifest
+        assert status["metrics"]["evalLoss"] < status["metrics"]["baselineEvalLoss"]
+    finally:
+        quickstart.uninstall_operator(full_cluster.kubeconfig, operator_ns, release)
+
+    assert _operator_objects(api, operator_ns, release) == []
+    # The CRDs are kept (crds.keep), and with them every user resource.
+    crds = k8s.ApiextensionsV1Api(api).list_custom_resource_definition().items
+    assert {"finetunejobs.graft.dev", "optimizejobs.graft.dev", "adapterbundles.graft.dev"} <= {
+        c.metadata.name for c in crds
+    }
+    assert quickstart.read(api, namespace, "finetunejobs", name)["status"]["phase"] == "Succeeded"
