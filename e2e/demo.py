@@ -53,12 +53,12 @@ def show_progress(api: Any, name: str) -> dict[str, Any]:
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
-        TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("{task.fields[steps]}"),
         TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task(name, total=None, detail="waiting for the trainer pod")
+        task = bar.add_task(name, total=None, steps="", detail="waiting for the trainer pod")
 
         def update(obj: dict[str, Any]) -> None:
             status = obj.get("status") or {}
@@ -67,10 +67,12 @@ def show_progress(api: Any, name: str) -> dict[str, Any]:
             detail = status.get("phase") or "Pending"
             if metrics.get("evalLoss") is not None:
                 detail += f"  eval loss {metrics['evalLoss']:.4f}"
+            step, total = progress.get("step") or 0, progress.get("totalSteps")
             bar.update(
                 task,
-                total=progress.get("totalSteps"),
-                completed=progress.get("step") or 0,
+                total=total,
+                completed=step,
+                steps=f"step {step}/{total}" if total else "",
                 detail=detail,
             )
 
