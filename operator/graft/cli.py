@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from collections.abc import Sequence
@@ -81,12 +82,17 @@ def _local_uri(value: object, base: Path) -> object:
 
 
 def resolve_local_paths(document: Any, base: Path) -> Any:
-    """Resolve the plain paths of model, dataset and output against the YAML file's folder."""
+    """Resolve the plain paths of model, dataset, output, baseModel, source.model/adapter and
+    adapters[].uri against the YAML file's folder."""
     if not isinstance(document, dict) or not isinstance(document.get("spec"), dict):
         return document
     spec = document["spec"]
-    for key in ("model", "dataset", "output"):
-        loc = spec.get(key)
+    source = spec.get("source") if isinstance(spec.get("source"), dict) else {}
+    locations = [spec.get(k) for k in ("model", "dataset", "output", "baseModel")]
+    locations += [source.get("model"), source.get("adapter")]
+    adapters = spec.get("adapters")
+    locations += adapters if isinstance(adapters, list) else []
+    for loc in locations:
         if isinstance(loc, dict) and "uri" in loc:
             loc["uri"] = _local_uri(loc["uri"], base)
     return document
@@ -116,31 +122,54 @@ def _artifacts_uri(document: dict[str, Any], override: str | None) -> str:
     return str(_local_uri(f"graft-runs/{name}/", Path.cwd()))
 
 
+RUN_KINDS = ("FineTuneJob", "OptimizeJob", "AdapterBundle")
+
+
 def _cmd_run(args: argparse.Namespace, out: Console) -> int:
     docs = _load_documents(Path(args.file), out)
     if docs is None:
         return 2
     for doc in docs:
         kind = doc.get("kind") if isinstance(doc, dict) else None
-        if kind != "FineTuneJob":
+        if kind not in RUN_KINDS:
             out.print(
                 f"error: {kind or 'a document without kind'} is not yet supported by graft run "
-                "(expected FineTuneJob)",
+                f"(expected {', '.join(RUN_KINDS)})",
                 markup=False,
             )
             return 2
-    from graft_trainer.__main__ import run_object
     from graft_trainer.reporting import setup_logging
 
     setup_logging(json_lines=args.log_format == "json", level=logging.WARNING)
-    for doc in docs:
-        uri = _artifacts_uri(doc, args.out)
-        code, message = run_object(doc, uri, args.reporter)
-        if code != 0:
-            out.print(f"error: {message}", markup=False, highlight=False)
-            return int(code)
-        out.print(message, markup=False, highlight=False)
-    return 0
+    say = functools.partial(out.print, markup=False, highlight=False)
+    if len(docs) == 1 and docs[0].get("kind") == "FineTuneJob":
+        from graft_trainer.__main__ import run_object
+
+        code, message = run_object(docs[0], _artifacts_uri(docs[0], args.out), args.reporter)
+        say(f"error: {message}" if code else message)
+        return int(code)
+    from graft.storage import read_manifest
+    from graft_trainer.chain import run_documents
+
+    # several documents: --out is the parent of one folder per resource
+    override = args.out.rstrip("/") + "/" if args.out and len(docs) > 1 else None
+
+    def uri_for(doc: dict[str, Any]) -> str:
+        if override:
+            name = str(doc.get("metadata", {}).get("name", "run"))
+            return str(_local_uri(override + name + "/", Path.cwd()))
+        return _artifacts_uri(doc, args.out)
+
+    def prior(name: str) -> str | None:
+        uri = uri_for({"metadata": {"name": name}})
+        manifest = read_manifest(uri)
+        return uri if manifest and manifest.get("kind") == "finetune-output" else None
+
+    code, message = run_documents(
+        docs, source=args.file, uri_for=uri_for, prior=prior, reporter=args.reporter, say=say
+    )
+    say(f"error: {message}" if code else message)
+    return int(code)
 
 
 def _cmd_preflight(args: argparse.Namespace, out: Console) -> int:
@@ -225,11 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("operator_args", nargs=argparse.REMAINDER)
     operator.set_defaults(handler=_cmd_operator)
 
-    run = commands.add_parser("run", help="run a FineTuneJob locally (no cluster needed)")
+    run = commands.add_parser(
+        "run",
+        help="run a FineTuneJob, or a chain of FineTuneJobs, OptimizeJobs and AdapterBundles "
+        "that reference each other, locally (no cluster needed)",
+    )
     run.add_argument("file", metavar="FILE")
     run.add_argument(
         "--out",
-        help="artifact directory or URI (default: spec.output.uri/<name>/ or ./graft-runs/<name>/)",
+        help="artifact directory or URI (default: spec.output.uri/<name>/ or ./graft-runs/<name>/);"
+        " with several documents, the parent of one <name>/ folder each",
     )
     run.add_argument("--reporter", choices=["rich", "jsonl", "none"], default="rich")
     run.add_argument("--log-format", choices=["text", "json"], default="text")

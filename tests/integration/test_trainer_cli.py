@@ -95,11 +95,22 @@ def test_graft_run_resolves_relative_paths_and_defaults_output(
     assert (work / "graft-runs" / "relative" / "manifest.json").is_file()
 
 
-def test_graft_run_refuses_other_kinds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_graft_run_refuses_unknown_kinds_and_dangling_references(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "other.yaml"
+    path.write_text("apiVersion: graft.dev/v1alpha1\nkind: Widget\nmetadata: {name: w}\n")
+    assert main(["run", str(path)]) == 2
+    assert "Widget is not yet supported" in capsys.readouterr().out
+    # an OptimizeJob alone: its FineTuneJob is neither in the file nor run before
     path = tmp_path / "opt.yaml"
     path.write_text((REPO / "examples" / "optimizejob.yaml").read_text())
     assert main(["run", str(path)]) == 2
-    assert "not yet supported" in capsys.readouterr().out
+    assert (
+        "OptimizeJob/tone-classifier-int4: spec.source.fineTuneJobRef.name: "
+        "no FineTuneJob 'tone-classifier'"
+    ) in capsys.readouterr().out
 
 
 def test_preflight_reports_and_fails_on_memory(

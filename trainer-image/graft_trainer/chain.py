@@ -1,0 +1,289 @@
+"""`graft run` on a file of several resources: FineTuneJobs, then the OptimizeJobs and
+AdapterBundles that reference them by name, in dependency order, all on this machine.
+
+A reference (`spec.source.fineTuneJobRef.name`, `spec.adapters[i].fineTuneJobRef.name`) names a
+FineTuneJob in the same file, or one already run to its default output (`prior(name)` finds its
+manifest). Every reference is checked before anything runs. Each output is written with its
+manifest last, to `spec.output.uri/<name>/` or `./graft-runs/<name>/` (the caller's `uri_for`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from graft_trainer.errors import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, GraftInputError
+
+Say = Callable[[str], None]
+FINETUNE = "FineTuneJob"
+
+
+class ChainError(GraftInputError):
+    """A document set that cannot run: a dangling reference, a cycle, a disagreement."""
+
+
+@dataclass
+class Done:
+    """A FineTuneJob that ran (or ran before): where its outputs are."""
+
+    name: str
+    uri: str
+    spec: Any  # FineTuneJobSpec
+
+
+def references(obj: Any) -> list[tuple[str, str]]:
+    """(field, FineTuneJob name) of every reference `obj` makes."""
+    refs: list[tuple[str, str]] = []
+    if obj.kind == "OptimizeJob" and obj.spec.source.fine_tune_job_ref is not None:
+        refs.append(("spec.source.fineTuneJobRef.name", obj.spec.source.fine_tune_job_ref.name))
+    if obj.kind == "AdapterBundle":
+        for i, adapter in enumerate(obj.spec.adapters):
+            if adapter.fine_tune_job_ref is not None:
+                refs.append(
+                    (f"spec.adapters[{i}].fineTuneJobRef.name", adapter.fine_tune_job_ref.name)
+                )
+    return refs
+
+
+def order(objs: Sequence[Any], source: str, prior: Callable[[str], str | None]) -> list[Any]:
+    """The objects in dependency order (file order among independent ones)."""
+    by_key: dict[tuple[str, str], Any] = {}
+    for obj in objs:
+        key = (obj.kind, obj.metadata.name)
+        if key in by_key:
+            raise ChainError(f"{obj.kind}/{obj.metadata.name}: appears twice in {source}")
+        by_key[key] = obj
+    deps: dict[int, set[int]] = {}
+    index = {id(o): i for i, o in enumerate(objs)}
+    for i, obj in enumerate(objs):
+        deps[i] = set()
+        for field_path, name in references(obj):
+            target = by_key.get((FINETUNE, name))
+            if target is not None:
+                deps[i].add(index[id(target)])
+            elif prior(name) is None:
+                raise ChainError(
+                    f"{obj.kind}/{obj.metadata.name}: {field_path}: no FineTuneJob {name!r} "
+                    f"in {source} (and no finished run of it to reuse)"
+                )
+    done: list[int] = []
+    while len(done) < len(objs):
+        ready = [i for i in range(len(objs)) if i not in done and deps[i] <= set(done)]
+        if not ready:
+            stuck = ", ".join(
+                f"{objs[i].kind}/{objs[i].metadata.name}" for i in range(len(objs)) if i not in done
+            )
+            raise ChainError(f"reference cycle among {stuck} in {source}")
+        done.append(ready[0])
+    return [objs[i] for i in done]
+
+
+def _local_dir(uri: str) -> Path:
+    """A local directory for a model or adapter location (downloaded if remote)."""
+    from graft.api.base import Location
+    from graft_trainer.sources import fetch_model
+
+    return fetch_model(Location(uri=uri))
+
+
+def _weights_dir(job: Done, field_path: str) -> Path:
+    from graft.storage import join_uri, read_manifest
+
+    if read_manifest(job.uri) is None:
+        raise ChainError(
+            f"{field_path}: FineTuneJob {job.name!r} has no finished output in {job.uri}"
+        )
+    if job.spec.method == "full":
+        raise ChainError(
+            f"{field_path}: FineTuneJob {job.name!r} trained the full model (method: full); "
+            "it has no adapter to use here"
+        )
+    return _local_dir(join_uri(job.uri, "adapter/"))
+
+
+def _eval_texts(spec: Any) -> list[str] | None:
+    """The FineTuneJob's eval split rendered with its textTemplate (None when not easy)."""
+    if not spec.dataset.text_template or not spec.dataset.eval_split:
+        return None
+    try:
+        from graft_trainer import data as D
+        from graft_trainer.preflight import select_records
+        from graft_trainer.sources import load_splits
+
+        splits, _ = load_splits(spec.dataset)
+        _, evals = select_records(spec, splits)
+        texts = [D.render_template(spec.dataset.text_template, r, i) for i, r in enumerate(evals)]
+    except Exception:
+        return None
+    return texts[:64] or None
+
+
+def _publish(out_dir: Path, uri: str, manifest: dict[str, Any]) -> None:
+    """Upload `out_dir` to `uri`, manifest last; a stale manifest there goes first."""
+    from graft.storage import MANIFEST, local_path, write_artifact
+
+    dest = local_path(uri)
+    if dest is not None:
+        (dest / MANIFEST).unlink(missing_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    write_artifact(out_dir, uri, manifest)
+
+
+def _num(value: float | None, fmt: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def run_optimize_object(obj: Any, uri: str, jobs: dict[str, Done], say: Say) -> list[str]:
+    from graft_trainer.export.stages import run_optimize
+
+    source = obj.spec.source
+    eval_texts = None
+    if source.fine_tune_job_ref is not None:
+        job = jobs[source.fine_tune_job_ref.name]
+        model_dir = _local_dir(job.spec.model.uri)
+        if job.spec.method == "full":
+            from graft.storage import join_uri
+
+            model_dir, adapter_dir = _local_dir(join_uri(job.uri, "model/")), None
+        else:
+            adapter_dir = _weights_dir(job, "spec.source.fineTuneJobRef")
+        eval_texts = _eval_texts(job.spec)
+    else:
+        model_dir = _local_dir(source.model.uri)
+        adapter_dir = _local_dir(source.adapter.uri) if source.adapter else None
+    with tempfile.TemporaryDirectory(prefix="graft-optimize-") as tmp:
+        out_dir = Path(tmp) / "out"
+        result = run_optimize(
+            obj.spec,
+            model_dir=model_dir,
+            out_dir=out_dir,
+            adapter_dir=adapter_dir,
+            eval_texts=eval_texts,
+            work_dir=Path(tmp),
+            on_progress=say,
+        )
+        _publish(out_dir, uri, result.manifest)
+    m = result.metrics
+    lines = [
+        f"OptimizeJob/{obj.metadata.name}: {obj.spec.target.precision} "
+        f"{obj.spec.target.device} model in {uri}",
+        f"  size {_num(m.size_bytes, ',.0f')} bytes, perplexity {_num(m.perplexity_py_torch)} "
+        f"(PyTorch) -> {_num(m.perplexity_onnx)} (ONNX), "
+        f"decode {_num(m.decode_tokens_per_second, ',.0f')} tokens/s",
+    ]
+    lines += [f"  {g.prompt!r} -> {g.output!r}" for g in result.generations]
+    return lines
+
+
+def run_bundle_object(obj: Any, uri: str, jobs: dict[str, Done], say: Say) -> list[str]:
+    from graft_trainer.export.stages import BundleAdapterInput, run_bundle
+
+    spec = obj.spec
+    base_uri = spec.base_model.uri if spec.base_model is not None else None
+    base_field = "spec.baseModel"
+    inputs: list[BundleAdapterInput] = []
+    for i, adapter in enumerate(spec.adapters):
+        field_path = f"spec.adapters[{i}]"
+        if adapter.fine_tune_job_ref is None:
+            inputs.append(BundleAdapterInput(adapter.name, _local_dir(adapter.uri)))
+            continue
+        job = jobs[adapter.fine_tune_job_ref.name]
+        if base_uri is None:
+            base_uri, base_field = job.spec.model.uri, field_path
+        elif _local_dir(job.spec.model.uri) != _local_dir(base_uri):
+            raise ChainError(
+                f"AdapterBundle/{obj.metadata.name}: {field_path}: FineTuneJob {job.name!r} "
+                f"was trained on {job.spec.model.uri}, not on {base_uri} ({base_field})"
+            )
+        inputs.append(BundleAdapterInput(adapter.name, _weights_dir(job, field_path)))
+    assert base_uri is not None  # the API requires baseModel unless every adapter is a ref
+    with tempfile.TemporaryDirectory(prefix="graft-bundle-") as tmp:
+        out_dir = Path(tmp) / "out"
+        result = run_bundle(
+            spec,
+            base_model_dir=_local_dir(base_uri),
+            adapters=inputs,
+            out_dir=out_dir,
+            work_dir=Path(tmp),
+            on_progress=say,
+        )
+        _publish(out_dir, uri, result.manifest)
+    lines = [
+        f"AdapterBundle/{obj.metadata.name}: {len(result.reports)} adapters on one "
+        f"{spec.target.precision} {spec.target.device} base in {uri}"
+    ]
+    for r in result.reports:
+        overhead = f"{r.decode_overhead:+.0%}" if r.decode_overhead is not None else "n/a"
+        lines.append(
+            f"  {r.name}: rank {r.rank}, smoke test {r.smoke_test}, decode overhead {overhead}"
+        )
+        lines += [f"    {g.prompt!r} -> {g.output!r}" for g in r.generations]
+    return lines
+
+
+def run_documents(
+    documents: Sequence[dict[str, Any]],
+    *,
+    source: str,
+    uri_for: Callable[[dict[str, Any]], str],
+    prior: Callable[[str], str | None],
+    reporter: str | None,
+    say: Say,
+) -> tuple[int, str]:
+    """Run every document in dependency order; returns (exit code, one-line message)."""
+    from graft.api.kinds import InvalidResource, parse_object
+    from graft.storage import StoreError, read_manifest
+    from graft_trainer.__main__ import one_line, run_object
+
+    objs: list[Any] = []
+    raw: dict[int, dict[str, Any]] = {}
+    for doc in documents:
+        try:
+            obj = parse_object(doc)
+        except InvalidResource as exc:
+            return EXIT_INVALID, f"invalid resource: {exc}"
+        raw[id(obj)] = doc
+        objs.append(obj)
+    try:
+        ordered = order(objs, source, prior)
+    except ChainError as exc:
+        return EXIT_INVALID, one_line(exc)
+    jobs: dict[str, Done] = {}
+    for obj in objs:
+        for _, name in references(obj):
+            prior_uri = prior(name)
+            in_file = any(o.kind == FINETUNE and o.metadata.name == name for o in objs)
+            if not in_file and prior_uri is not None:
+                from graft.api.finetune import FineTuneJobSpec
+
+                manifest = read_manifest(prior_uri) or {}
+                spec = FineTuneJobSpec.model_validate(manifest.get("spec", {}))
+                jobs[name] = Done(name, prior_uri, spec)
+    for obj in ordered:
+        doc, uri = raw[id(obj)], uri_for(raw[id(obj)])
+        label = f"{obj.kind}/{obj.metadata.name}"
+        if obj.kind == FINETUNE:
+            code, message = run_object(doc, uri, reporter)
+            if code != EXIT_OK:
+                return code, f"{label}: {message}"
+            jobs[obj.metadata.name] = Done(obj.metadata.name, uri, obj.spec)
+            say(f"{label}: {message}")
+            continue
+        try:
+            if obj.kind == "OptimizeJob":
+                lines = run_optimize_object(obj, uri, jobs, say)
+            elif obj.kind == "AdapterBundle":
+                lines = run_bundle_object(obj, uri, jobs, say)
+            else:
+                return EXIT_INVALID, f"{label}: {obj.kind} is not supported by graft run"
+        except GraftInputError as exc:
+            text = one_line(exc)
+            return EXIT_INVALID, text if text.startswith(label) else f"{label}: {text}"
+        except StoreError as exc:
+            return EXIT_FAILURE, f"{label}: {one_line(exc)}"
+        for line in lines:
+            say(line)
+    return EXIT_OK, f"{len(ordered)} resources finished"
