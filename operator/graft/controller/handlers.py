@@ -1,7 +1,8 @@
 """kopf wiring: watches feed the work queue; indexes are the read caches. No logic here.
 
-Every watched object only names the resource to reconcile: a FineTuneJob itself, or the
-`graft.dev/name` label of its Job, pods and spec ConfigMap. The reconcile is level-based, so
+Every watched object only names the resource to reconcile, as (kind, namespace, name): a Graft
+resource itself, or the `graft.dev/kind` and `graft.dev/name` labels of its Job, pods and spec
+ConfigMap. A FineTuneJob's events also wake the resources waiting on it. The reconcile is level-based, so
 missing or repeated events cost nothing but a pass. No handler here keeps progress or a diff
 base, so kopf puts no finalizer and no annotation on the resources.
 """
@@ -17,6 +18,7 @@ from typing import Any
 import kopf
 
 from graft.api.base import GROUP, VERSION
+from graft.api.kinds import KINDS_BY_NAME
 from graft.controller import planner
 from graft.controller.config import OperatorConfig
 from graft.controller.kube import Kube
@@ -27,7 +29,7 @@ from graft.controller.workqueue import WorkQueue
 logger = logging.getLogger("graft.controller")
 
 CHILD_LABELS: dict[str, Any] = {
-    planner.LABEL_KIND: planner.KIND,
+    planner.LABEL_KIND: kopf.PRESENT,
     planner.LABEL_NAME: kopf.PRESENT,
 }
 
@@ -91,15 +93,19 @@ class Runtime:
         self._tasks: list[asyncio.Task[None]] = []
         self._server: Any = None
 
-    def enqueue(self, namespace: str | None, name: str | None) -> None:
-        if self.queue is not None and namespace and name:
-            self.queue.add((namespace, name))
+    def enqueue(self, kind: str | None, namespace: str | None, name: str | None) -> None:
+        if self.queue is None or kind not in planner.KINDS or not namespace or not name:
+            return
+        self.queue.add((kind, namespace, name))
+        if kind == planner.KIND and self.reconciler is not None:
+            for key in self.reconciler.dependents_of(namespace, name):
+                self.queue.add(key)
 
     async def start(self, indices: Mapping[str, Any]) -> None:
         self.caches.jobs = _lookup(indices.get("graft_jobs"))
         self.caches.pods = _lookup(indices.get("graft_pods"))
         self.caches.configmaps = _lookup(indices.get("graft_configmaps"))
-        self.resources = indices.get("graft_resources")
+        self.resources = [indices.get(f"graft_resources_{k.lower()}") for k in planner.KINDS]
         self.kube = await Kube.connect(self.kubeconfig)
         self.reconciler = Reconciler(self.kube, self.config, self.caches, self.metrics)
         self.queue = WorkQueue(self.reconciler, workers=self.config.workers)
@@ -114,10 +120,11 @@ class Runtime:
         """Every resource is reconciled periodically, events or not."""
         while True:
             await asyncio.sleep(self.config.resync_seconds)
-            if self.resources is None or self.queue is None:
+            if self.queue is None:
                 continue
-            for key in list(self.resources.keys()):
-                self.queue.add(key)
+            for index in self.resources or []:
+                for key in list(index.keys()) if index is not None else []:
+                    self.queue.add(key)
             self.metrics.queue_depth.set(len(self.queue))
 
     async def stop(self) -> None:
@@ -136,7 +143,6 @@ class Runtime:
 
 def register(runtime: Runtime, registry: kopf.OperatorRegistry) -> None:
     """Register the watches and caches of `runtime` in a kopf registry."""
-    ftj = (GROUP, VERSION, planner.PLURAL)
 
     @kopf.on.startup(registry=registry, id="graft_startup")
     async def graft_startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
@@ -151,9 +157,8 @@ def register(runtime: Runtime, registry: kopf.OperatorRegistry) -> None:
     # All handlers are coroutines: kopf would run plain functions in a thread pool.
     # Caches. kopf runs no handler until every index has its initial listing, so the first
     # reconciles after a restart already see every existing Job and pod.
-    @kopf.index(*ftj, registry=registry, id="graft_resources")
-    async def graft_resources(**kw: Any) -> Any:
-        return {(kw["namespace"], kw["name"]): None}
+    for kind in planner.KINDS:
+        _register_kind(runtime, registry, kind)
 
     @kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS, registry=registry, id="graft_jobs")
     async def graft_jobs(**kw: Any) -> Any:
@@ -168,24 +173,41 @@ def register(runtime: Runtime, registry: kopf.OperatorRegistry) -> None:
         key = (kw["namespace"], kw["labels"][planner.LABEL_NAME])
         return {key: _slim(kw["body"], keep_data=True)}
 
-    # Triggers: any change of the resource or of a child reconciles the resource.
-    @kopf.on.event(*ftj, registry=registry, id="graft_resource_event")
-    async def graft_resource_event(**kw: Any) -> None:
-        body = kw["body"]
-        fresh = not body.get("status") and not body["metadata"].get("deletionTimestamp")
-        if runtime.reconciler is not None and kw.get("type") in (None, "ADDED") and fresh:
-            runtime.reconciler.hints[(kw["namespace"], kw["name"])] = plain(body)
-        runtime.enqueue(kw["namespace"], kw["name"])
-
+    # Triggers: any change of a child reconciles its resource.
     @kopf.on.event(
         "batch", "v1", "jobs", labels=CHILD_LABELS, registry=registry, id="graft_job_event"
     )
     async def graft_job_event(**kw: Any) -> None:
-        runtime.enqueue(kw["namespace"], kw["labels"].get(planner.LABEL_NAME))
+        labels = kw["labels"]
+        runtime.enqueue(
+            labels.get(planner.LABEL_KIND), kw["namespace"], labels.get(planner.LABEL_NAME)
+        )
 
     @kopf.on.event("v1", "pods", labels=CHILD_LABELS, registry=registry, id="graft_pod_event")
     async def graft_pod_event(**kw: Any) -> None:
-        runtime.enqueue(kw["namespace"], kw["labels"].get(planner.LABEL_NAME))
+        labels = kw["labels"]
+        runtime.enqueue(
+            labels.get(planner.LABEL_KIND), kw["namespace"], labels.get(planner.LABEL_NAME)
+        )
+
+
+def _register_kind(runtime: Runtime, registry: kopf.OperatorRegistry, kind: str) -> None:
+    """The resource index (for resyncs) and the resource's own trigger, for one kind."""
+    resource = (GROUP, VERSION, KINDS_BY_NAME[kind].plural)
+    suffix = kind.lower()
+
+    @kopf.index(*resource, registry=registry, id=f"graft_resources_{suffix}")
+    async def graft_resources(**kw: Any) -> Any:
+        return {(kind, kw["namespace"], kw["name"]): None}
+
+    # Any change of the resource reconciles it.
+    @kopf.on.event(*resource, registry=registry, id=f"graft_resource_event_{suffix}")
+    async def graft_resource_event(**kw: Any) -> None:
+        body = kw["body"]
+        fresh = not body.get("status") and not body["metadata"].get("deletionTimestamp")
+        if runtime.reconciler is not None and kw.get("type") in (None, "ADDED") and fresh:
+            runtime.reconciler.hints[(kind, kw["namespace"], kw["name"])] = plain(body)
+        runtime.enqueue(kind, kw["namespace"], kw["name"])
 
 
 def configure_settings(settings: kopf.OperatorSettings) -> None:

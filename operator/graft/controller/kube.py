@@ -15,13 +15,16 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from graft.api.base import GROUP, VERSION
-from graft.controller.planner import KIND, PLURAL
+from graft.api.kinds import KINDS_BY_NAME
+from graft.controller.planner import KIND
 
 COMPONENT = "graft-operator"
 
 
-def resource_path(namespace: str, name: str | None = None, *, status: bool = False) -> str:
-    path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
+def resource_path(
+    namespace: str, name: str | None = None, *, status: bool = False, kind: str = KIND
+) -> str:
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{KINDS_BY_NAME[kind].plural}"
     if name:
         path += f"/{name}"
         if status:
@@ -139,7 +142,7 @@ class Kube:
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
             "involvedObject": {
                 "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": KIND,
+                "kind": obj.get("kind") or KIND,
                 "name": meta["name"],
                 "namespace": meta["namespace"],
                 "uid": meta["uid"],

@@ -19,8 +19,11 @@ from graft.api.kinds import InvalidResource, parse_spec
 from graft.controller.config import OperatorConfig
 from graft.naming import artifact_prefix, child_name
 
-KIND = "FineTuneJob"
-PLURAL = "finetunejobs"
+KIND = "FineTuneJob"  # the kind a resource without `kind` (a bare spec in a test) is taken as
+KINDS = ("FineTuneJob", "OptimizeJob", "AdapterBundle")
+# Children of different kinds with the same name live side by side: a FineTuneJob and the
+# OptimizeJob exporting it are often named alike.
+JOB_SUFFIX = {"FineTuneJob": "train", "OptimizeJob": "optimize", "AdapterBundle": "bundle"}
 
 # Labels on every child (Job, pod template, ConfigMap). Parent labels are never copied: a GitOps
 # tool's tracking label (app.kubernetes.io/instance) on a child would make it prune the child.
@@ -34,6 +37,7 @@ KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 
 ANNOTATION_SPEC_HASH = "graft.dev/spec-hash"
 ANNOTATION_ATTEMPTS_BEFORE = "graft.dev/attempts-before"
+REFERENCES = "references"  # resource.json: the referenced FineTuneJobs as resolved at launch
 
 TRAINER_CONTAINER = "trainer"
 RESOURCE_FILE = "resource.json"
@@ -63,9 +67,13 @@ def spec_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def resolve_spec(spec: Any, config: OperatorConfig) -> Resolved:
+def kind_of(obj: dict[str, Any]) -> str:
+    return str(obj.get("kind") or KIND)
+
+
+def resolve_spec(spec: Any, config: OperatorConfig, kind: str = KIND) -> Resolved:
     """Validate the spec and apply defaults; raise InvalidResource naming the field."""
-    model = parse_spec(KIND, spec)
+    model = parse_spec(kind, spec)
     data = model.to_api()
     if "output" not in data:
         if not config.output_uri:
@@ -102,18 +110,18 @@ def changed_fields(launched: dict[str, Any], current: dict[str, Any]) -> list[st
     return changed
 
 
-def job_name(name: str) -> str:
-    return child_name(name, "train")
+def job_name(name: str, kind: str = KIND) -> str:
+    return child_name(name, JOB_SUFFIX[kind])
 
 
-def configmap_name(name: str) -> str:
-    return child_name(name, "spec")
+def configmap_name(name: str, kind: str = KIND) -> str:
+    return child_name(name, "spec" if kind == KIND else f"{JOB_SUFFIX[kind]}-spec")
 
 
 def selection_labels(obj: dict[str, Any]) -> dict[str, str]:
     meta = obj["metadata"]
     return {
-        LABEL_KIND: KIND,
+        LABEL_KIND: kind_of(obj),
         LABEL_NAME: meta["name"],
         LABEL_UID: meta["uid"],
         LABEL_MANAGED_BY: "graft-operator",
@@ -127,19 +135,26 @@ def owner_reference(obj: dict[str, Any]) -> dict[str, Any]:
     # must outlive the parent anyway (the garbage collector removes Job, pods and ConfigMap).
     return {
         "apiVersion": API_VERSION,
-        "kind": KIND,
+        "kind": kind_of(obj),
         "name": meta["name"],
         "uid": meta["uid"],
         "controller": True,
     }
 
 
-def resource_document(obj: dict[str, Any], resolved: Resolved) -> dict[str, Any]:
-    """The whole object as the trainer reads it from resource.json."""
+def resource_document(
+    obj: dict[str, Any], resolved: Resolved, references: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The whole object as the trainer reads it from resource.json.
+
+    `references` (OptimizeJob, AdapterBundle) are the referenced FineTuneJobs as resolved at
+    launch: where their artifacts are and the spec they ran with, so the trainer needs no read
+    access to other resources.
+    """
     meta = obj["metadata"]
-    return {
+    document: dict[str, Any] = {
         "apiVersion": API_VERSION,
-        "kind": KIND,
+        "kind": kind_of(obj),
         "metadata": {
             "name": meta["name"],
             "namespace": meta["namespace"],
@@ -148,24 +163,28 @@ def resource_document(obj: dict[str, Any], resolved: Resolved) -> dict[str, Any]
         },
         "spec": resolved.spec,
     }
+    if references:
+        document[REFERENCES] = references
+    return document
 
 
-def build_spec_configmap(obj: dict[str, Any], resolved: Resolved) -> dict[str, Any]:
+def build_spec_configmap(
+    obj: dict[str, Any], resolved: Resolved, references: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The ConfigMap holding resource.json: the spec as launched (frozen after launch)."""
     meta = obj["metadata"]
+    document = resource_document(obj, resolved, references)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": configmap_name(meta["name"]),
+            "name": configmap_name(meta["name"], kind_of(obj)),
             "namespace": meta["namespace"],
             "labels": {**selection_labels(obj), LABEL_COMPONENT: "spec"},
             "annotations": {ANNOTATION_SPEC_HASH: resolved.spec_hash},
             "ownerReferences": [owner_reference(obj)],
         },
-        "data": {
-            RESOURCE_FILE: json.dumps(resource_document(obj, resolved), indent=2, sort_keys=True)
-        },
+        "data": {RESOURCE_FILE: json.dumps(document, indent=2, sort_keys=True)},
     }
 
 
@@ -176,11 +195,32 @@ def launched_spec(configmap: dict[str, Any]) -> tuple[dict[str, Any], str]:
     return document["spec"], spec_hash_
 
 
-def credential_secrets(spec: dict[str, Any]) -> list[str]:
-    """Secret names the pod reads AWS_*/HF_TOKEN from; the output store's last (it wins)."""
+def launched_references(configmap: dict[str, Any]) -> dict[str, Any]:
+    document = json.loads(configmap["data"][RESOURCE_FILE])
+    return dict(document.get(REFERENCES) or {})
+
+
+def _locations(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every location of a spec of any kind, the output store last."""
+    source = spec.get("source") or {}
+    found = [spec.get(k) or {} for k in ("model", "dataset", "baseModel")]
+    found += [source.get("model") or {}, source.get("adapter") or {}]
+    found += list(spec.get("adapters") or [])
+    return [*found, spec.get("output") or {}]
+
+
+def credential_secrets(spec: dict[str, Any], references: dict[str, Any] | None = None) -> list[str]:
+    """Secret names the pod reads AWS_*/HF_TOKEN from; the output store's last (it wins).
+
+    Referenced FineTuneJobs come first: the pod reads their model, data and artifacts.
+    """
+    locations: list[dict[str, Any]] = []
+    for ref in (references or {}).values():
+        locations += _locations(ref.get("spec") or {})
+    locations += _locations(spec)
     names: list[str] = []
-    for section in ("model", "dataset", "output"):
-        name = (spec.get(section) or {}).get("credentialsSecret")
+    for location in locations:
+        name = location.get("credentialsSecret")
         if name:
             if name in names:
                 names.remove(name)
@@ -234,10 +274,12 @@ def build_trainer_job(
     *,
     spec_hash_: str,
     attempts_before: int = 0,
+    references: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job that runs the trainer for `obj` with the launched (resolved) `spec`."""
     meta = obj["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+    kind = kind_of(obj)
     labels = selection_labels(obj)
     scheduling = spec.get("scheduling") or {}
     job_labels = {**labels, LABEL_COMPONENT: "trainer"}
@@ -247,10 +289,10 @@ def build_trainer_job(
     env = [
         {
             "name": "GRAFT_ARTIFACTS_URI",
-            "value": artifact_prefix(spec["output"]["uri"], namespace, KIND, name, uid),
+            "value": artifact_prefix(spec["output"]["uri"], namespace, kind, name, uid),
         },
         {"name": "GRAFT_REPORTER", "value": "kubernetes"},
-        {"name": "GRAFT_RESOURCE_KIND", "value": KIND},
+        {"name": "GRAFT_RESOURCE_KIND", "value": kind},
         {"name": "GRAFT_RESOURCE_NAME", "value": name},
         {"name": "GRAFT_RESOURCE_NAMESPACE", "value": namespace},
         {"name": "HOME", "value": HOME},
@@ -265,7 +307,7 @@ def build_trainer_job(
         "env": env,
         "envFrom": [
             {"secretRef": {"name": secret, "optional": False}}
-            for secret in credential_secrets(spec)
+            for secret in credential_secrets(spec, references)
         ],
         "resources": container_resources(spec),
         "securityContext": container_security_context(),
@@ -285,7 +327,7 @@ def build_trainer_job(
         "securityContext": pod_security_context(config),
         "containers": [container],
         "volumes": [
-            {"name": "spec", "configMap": {"name": configmap_name(name)}},
+            {"name": "spec", "configMap": {"name": configmap_name(name, kind)}},
             {"name": "tmp", "emptyDir": {}},
             {"name": "home", "emptyDir": {}},
         ],
@@ -316,7 +358,7 @@ def build_trainer_job(
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": job_name(name),
+            "name": job_name(name, kind),
             "namespace": namespace,
             "labels": job_labels,
             "annotations": {

@@ -1,9 +1,12 @@
-"""One level-based reconcile of one FineTuneJob: read, plan (pure), act.
+"""One level-based reconcile of one Graft resource (any kind): read, plan (pure), act.
 
 Owns the side effects: creating the spec ConfigMap, the trainer identity and the Job; deleting
 the Job (suspend, terminal failure) and the resource (TTL); patching the operator-owned status
 fields; posting an Event per transition. What to do is decided by `status.compute_status`;
-what the children look like by `planner`.
+what the children look like by `planner`; whether referenced FineTuneJobs allow a launch by
+`sources.gate`.
+
+Keys are (kind, namespace, name).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 from graft.api.errors import FieldIssue
 from graft.api.kinds import InvalidResource
-from graft.controller import planner
+from graft.controller import planner, sources
 from graft.controller.config import OperatorConfig
 from graft.controller.kube import Kube, object_path, resource_path
 from graft.controller.metrics import Metrics
@@ -27,6 +30,7 @@ logger = logging.getLogger("graft.controller")
 
 # What the reconciler reads from the watch caches: kopf indexes keyed by (namespace, name).
 Lookup = Callable[[tuple[str, str]], Iterable[dict[str, Any]]]
+Key = tuple[str, str, str]  # (kind, namespace, name)
 
 
 def _empty(_: tuple[str, str]) -> Iterable[dict[str, Any]]:
@@ -78,42 +82,53 @@ class Reconciler:
         self.metrics = metrics or Metrics()
         self._identities: dict[str, asyncio.Future[None]] = {}
         self._background: set[asyncio.Future[None]] = set()
-        self.hints: dict[tuple[str, str], dict[str, Any]] = {}
-        self._phases: dict[tuple[str, str], str] = {}
+        self.hints: dict[Key, dict[str, Any]] = {}
+        self._phases: dict[Key, str] = {}
+        # (namespace, FineTuneJob name) -> resources waiting on it; its events wake them.
+        self.dependents: dict[tuple[str, str], set[Key]] = {}
 
     async def __call__(self, key: Hashable) -> float | None:
         assert isinstance(key, tuple)
         started = time.perf_counter()
         result = "ok"
+        kind = str(key[0])
         try:
-            return await self.reconcile((str(key[0]), str(key[1])))
+            return await self.reconcile((kind, str(key[1]), str(key[2])))
         except Exception:
             result = "error"
             raise
         finally:
-            self.metrics.reconciles.labels(planner.KIND, result).inc()
-            self.metrics.latency.labels(planner.KIND).observe(time.perf_counter() - started)
+            self.metrics.reconciles.labels(kind, result).inc()
+            self.metrics.latency.labels(kind).observe(time.perf_counter() - started)
 
-    async def reconcile(self, key: tuple[str, str]) -> float | None:
-        namespace, name = key
+    async def reconcile(self, key: Key) -> float | None:
+        kind, namespace, name = key
         # A resource seen for the first time (no status yet) is taken from its watch event:
         # nothing of ours can be newer, and it saves a round trip on the create path.
-        obj = self.hints.pop(key, None) or await self.kube.get(resource_path(namespace, name))
+        obj = self.hints.pop(key, None) or await self.kube.get(
+            resource_path(namespace, name, kind=kind)
+        )
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             self._set_phase(key, None)
+            self._forget_dependencies(key)
             return None  # the garbage collector removes the Job, pods and ConfigMap
+        obj.setdefault("kind", kind)
         uid = str(obj["metadata"]["uid"])
+        cache_key = (namespace, name)
 
         resolved: planner.Resolved | None = None
         issues: tuple[FieldIssue, ...] = ()
         try:
-            resolved = planner.resolve_spec(obj.get("spec"), self.config)
+            resolved = planner.resolve_spec(obj.get("spec"), self.config, kind)
         except InvalidResource as exc:
             issues = tuple(exc.issues)
 
-        configmap = self.caches.configmap(key, uid)
-        job = self.caches.job(key, uid)
-        pods = self.caches.job_pods(key, job["metadata"]["uid"]) if job else []
+        configmap = self.caches.configmap(cache_key, uid)
+        job = self.caches.job(cache_key, uid)
+        pods = self.caches.job_pods(cache_key, job["metadata"]["uid"]) if job else []
+        gate: sources.SourceGate | None = None
+        if resolved is not None and configmap is None and job is None:
+            gate = await self._source_gate(key, resolved)
         launched_spec: dict[str, Any] | None = None
         launched_hash: str | None = None
         if configmap is not None:
@@ -135,12 +150,14 @@ class Reconciler:
             pods=tuple(pods),
             backoff_limit=int(effective.get("backoffLimit", 2)),
             memory=(effective.get("resources") or {}).get("memory"),
+            source=gate,
         )
         plan = compute_status(obj, observed, datetime.now(UTC))
 
         requeue = plan.requeue_after
         if plan.create_job:
-            created = await self._launch(obj, resolved, configmap, plan.status)
+            references = gate.references if gate is not None else None
+            created = await self._launch(obj, resolved, configmap, plan.status, references)
             if created is None:
                 requeue = 1.0  # a previous incarnation's children are still being collected
         if plan.delete_job and job is not None:
@@ -155,16 +172,42 @@ class Reconciler:
             return 2.0
         if patch and not plan.delete_resource:
             await self.kube.merge_patch(
-                resource_path(namespace, name, status=True), {"status": patch}
+                resource_path(namespace, name, status=True, kind=kind), {"status": patch}
             )
         self._set_phase(key, str(plan.status.get("phase")))
         for event in plan.events:
             self._post(obj, event)
         if plan.delete_resource:
-            await self.kube.delete(resource_path(namespace, name))
+            await self.kube.delete(resource_path(namespace, name, kind=kind))
             self._set_phase(key, None)
             return None
         return requeue
+
+    async def _source_gate(self, key: Key, resolved: planner.Resolved) -> sources.SourceGate | None:
+        """Look up the FineTuneJobs a not-yet-launched resource references."""
+        kind, namespace, _ = key
+        refs = sources.references(kind, resolved.spec)
+        self._forget_dependencies(key)
+        if not refs:
+            return None
+        found: dict[str, dict[str, Any] | None] = {}
+        for ref in refs:
+            if ref.name not in found:
+                found[ref.name] = await self.kube.get(
+                    resource_path(namespace, ref.name, kind=sources.FINETUNE)
+                )
+        gate = sources.gate(kind, namespace, resolved.spec, found, self.config)
+        if gate.state != "ready":
+            for ref in refs:
+                self.dependents.setdefault((namespace, ref.name), set()).add(key)
+        return gate
+
+    def _forget_dependencies(self, key: Key) -> None:
+        for waiting in self.dependents.values():
+            waiting.discard(key)
+
+    def dependents_of(self, namespace: str, name: str) -> list[Key]:
+        return sorted(self.dependents.pop((namespace, name), set()))
 
     async def _launch(
         self,
@@ -172,22 +215,33 @@ class Reconciler:
         resolved: planner.Resolved | None,
         configmap: dict[str, Any] | None,
         status: dict[str, Any],
+        references: dict[str, Any] | None = None,
     ) -> dict[str, Any] | None:
         namespace = obj["metadata"]["namespace"]
         uid = obj["metadata"]["uid"]
+        kind = planner.kind_of(obj)
         await self._ensure_identity(namespace)
         attempts = int(status.get("attempts") or 0)
         if configmap is not None:  # launched before (resume): the frozen spec
             spec, spec_hash = planner.launched_spec(configmap)
             created = await self.kube.create(
                 planner.build_trainer_job(
-                    obj, spec, self.config, spec_hash_=spec_hash, attempts_before=attempts
+                    obj,
+                    spec,
+                    self.config,
+                    spec_hash_=spec_hash,
+                    attempts_before=attempts,
+                    references=planner.launched_references(configmap),
                 )
             )
         elif resolved is not None:  # first launch: ConfigMap and Job together
-            wanted = planner.build_spec_configmap(obj, resolved)
+            wanted = planner.build_spec_configmap(obj, resolved, references)
             job = planner.build_trainer_job(
-                obj, resolved.spec, self.config, spec_hash_=resolved.spec_hash
+                obj,
+                resolved.spec,
+                self.config,
+                spec_hash_=resolved.spec_hash,
+                references=references,
             )
             cm_created, created = await asyncio.gather(
                 self.kube.create(wanted), self.kube.create(job)
@@ -198,14 +252,14 @@ class Reconciler:
                     return None
         else:
             return None
-        name = planner.job_name(obj["metadata"]["name"])
+        name = planner.job_name(obj["metadata"]["name"], kind)
         if created is None:
             existing = await self.kube.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}")
             if existing is None or not _owned_by(existing, uid):
                 return None
             created = existing
         else:
-            self.metrics.jobs_created.labels(planner.KIND).inc()
+            self.metrics.jobs_created.labels(kind).inc()
             logger.info("created Job %s/%s", namespace, name)
             self._post(obj, Event("Normal", "JobCreated", f"created Job {name}"))
         status["jobName"] = name
@@ -239,15 +293,15 @@ class Reconciler:
         except Exception as exc:
             logger.warning("could not post event %s: %s", event.reason, exc)
 
-    def _set_phase(self, key: tuple[str, str], phase: str | None) -> None:
+    def _set_phase(self, key: Key, phase: str | None) -> None:
         old = self._phases.pop(key, None)
         if old is not None:
-            self.metrics.phases.labels(planner.KIND, old).dec()
+            self.metrics.phases.labels(key[0], old).dec()
         if phase is not None:
             self._phases[key] = phase
-            self.metrics.phases.labels(planner.KIND, phase).inc()
+            self.metrics.phases.labels(key[0], phase).inc()
 
-    async def resync(self, keys: Iterable[tuple[str, str]], enqueue: Callable[[Any], None]) -> None:
+    async def resync(self, keys: Iterable[Key], enqueue: Callable[[Any], None]) -> None:
         for key in list(keys):
             enqueue(key)
             await asyncio.sleep(0)

@@ -16,9 +16,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from graft.api.errors import FieldIssue
-from graft.controller.planner import ANNOTATION_ATTEMPTS_BEFORE, TRAINER_CONTAINER
+from graft.controller.planner import ANNOTATION_ATTEMPTS_BEFORE, TRAINER_CONTAINER, kind_of
+from graft.controller.sources import GATE_REASONS, SourceGate
 
-CONDITION_TYPES = ("Validated", "Running", "Succeeded", "Failed", "Suspended")
+CONDITION_TYPES = ("Validated", "Running", "Succeeded", "Failed", "Suspended", "Ready")
 OPERATOR_FIELDS = (
     "observedGeneration",
     "conditions",
@@ -53,6 +54,15 @@ OOM_ADVICE = (
     "lower training.perDeviceTrainBatchSize (raise gradientAccumulationSteps to keep the "
     "effective batch), enable training.gradientCheckpointing, or use method qlora"
 )
+
+# Failures that a change elsewhere (the spec, a referenced FineTuneJob) can still undo.
+RECOVERABLE_FAILURES = frozenset({"InvalidSpec", *GATE_REASONS.values()})
+
+DONE_MESSAGES = {
+    "FineTuneJob": "training finished",
+    "OptimizeJob": "the ONNX model is exported and passed validation",
+    "AdapterBundle": "the bundle is exported and every adapter passed the compatibility checks",
+}
 
 PodKind = Literal["pending", "running", "succeeded", "failed", "disrupted"]
 
@@ -165,6 +175,7 @@ class Observed:
     pods: tuple[dict[str, Any], ...] = ()
     backoff_limit: int = 2  # of the launched spec
     memory: str | None = None  # memory limit of the launched spec, for OOM messages
+    source: SourceGate | None = None  # referenced FineTuneJobs, before launch; None: none
 
 
 def find_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
@@ -229,7 +240,7 @@ def is_terminal(status: dict[str, Any]) -> bool:
     return is_true(conditions, "Succeeded") or (
         failed is not None
         and failed.get("status") == "True"
-        and failed.get("reason") != "InvalidSpec"
+        and failed.get("reason") not in RECOVERABLE_FAILURES
     )
 
 
@@ -266,6 +277,7 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
     before: list[dict[str, Any]] = list(prev.get("conditions") or [])
     generation = int(obj["metadata"].get("generation") or 1)
     spec = obj.get("spec") or {}
+    kind = kind_of(obj)
     suspend = bool(spec.get("suspend"))
     ttl = spec.get("ttlSecondsAfterFinished")
     launched = observed.launched_hash is not None or observed.job is not None
@@ -279,6 +291,8 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
         conds = set_condition(conds, type_, value, reason, message, generation=generation, now=now)
 
     def finish() -> Plan:
+        if kind == "AdapterBundle":
+            _set_ready(cond, conds)
         status["conditions"] = conds
         status["phase"] = derive_phase(conds)
         plan.events = _events(before, conds) + plan.events
@@ -354,6 +368,18 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
     elif find_condition(conds, "Suspended") is None:
         cond("Suspended", "False", "NotSuspended", "not suspended")
 
+    gate = observed.source
+    if job is None and not launched and gate is not None and gate.state != "ready":
+        if gate.state == "waiting":
+            cond("Running", "False", gate.reason, gate.message)
+            plan.requeue_after = 30.0  # the FineTuneJob's own events usually come first
+        else:
+            cond("Failed", "True", gate.reason, gate.message)
+            cond(
+                "Running", "False", gate.reason, "nothing is launched until the sources are usable"
+            )
+        return finish()
+
     if job is None:
         plan.create_job = True
         cond("Running", "False", "Launching", "creating the trainer Job")
@@ -379,8 +405,8 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
         _fail(cond, status, plan, reason, message, now, job)
         return finish()
     if complete is not None:
-        cond("Succeeded", "True", "Completed", "training finished")
-        cond("Running", "False", "Completed", "training finished")
+        cond("Succeeded", "True", "Completed", DONE_MESSAGES.get(kind, "finished"))
+        cond("Running", "False", "Completed", DONE_MESSAGES.get(kind, "finished"))
         status["completionTime"] = job_status.get("completionTime") or rfc3339(now)
         return finish()
     if len(failures) > observed.backoff_limit:
@@ -434,6 +460,20 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
     else:
         cond("Running", "False", "PodPending", "waiting for the trainer pod to start")
     return finish()
+
+
+def _set_ready(cond: Any, conds: list[dict[str, Any]]) -> None:
+    """An AdapterBundle is Ready once it Succeeded: the trainer succeeds only if the contract
+    (one base digest, adapter tensors matching the graph, smoke tests) passed."""
+    if is_true(conds, "Succeeded"):
+        cond("Ready", "True", "BundleReady", "every adapter passed the compatibility checks")
+        return
+    failed = find_condition(conds, "Failed")
+    if failed is not None and failed.get("status") == "True":
+        cond("Ready", "False", str(failed["reason"]), str(failed["message"]))
+        return
+    running = find_condition(conds, "Running") or {}
+    cond("Ready", "False", str(running.get("reason") or "NotReady"), "not built yet")
 
 
 def _finished(job: dict[str, Any]) -> bool:
