@@ -1,6 +1,7 @@
 """`graft-trainer`: the trainer pod's entry point.
 
-    graft-trainer run-resource PATH    PATH holds the whole FineTuneJob object as JSON
+    graft-trainer run-resource PATH    PATH holds the whole resource (FineTuneJob, OptimizeJob
+                                       or AdapterBundle) as JSON, as the operator launched it
 
 Environment: GRAFT_ARTIFACTS_URI (the artifact prefix), GRAFT_REPORTER (rich | jsonl |
 kubernetes), AWS_* for S3, HF_TOKEN for hf://. Exit codes: 0 success, 2 invalid input (not worth
@@ -43,7 +44,7 @@ def run_object(
     reporter_name: str | None,
     work_dir: Path | None = None,
 ) -> tuple[int, str]:
-    """Validate and run one FineTuneJob object; returns (exit code, one-line message)."""
+    """Validate and run one resource object; returns (exit code, one-line message)."""
     from graft.api.kinds import FineTuneJob, InvalidResource, parse_object
     from graft.storage import StoreError
 
@@ -52,10 +53,7 @@ def run_object(
     except InvalidResource as exc:
         return EXIT_INVALID, f"invalid resource: {exc}"
     if not isinstance(obj, FineTuneJob):
-        return (
-            EXIT_INVALID,
-            f"{obj.kind} is not yet supported by the trainer (expected FineTuneJob)",
-        )
+        return run_export(document, obj, artifacts_uri, reporter_name)
     if obj.spec.search is not None:
         return EXIT_INVALID, "spec.search is not yet supported by the trainer"
     from graft_trainer.engine import Engine, JobIdentity
@@ -76,6 +74,28 @@ def run_object(
     return EXIT_OK, f"finished at step {result.final_step}; outputs in {artifacts_uri}"
 
 
+def run_export(
+    document: dict[str, Any], obj: Any, artifacts_uri: str, reporter_name: str | None
+) -> tuple[int, str]:
+    """An OptimizeJob or AdapterBundle: export, validate, publish, then record the status."""
+    from graft.storage import StoreError
+    from graft_trainer.chain import run_referencing_document
+
+    try:
+        lines, status = run_referencing_document(document, obj, artifacts_uri, log.info)
+    except GraftInputError as exc:
+        return EXIT_INVALID, one_line(exc)
+    except StoreError as exc:
+        return EXIT_FAILURE, one_line(exc)
+    for line in lines:
+        log.info("%s", line)
+    if reporter_name == "kubernetes":
+        from graft_trainer.status_reporter import KubernetesStatusReporter
+
+        KubernetesStatusReporter().patch_status(status)
+    return EXIT_OK, f"{obj.kind} finished; outputs in {artifacts_uri}"
+
+
 def _cmd_run_resource(args: argparse.Namespace) -> int:
     artifacts = os.environ.get("GRAFT_ARTIFACTS_URI")
     if not artifacts:
@@ -86,7 +106,7 @@ def _cmd_run_resource(args: argparse.Namespace) -> int:
     try:
         document = json.loads(Path(args.path).read_text())
     except (OSError, ValueError) as exc:
-        msg = f"cannot read {args.path}: {one_line(exc)} (expected a FineTuneJob object as JSON)"
+        msg = f"cannot read {args.path}: {one_line(exc)} (expected a Graft resource object as JSON)"
         print(msg, file=sys.stderr)
         write_termination_log(msg)
         return EXIT_INVALID
@@ -111,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--log-format", choices=["text", "json"], default=os.environ.get("GRAFT_LOG_FORMAT", "json")
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    rr = sub.add_parser("run-resource", help="run a FineTuneJob object (JSON file) in the pod")
+    rr = sub.add_parser("run-resource", help="run a resource object (JSON file) in the pod")
     rr.add_argument("path")
     rr.set_defaults(handler=_cmd_run_resource)
     args = parser.parse_args(argv)

@@ -136,7 +136,10 @@ def _num(value: float | None, fmt: str = ".3f") -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-def run_optimize_object(obj: Any, uri: str, jobs: dict[str, Done], say: Say) -> list[str]:
+def run_optimize_object(
+    obj: Any, uri: str, jobs: dict[str, Done], say: Say
+) -> tuple[list[str], dict[str, Any]]:
+    """Export one OptimizeJob to `uri`; returns the lines to show and its status fields."""
     from graft_trainer.export.stages import run_optimize
 
     source = obj.spec.source
@@ -175,10 +178,14 @@ def run_optimize_object(obj: Any, uri: str, jobs: dict[str, Done], say: Say) -> 
         f"decode {_num(m.decode_tokens_per_second, ',.0f')} tokens/s",
     ]
     lines += [f"  {g.prompt!r} -> {g.output!r}" for g in result.generations]
-    return lines
+    return lines, {"artifacts": {"model": uri}, **result.status()}
 
 
-def run_bundle_object(obj: Any, uri: str, jobs: dict[str, Done], say: Say) -> list[str]:
+def run_bundle_object(
+    obj: Any, uri: str, jobs: dict[str, Done], say: Say
+) -> tuple[list[str], dict[str, Any]]:
+    """Build one AdapterBundle in `uri`; returns the lines to show and its status fields."""
+    from graft.storage import join_uri
     from graft_trainer.export.stages import BundleAdapterInput, run_bundle
 
     spec = obj.spec
@@ -211,6 +218,13 @@ def run_bundle_object(obj: Any, uri: str, jobs: dict[str, Done], say: Say) -> li
             on_progress=say,
         )
         _publish(out_dir, uri, result.manifest)
+        artifacts = {
+            "model": join_uri(uri, result.model_dir.relative_to(out_dir).as_posix() + "/"),
+            "adapters": {
+                name: join_uri(uri, path.relative_to(out_dir).as_posix())
+                for name, path in result.adapter_files.items()
+            },
+        }
     lines = [
         f"AdapterBundle/{obj.metadata.name}: {len(result.reports)} adapters on one "
         f"{spec.target.precision} {spec.target.device} base in {uri}"
@@ -221,7 +235,32 @@ def run_bundle_object(obj: Any, uri: str, jobs: dict[str, Done], say: Say) -> li
             f"  {r.name}: rank {r.rank}, smoke test {r.smoke_test}, decode overhead {overhead}"
         )
         lines += [f"    {g.prompt!r} -> {g.output!r}" for g in r.generations]
-    return lines
+    return lines, {"artifacts": artifacts, **result.status()}
+
+
+def run_referencing_document(
+    document: dict[str, Any], obj: Any, artifacts_uri: str, say: Say
+) -> tuple[list[str], dict[str, Any]]:
+    """Run an OptimizeJob or AdapterBundle in a pod: its FineTuneJob references were resolved
+    by the operator at launch (`references` in resource.json: artifact prefix and spec)."""
+    from pydantic import ValidationError
+
+    from graft.api.finetune import FineTuneJobSpec
+
+    jobs: dict[str, Done] = {}
+    resolved = document.get("references") or {}
+    for field_path, name in references(obj):
+        entry = resolved.get(name)
+        if not isinstance(entry, dict) or "uri" not in entry:
+            raise ChainError(f"{field_path}: FineTuneJob {name!r} was not resolved at launch")
+        try:
+            spec = FineTuneJobSpec.model_validate(entry.get("spec") or {})
+        except ValidationError as exc:
+            raise ChainError(f"{field_path}: FineTuneJob {name!r}: {exc}") from None
+        jobs[name] = Done(name, str(entry["uri"]), spec)
+    if obj.kind == "OptimizeJob":
+        return run_optimize_object(obj, artifacts_uri, jobs, say)
+    return run_bundle_object(obj, artifacts_uri, jobs, say)
 
 
 def run_documents(
@@ -274,9 +313,9 @@ def run_documents(
             continue
         try:
             if obj.kind == "OptimizeJob":
-                lines = run_optimize_object(obj, uri, jobs, say)
+                lines, _ = run_optimize_object(obj, uri, jobs, say)
             elif obj.kind == "AdapterBundle":
-                lines = run_bundle_object(obj, uri, jobs, say)
+                lines, _ = run_bundle_object(obj, uri, jobs, say)
             else:
                 return EXIT_INVALID, f"{label}: {obj.kind} is not supported by graft run"
         except GraftInputError as exc:

@@ -100,6 +100,40 @@ class KubernetesStatusReporter:
         except Exception as exc:
             log.warning("final status report dropped: %s", exc)
 
+    def patch_status(self, status: dict[str, Any], attempts: int = 4) -> None:
+        """Record a finished stage's status fields (artifacts, metrics, ...) once, retrying.
+
+        Unlike progress, this must land before the pod succeeds: the operator reports success
+        as soon as the Job completes, and a reader then looks here for the artifacts.
+        """
+        if not self.name:
+            return
+        delay = 1.0
+        for attempt in range(1, attempts + 1):
+            try:
+                if self._api is None:
+                    self._api = _default_api()
+                self._api.patch_namespaced_custom_object_status(
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    self.plural,
+                    self.name,
+                    {"status": status},
+                    _content_type="application/merge-patch+json",
+                )
+                self.patches += 1
+                return
+            except Exception as exc:
+                if attempt == attempts:
+                    raise RuntimeError(
+                        f"could not record the status of {self.kind} "
+                        f"{self.namespace}/{self.name}: {exc}"
+                    ) from None
+                log.warning("status patch failed (attempt %d): %s", attempt, exc)
+                time.sleep(delay)
+                delay *= 2
+
     def _flush_locked(self) -> None:
         event, self._pending = self._pending, None
         if event is None or not self.name:
