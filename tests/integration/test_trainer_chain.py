@@ -126,3 +126,68 @@ def test_dangling_reference_is_refused_before_anything_runs(
     out = capsys.readouterr().out
     assert "OptimizeJob/orphan: spec.source.fineTuneJobRef.name: no FineTuneJob 'missing'" in out
     assert not (tmp_path / "graft-runs").exists()
+
+
+def test_pod_runs_an_optimizejob_from_the_references_the_operator_froze(
+    kit: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator-trainer contract without a cluster: the FineTuneJob runs as its pod would,
+    the operator's planner and gate freeze the OptimizeJob's resource.json, and the trainer's
+    run-resource exports from it and records the status fields through the status API."""
+    from graft.controller import planner, sources
+    from graft.controller.config import OperatorConfig
+    from graft_trainer import __main__ as trainer_main
+    from graft_trainer import status_reporter
+
+    config = OperatorConfig(trainer_image="t", output_uri=f"file://{tmp_path}/store")
+    docs = _with_kit(kit, list(yaml.safe_load_all(EXAMPLE.read_text())))
+    ftj, optj = docs[0], docs[2]
+    for obj, uid in ((ftj, "1111aaaa-0000"), (optj, "2222bbbb-0000")):
+        obj["metadata"].update(namespace="team", uid=uid)
+
+    def pod_env(obj: dict[str, Any], refs: dict[str, Any] | None) -> tuple[Path, dict[str, str]]:
+        resolved = planner.resolve_spec(obj["spec"], config, obj["kind"])
+        cm = planner.build_spec_configmap(obj, resolved, refs)
+        job = planner.build_trainer_job(
+            obj, resolved.spec, config, spec_hash_=resolved.spec_hash, references=refs
+        )
+        path = tmp_path / f"{obj['metadata']['name']}.json"
+        path.write_text(cm["data"]["resource.json"])
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        return path, {e["name"]: e["value"] for e in container["env"] if e["name"] != "HOME"}
+
+    patches: list[tuple[str, str, dict[str, Any]]] = []
+
+    class StatusApi:
+        def patch_namespaced_custom_object_status(self, *args: Any, **_: Any) -> None:
+            patches.append((args[3], args[4], args[5]))
+
+    monkeypatch.setattr(status_reporter, "_default_api", StatusApi)
+    path, env = pod_env(ftj, None)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert trainer_main.main(["--log-format", "text", "run-resource", str(path)]) == 0
+
+    ftj["status"] = {
+        "phase": "Succeeded",
+        "conditions": [{"type": "Succeeded", "status": "True", "reason": "Completed"}],
+    }
+    gate = sources.gate("OptimizeJob", "team", optj["spec"], {ftj["metadata"]["name"]: ftj}, config)
+    assert gate.state == "ready", gate.message
+    path, env = pod_env(optj, gate.references)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    patches.clear()
+    assert trainer_main.main(["--log-format", "text", "run-resource", str(path)]) == 0
+
+    artifacts = env["GRAFT_ARTIFACTS_URI"]
+    assert artifacts == f"file://{tmp_path}/store/team/optimizejobs/quick-classifier-int4-2222bbbb/"
+    out = Path(artifacts.removeprefix("file://"))
+    assert "model.onnx" in json.loads((out / "manifest.json").read_text())["files"]
+    final = [body for plural, name, body in patches if plural == "optimizejobs"]
+    assert final and all(name == "quick-classifier-int4" for _, name, _ in patches)
+    status = final[-1]["status"]
+    assert status["artifacts"] == {"model": artifacts}
+    assert status["metrics"]["sizeBytes"] > 0 and status["metrics"]["decodeTokensPerSecond"] > 0
+    assert status["generations"][0]["prompt"].startswith("<|user|>")
+    assert "conditions" not in status and "phase" not in status  # the operator's fields

@@ -48,8 +48,9 @@ def run_object(
     from graft.api.kinds import FineTuneJob, InvalidResource, parse_object
     from graft.storage import StoreError
 
+    # `references`: what the operator resolved at launch, beside the object, not part of it.
     try:
-        obj = parse_object(document)
+        obj = parse_object({k: v for k, v in document.items() if k != "references"})
     except InvalidResource as exc:
         return EXIT_INVALID, f"invalid resource: {exc}"
     if not isinstance(obj, FineTuneJob):
