@@ -248,3 +248,24 @@ def test_transition_time_moves_only_on_status_change_and_patch_is_minimal() -> N
     assert derive_phase([]) == "Pending"
     # The trainer's fields are never in the operator's patch.
     assert "progress" not in status_patch({}, {**again.status, "progress": {"step": 1}})
+
+
+def test_unschedulable_pod_says_why_in_running_condition() -> None:
+    scheduled = {
+        "type": "PodScheduled",
+        "status": "False",
+        "reason": "Unschedulable",
+        "message": "0/1 nodes are available: 1 Insufficient cpu.",
+    }
+    stuck = pod("p1", "Pending", conditions=[scheduled])
+    assert classify_pod(stuck).reason == "Unschedulable"
+    plan = compute_status(ftj(), observed(job(), stuck), NOW)
+    running = find_condition(plan.status["conditions"], "Running")
+    assert running is not None and running["reason"] == "PodPending"
+    assert running["message"] == "Unschedulable: 0/1 nodes are available: 1 Insufficient cpu."
+    # A pod that is scheduled and pulling its image says that instead.
+    pulling = pod("p2", "Pending")
+    pulling["status"]["containerStatuses"] = [
+        {"name": "trainer", "state": {"waiting": {"reason": "ContainerCreating"}}}
+    ]
+    assert classify_pod(pulling).reason == "ContainerCreating"

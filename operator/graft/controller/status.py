@@ -125,9 +125,20 @@ def classify_pod(pod: dict[str, Any]) -> PodOutcome:
     if phase == "Running":
         return PodOutcome(name, "running")
     waiting = (container.get("state") or {}).get("waiting") or {}
-    return PodOutcome(
-        name, "pending", str(waiting.get("reason") or ""), str(waiting.get("message") or "")
-    )
+    if waiting.get("reason"):
+        return PodOutcome(
+            name, "pending", str(waiting["reason"]), str(waiting.get("message") or "")
+        )
+    for cond in status.get("conditions") or []:
+        # The scheduler's verdict, e.g. "0/3 nodes are available: 3 Insufficient cpu."
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return PodOutcome(
+                name,
+                "pending",
+                str(cond.get("reason") or "Unschedulable"),
+                str(cond.get("message") or "no node can run the pod"),
+            )
+    return PodOutcome(name, "pending")
 
 
 def failure_summary(outcome: PodOutcome, memory: str | None = None) -> tuple[str, str]:
