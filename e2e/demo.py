@@ -1,9 +1,10 @@
 """`make demo`: the quickstart on the local cluster, each phase timed.
 
 Brings the cluster up (or reuses it), builds the images, installs the chart with Helm v4, seeds
-the S3 store with the tiny model and the phrase->tone data, applies examples/finetunejob.yaml,
-shows live progress, and prints the artifacts and the metrics before and after training.
-OptimizeJob and AdapterBundle join the chain once their reconcilers land.
+the S3 store with the tiny model and the phrase->tone data, applies examples/quickstart.yaml
+(two FineTuneJobs, an OptimizeJob and an AdapterBundle referencing them), shows live progress,
+and prints the metrics before and after training, the artifacts, and what onnxruntime-genai
+generated with the exported model and with each adapter of the bundle.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tests.fixtures.cluster import load_localcluster
 
 NAMESPACE = "graft-demo"
 OPERATOR_NAMESPACE = "graft-system"
-EXAMPLE = quickstart.REPO / "examples" / "finetunejob.yaml"
+EXAMPLE = quickstart.REPO / "examples" / "quickstart.yaml"
 console = Console()
 timings: list[tuple[str, float]] = []
 
@@ -49,7 +50,38 @@ def localcluster(*args: str) -> None:
     subprocess.run([sys.executable, str(script), *args], check=True)
 
 
-def show_progress(api: Any, name: str) -> dict[str, Any]:
+PLURALS = {
+    "FineTuneJob": "finetunejobs",
+    "OptimizeJob": "optimizejobs",
+    "AdapterBundle": "adapterbundles",
+}
+
+
+def _detail(obj: dict[str, Any]) -> str:
+    status = obj.get("status") or {}
+    detail = str(status.get("phase") or "Pending")
+    metrics = status.get("metrics") or {}
+    if metrics.get("evalLoss") is not None:
+        detail += f"  eval loss {metrics['evalLoss']:.4f}"
+    running = quickstart.condition(obj, "Running") or {}
+    if running.get("reason") == "WaitingForSource":
+        detail += "  (waiting for its FineTuneJob)"
+    return detail
+
+
+def _done(obj: dict[str, Any]) -> bool:
+    done = "Ready" if obj["kind"] == "AdapterBundle" else "Succeeded"
+    for kind in (done, "Failed"):
+        cond = quickstart.condition(obj, kind)
+        if cond and cond["status"] == "True" and cond["reason"] != "SourceNotFound":
+            return True
+    return False
+
+
+def show_progress(
+    api: Any, docs: list[dict[str, Any]], timeout: float = 1800
+) -> list[dict[str, Any]]:
+    """One live row per resource until every one has finished (or failed)."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -57,31 +89,36 @@ def show_progress(api: Any, name: str) -> dict[str, Any]:
         TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
     )
+    keys = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    deadline = time.monotonic() + timeout
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task(name, total=None, steps="", detail="waiting for the trainer pod")
+        tasks = {
+            key: bar.add_task(f"{key[0]}/{key[1]}", total=None, steps="", detail="Pending")
+            for key in keys
+        }
+        while True:
+            objs = [quickstart.read(api, NAMESPACE, PLURALS[k], n) for k, n in keys]
+            for key, obj in zip(keys, objs, strict=True):
+                progress = (obj.get("status") or {}).get("progress") or {}
+                step, total = progress.get("step") or 0, progress.get("totalSteps")
+                finished = _done(obj)
+                if key[0] != "FineTuneJob":  # one stage, no steps: done or not
+                    step, total = (1, 1) if finished else (0, None)
+                bar.update(
+                    tasks[key],
+                    total=total,
+                    completed=step,
+                    steps=f"step {step}/{total}" if key[0] == "FineTuneJob" and total else "",
+                    detail=_detail(obj),
+                )
+            if all(_done(o) for o in objs) or time.monotonic() > deadline:
+                return objs
+            time.sleep(1)
 
-        def update(obj: dict[str, Any]) -> None:
-            status = obj.get("status") or {}
-            progress = status.get("progress") or {}
-            metrics = status.get("metrics") or {}
-            detail = status.get("phase") or "Pending"
-            if metrics.get("evalLoss") is not None:
-                detail += f"  eval loss {metrics['evalLoss']:.4f}"
-            step, total = progress.get("step") or 0, progress.get("totalSteps")
-            bar.update(
-                task,
-                total=total,
-                completed=step,
-                steps=f"step {step}/{total}" if total else "",
-                detail=detail,
-            )
 
-        return quickstart.wait_until_done(api, NAMESPACE, "finetunejobs", name, 900, on_poll=update)
-
-
-def print_results(obj: dict[str, Any], s3: Any) -> None:
+def print_finetune(obj: dict[str, Any], s3: Any) -> None:
     status = obj["status"]
-    console.print(f"phase: [bold]{status['phase']}[/]")
+    console.rule(f"FineTuneJob/{obj['metadata']['name']}: {status['phase']}")
     metrics = status.get("metrics") or {}
     table = Table("metric", "before", "after")
     table.add_row("eval loss", _num(metrics.get("baselineEvalLoss")), _num(metrics.get("evalLoss")))
@@ -100,6 +137,44 @@ def print_results(obj: dict[str, Any], s3: Any) -> None:
         for item in page.get("Contents", []):
             if "/checkpoints/" not in item["Key"]:
                 console.print(f"  {item['Key'].removeprefix(prefix)}  ({item['Size']} bytes)")
+
+
+def print_optimize(obj: dict[str, Any]) -> None:
+    status = obj["status"]
+    console.rule(f"OptimizeJob/{obj['metadata']['name']}: {status['phase']}")
+    metrics = status.get("metrics") or {}
+    size = metrics.get("sizeBytes")
+    console.print(
+        f"ONNX model: {(status.get('artifacts') or {}).get('model')}  ({size / 1e6:.1f} MB)"
+        if size
+        else ""
+    )
+    console.print(
+        f"perplexity PyTorch {_num(metrics.get('perplexityPyTorch'))} -> ONNX "
+        f"{_num(metrics.get('perplexityOnnx'))}; decode "
+        f"{metrics.get('decodeTokensPerSecond') or 0:,.0f} tokens/s"
+    )
+    for gen in status.get("generations") or []:
+        console.print(f"  onnxruntime-genai: {gen['prompt']!r} -> {gen['output']!r}")
+
+
+def print_bundle(obj: dict[str, Any]) -> None:
+    status = obj["status"]
+    ready = quickstart.condition(obj, "Ready") or {}
+    console.rule(f"AdapterBundle/{obj['metadata']['name']}: Ready={ready.get('status')}")
+    console.print(f"base model: {(status.get('artifacts') or {}).get('model')}")
+    table = Table("adapter", "rank", "smoke test", "decode overhead", "generation")
+    for report in status.get("adapters") or []:
+        gens = report.get("generations") or []
+        overhead = report.get("decodeOverhead")
+        table.add_row(
+            report["name"],
+            str(report.get("rank")),
+            str(report.get("smokeTest")),
+            "" if overhead is None else f"{overhead:+.1%}",
+            f"{gens[0]['prompt']!r} -> {gens[0]['output']!r}" if gens else "",
+        )
+    console.print(table)
 
 
 def _num(value: float | None) -> str:
@@ -134,26 +209,37 @@ def main() -> int:
     with phase("seed the store"):
         seeded = quickstart.seed_store(s3, env["GRAFT_ARTIFACT_BUCKET"], lc.cache_dir() / "demo")
         console.print(json.dumps(seeded, indent=1))
-    job = yaml.safe_load(EXAMPLE.read_text())
-    name = job["metadata"]["name"]
-    with phase("apply → Succeeded"):
+    docs = list(yaml.safe_load_all(EXAMPLE.read_text()))
+    with phase("apply → Succeeded / Ready"):
         quickstart.ensure_namespace(api, NAMESPACE)
         quickstart.copy_secret(api, "graft-s3", "default", NAMESPACE)
-        # A rerun trains afresh: a new resource gets a new uid and so a new artifact prefix.
-        quickstart.delete(api, NAMESPACE, "finetunejobs", name)
-        quickstart.apply(api, NAMESPACE, [job])
-        done = show_progress(api, name)
-    print_results(done, s3)
+        # A rerun starts afresh: a new resource gets a new uid and so a new artifact prefix.
+        for doc in docs:
+            quickstart.delete(api, NAMESPACE, PLURALS[doc["kind"]], doc["metadata"]["name"])
+        quickstart.apply(api, NAMESPACE, docs)
+        results = show_progress(api, docs)
+    failures = []
+    for obj in results:
+        failed = quickstart.condition(obj, "Failed") or {}
+        if not _done(obj) or failed.get("status") == "True":
+            failures.append(
+                f"{obj['kind']}/{obj['metadata']['name']}: "
+                f"{failed.get('reason') or 'not finished in time'}: {failed.get('message', '')}"
+            )
+            continue
+        if obj["kind"] == "FineTuneJob":
+            print_finetune(obj, s3)
+        elif obj["kind"] == "OptimizeJob":
+            print_optimize(obj)
+        else:
+            print_bundle(obj)
     table = Table("phase", "seconds")
     for label, took in timings:
         table.add_row(label, f"{took:.1f}")
     console.print(table)
-    succeeded = quickstart.condition(done, "Succeeded")
-    if not succeeded or succeeded["status"] != "True":
-        failed = quickstart.condition(done, "Failed") or {}
-        console.print(f"[red]FineTuneJob failed: {failed.get('reason')}: {failed.get('message')}")
-        return 1
-    return 0
+    for line in failures:
+        console.print(f"[red]{line}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

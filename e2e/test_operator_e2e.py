@@ -130,3 +130,90 @@ def test_deleted_trainer_pod_resumes_from_checkpoint(env: Any) -> None:
     bucket, key = split_s3(obj["status"]["artifacts"]["metrics"])
     metrics = json.loads(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
     assert (metrics["run"]["resumedFrom"] or 0) > 0, metrics["run"]
+
+
+QUICKSTART = REPO / "examples" / "quickstart.yaml"
+
+
+def s3_names(s3: Any, uri: str) -> set[str]:
+    bucket, key = split_s3(uri)
+    listing = s3.client().list_objects_v2(Bucket=bucket, Prefix=key)
+    return {o["Key"][len(key) :] for o in listing.get("Contents", [])}
+
+
+def test_quickstart_chain_finetune_optimize_bundle_by_reference(env: Any) -> None:
+    """examples/quickstart.yaml applied at once: the OptimizeJob and the AdapterBundle wait for
+    their FineTuneJobs, then export and validate; every artifact lands in S3 with a manifest."""
+    from e2e.quickstart import apply, read
+
+    full_cluster, cluster, s3 = env
+    api = full_cluster.api_client()
+    docs = list(yaml.safe_load_all(QUICKSTART.read_text()))
+    for doc in docs:  # shorter runs: the chain, not the model quality, is under test here
+        if doc["kind"] == "FineTuneJob":
+            doc["spec"]["training"].update(maxSteps=30, evalSteps=15, saveSteps=15)
+            doc["spec"]["training"].pop("earlyStopping", None)
+    apply(api, cluster.ns, docs)
+    reasons: set[str] = set()
+
+    def finished(plural: str, name: str, done: str) -> Any:
+        obj = read(api, cluster.ns, plural, name)
+        for cond in (obj.get("status") or {}).get("conditions") or []:
+            if cond["type"] == "Running":
+                reasons.add(cond["reason"])
+            if cond["type"] in (done, "Failed") and cond["status"] == "True":
+                return obj
+        return None
+
+    optj = wait_for(
+        "the OptimizeJob",
+        lambda: finished("optimizejobs", "tone-classifier-int4", "Succeeded"),
+        1200,
+        interval=1,
+    )
+    assert "WaitingForSource" in reasons, reasons
+    assert optj["status"]["phase"] == "Succeeded", optj["status"]
+    metrics = optj["status"]["metrics"]
+    assert metrics["sizeBytes"] > 0 and metrics["decodeTokensPerSecond"] > 0, metrics
+    assert optj["status"]["generations"], optj["status"]
+    model = optj["status"]["artifacts"]["model"]
+    assert {"manifest.json", "genai_config.json", "model.onnx"} <= s3_names(s3, model)
+
+    bundle = wait_for(
+        "the AdapterBundle",
+        lambda: finished("adapterbundles", "tone-bundle", "Ready"),
+        900,
+        interval=1,
+    )
+    ready = [c for c in bundle["status"]["conditions"] if c["type"] == "Ready"]
+    assert ready and ready[0]["status"] == "True", bundle["status"]
+    reports = {r["name"]: r for r in bundle["status"]["adapters"]}
+    assert set(reports) == {"classifier", "classifier-b"}
+    assert all(r["smokeTest"] == "passed" for r in reports.values()), reports
+    artifacts = bundle["status"]["artifacts"]
+    for name, uri in artifacts["adapters"].items():
+        bucket, key = split_s3(uri)
+        assert s3.client().head_object(Bucket=bucket, Key=key)["ContentLength"] > 0, name
+    assert "genai_config.json" in s3_names(s3, artifacts["model"])
+
+
+def test_reference_to_a_missing_finetunejob_fails_naming_the_field(env: Any) -> None:
+    from e2e.quickstart import apply, read
+
+    full_cluster, cluster, _ = env
+    api = full_cluster.api_client()
+    doc = next(d for d in yaml.safe_load_all(QUICKSTART.read_text()) if d["kind"] == "OptimizeJob")
+    doc["metadata"]["name"] = "orphan"
+    doc["spec"]["source"]["fineTuneJobRef"]["name"] = "does-not-exist"
+    apply(api, cluster.ns, [doc])
+
+    def failed() -> Any:
+        obj = read(api, cluster.ns, "optimizejobs", "orphan")
+        conds = {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+        return conds.get("Failed", {}).get("status") == "True" and conds["Failed"]
+
+    cond = wait_for("the orphan to fail", failed, 60, interval=0.5)
+    assert cond["reason"] == "SourceNotFound"
+    assert "spec.source.fineTuneJobRef.name" in cond["message"]
+    assert "does-not-exist" in cond["message"]
+    assert not cluster.jobs("orphan")
