@@ -163,17 +163,21 @@ def print_bundle(obj: dict[str, Any]) -> None:
     ready = quickstart.condition(obj, "Ready") or {}
     console.rule(f"AdapterBundle/{obj['metadata']['name']}: Ready={ready.get('status')}")
     console.print(f"base model: {(status.get('artifacts') or {}).get('model')}")
-    table = Table("adapter", "rank", "smoke test", "decode overhead", "generation")
+    table = Table("adapter", "rank", "smoke test", "decode overhead", "generates")
+    prompts: set[str] = set()
     for report in status.get("adapters") or []:
         gens = report.get("generations") or []
+        prompts.update(g["prompt"] for g in gens[:1])
         overhead = report.get("decodeOverhead")
         table.add_row(
             report["name"],
             str(report.get("rank")),
             str(report.get("smokeTest")),
             "" if overhead is None else f"{overhead:+.1%}",
-            f"{gens[0]['prompt']!r} -> {gens[0]['output']!r}" if gens else "",
+            repr(gens[0]["output"]) if gens else "",
         )
+    for prompt in sorted(prompts):
+        console.print(f"onnxruntime-genai, one base, per-request adapter; prompt {prompt!r}:")
     console.print(table)
 
 
