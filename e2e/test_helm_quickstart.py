@@ -1,5 +1,6 @@
-"""The chart on the full local cluster: helm install, the operator trains a FineTuneJob from the
-example with the real trainer image, and helm uninstall leaves no operator object behind."""
+"""The chart on the full local cluster: helm install, the in-cluster operator runs the quickstart
+chain (examples/quickstart.yaml: FineTuneJobs -> OptimizeJob -> AdapterBundle by reference) with
+the real trainer image to Succeeded/Ready, and helm uninstall leaves no operator object behind."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tests.fixtures.cluster import ClusterInfo, S3Info
 
 pytestmark = pytest.mark.e2e
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "finetunejob.yaml"
+EXAMPLE = Path(__file__).parents[1] / "examples" / "quickstart.yaml"
 
 
 def _operator_objects(api: Any, namespace: str, release: str) -> list[str]:
@@ -50,7 +51,13 @@ def _operator_objects(api: Any, namespace: str, release: str) -> list[str]:
     return found
 
 
-def test_helm_install_trains_the_example_and_uninstalls_cleanly(
+def s3_names(s3: S3Info, uri: str) -> set[str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    listing = s3.client().list_objects_v2(Bucket=bucket, Prefix=key)
+    return {o["Key"][len(key) :] for o in listing.get("Contents", [])}
+
+
+def test_helm_install_runs_the_quickstart_chain_and_uninstalls_cleanly(
     full_cluster: ClusterInfo,
     trainer_image: str,
     operator_image: str,
@@ -79,15 +86,21 @@ def test_helm_install_trains_the_example_and_uninstalls_cleanly(
         quickstart.seed_store(s3.client(), s3.bucket, tmp_path_factory.mktemp("seed"))
         k8s.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
         quickstart.copy_secret(api, "graft-s3", "default", namespace)
-        job = yaml.safe_load(EXAMPLE.read_text())
-        quickstart.apply(api, namespace, [job])
+        docs = list(yaml.safe_load_all(EXAMPLE.read_text()))
+        docs[1]["spec"]["training"]["maxSteps"] = 40  # the second adapter: quality not at stake
+        quickstart.apply(api, namespace, docs)
+        job, optimize, bundle = docs[0], docs[2], docs[3]
 
         seen_steps: set[int] = set()
+        waiting: set[str] = set()
 
         def watch(obj: dict[str, Any]) -> None:
             step = ((obj.get("status") or {}).get("progress") or {}).get("step")
             if step is not None:
                 seen_steps.add(step)
+            other = quickstart.read(api, namespace, "optimizejobs", optimize["metadata"]["name"])
+            running = quickstart.condition(other, "Running") or {}
+            waiting.add(str(running.get("reason")))
 
         name = job["metadata"]["name"]
         done = quickstart.wait_until_done(
@@ -108,6 +121,32 @@ def test_helm_install_trains_the_example_and_uninstalls_cleanly(
         )
         assert manifest["files"], manifest
         assert status["metrics"]["evalLoss"] < status["metrics"]["baselineEvalLoss"]
+        # The OptimizeJob waited for it, then exported and validated the int4 model.
+        assert "WaitingForSource" in waiting, waiting
+        optj = quickstart.wait_until_done(
+            api, namespace, "optimizejobs", optimize["metadata"]["name"], timeout=600
+        )
+        assert optj["status"]["phase"] == "Succeeded", json.dumps(optj["status"], indent=1)
+        metrics = optj["status"]["metrics"]
+        assert metrics["sizeBytes"] > 0 and metrics["decodeTokensPerSecond"] > 0, metrics
+        assert optj["status"]["generations"], optj["status"]
+        model = optj["status"]["artifacts"]["model"]
+        assert {"manifest.json", "genai_config.json", "model.onnx"} <= s3_names(s3, model)
+        # The bundle serves both adapters over one base, each smoke-tested, before Ready.
+        ab = quickstart.wait_until_done(
+            api, namespace, "adapterbundles", bundle["metadata"]["name"], 600, done="Ready"
+        )
+        ready = quickstart.condition(ab, "Ready")
+        assert ready and ready["status"] == "True", json.dumps(ab["status"], indent=1)
+        reports = {r["name"]: r for r in ab["status"]["adapters"]}
+        assert set(reports) == {"classifier", "classifier-b"}
+        assert all(r["smokeTest"] == "passed" for r in reports.values()), reports
+        artifacts = ab["status"]["artifacts"]
+        for adapter_name, uri in artifacts["adapters"].items():
+            bucket, _, key = uri.removeprefix("s3://").partition("/")
+            size = s3.client().head_object(Bucket=bucket, Key=key)["ContentLength"]
+            assert size > 0, adapter_name
+        assert "genai_config.json" in s3_names(s3, artifacts["model"])
     finally:
         quickstart.uninstall_operator(full_cluster.kubeconfig, operator_ns, release)
 

@@ -1,6 +1,8 @@
 """The operator (as a process on the host) on the full local cluster with the real trainer image:
 `kubectl apply -f examples/finetunejob.yaml` reaches Succeeded with progress observed moving and
-artifacts with a manifest in S3; a trainer pod deleted mid-training resumes from its checkpoint."""
+artifacts with a manifest in S3; a trainer pod deleted mid-training resumes from its checkpoint;
+an OptimizeJob naming a missing FineTuneJob fails naming the field. (The whole quickstart chain
+runs through the chart's in-cluster operator in test_helm_quickstart.py.)"""
 
 from __future__ import annotations
 
@@ -133,68 +135,6 @@ def test_deleted_trainer_pod_resumes_from_checkpoint(env: Any) -> None:
 
 
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
-
-
-def s3_names(s3: Any, uri: str) -> set[str]:
-    bucket, key = split_s3(uri)
-    listing = s3.client().list_objects_v2(Bucket=bucket, Prefix=key)
-    return {o["Key"][len(key) :] for o in listing.get("Contents", [])}
-
-
-def test_quickstart_chain_finetune_optimize_bundle_by_reference(env: Any) -> None:
-    """examples/quickstart.yaml applied at once: the OptimizeJob and the AdapterBundle wait for
-    their FineTuneJobs, then export and validate; every artifact lands in S3 with a manifest."""
-    from e2e.quickstart import apply, read
-
-    full_cluster, cluster, s3 = env
-    api = full_cluster.api_client()
-    docs = list(yaml.safe_load_all(QUICKSTART.read_text()))
-    for doc in docs:  # shorter runs: the chain, not the model quality, is under test here
-        if doc["kind"] == "FineTuneJob":
-            doc["spec"]["training"].update(maxSteps=30, evalSteps=15, saveSteps=15)
-            doc["spec"]["training"].pop("earlyStopping", None)
-    apply(api, cluster.ns, docs)
-    reasons: set[str] = set()
-
-    def finished(plural: str, name: str, done: str) -> Any:
-        obj = read(api, cluster.ns, plural, name)
-        for cond in (obj.get("status") or {}).get("conditions") or []:
-            if cond["type"] == "Running":
-                reasons.add(cond["reason"])
-            if cond["type"] in (done, "Failed") and cond["status"] == "True":
-                return obj
-        return None
-
-    optj = wait_for(
-        "the OptimizeJob",
-        lambda: finished("optimizejobs", "tone-classifier-int4", "Succeeded"),
-        1200,
-        interval=1,
-    )
-    assert "WaitingForSource" in reasons, reasons
-    assert optj["status"]["phase"] == "Succeeded", optj["status"]
-    metrics = optj["status"]["metrics"]
-    assert metrics["sizeBytes"] > 0 and metrics["decodeTokensPerSecond"] > 0, metrics
-    assert optj["status"]["generations"], optj["status"]
-    model = optj["status"]["artifacts"]["model"]
-    assert {"manifest.json", "genai_config.json", "model.onnx"} <= s3_names(s3, model)
-
-    bundle = wait_for(
-        "the AdapterBundle",
-        lambda: finished("adapterbundles", "tone-bundle", "Ready"),
-        900,
-        interval=1,
-    )
-    ready = [c for c in bundle["status"]["conditions"] if c["type"] == "Ready"]
-    assert ready and ready[0]["status"] == "True", bundle["status"]
-    reports = {r["name"]: r for r in bundle["status"]["adapters"]}
-    assert set(reports) == {"classifier", "classifier-b"}
-    assert all(r["smokeTest"] == "passed" for r in reports.values()), reports
-    artifacts = bundle["status"]["artifacts"]
-    for name, uri in artifacts["adapters"].items():
-        bucket, key = split_s3(uri)
-        assert s3.client().head_object(Bucket=bucket, Key=key)["ContentLength"] > 0, name
-    assert "genai_config.json" in s3_names(s3, artifacts["model"])
 
 
 def test_reference_to_a_missing_finetunejob_fails_naming_the_field(env: Any) -> None:
