@@ -12,6 +12,7 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,6 +60,9 @@ class RunResult:
     output_dir: Path | None = None
 
 
+EvalHook = Callable[[int, int, dict[str, float]], None]
+
+
 def spec_digest(spec: FineTuneJobSpec) -> str:
     """What must match for a checkpoint to be resumed: everything that shapes training."""
     api = spec.to_api()
@@ -92,6 +96,8 @@ class Engine:
         reporter: Reporter,
         work_dir: Path | None = None,
         prepared: Prepared | None = None,
+        on_evaluate: EvalHook | None = None,
+        generate_during_eval: bool = False,
     ) -> None:
         self.spec = spec
         self.identity = identity
@@ -104,6 +110,10 @@ class Engine:
             work_dir = Path(self._tmp.name)
         self.work_dir = work_dir
         self.prepared = prepared
+        # Called after each evaluation during training with (step, total steps, metrics);
+        # an exception it raises ends the run there (a search prunes a trial this way).
+        self.on_evaluate = on_evaluate
+        self.generate_during_eval = generate_during_eval
         self.metrics = FineTuneMetrics()
         self.progress = FineTuneProgress()
         self.warnings: list[TrainingWarning] = []
@@ -243,7 +253,7 @@ class Engine:
             patience=es.patience if es else None,
             min_delta=es.min_delta if es else 0.0,
         )
-        gen_during = tracker.metric in GENERATION_METRICS
+        gen_during = tracker.metric in GENERATION_METRICS or self.generate_during_eval
         overfit = OverfittingDetector()
         best_weights: dict[str, Any] | None = None
 
@@ -399,6 +409,8 @@ class Engine:
                             since,
                         )
                 self.emit("evaluating")
+                if self.on_evaluate is not None:
+                    self.on_evaluate(step, total, values)
                 if tracker.should_stop:
                     stopped_early = True
                     self.warn(
