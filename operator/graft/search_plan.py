@@ -276,10 +276,9 @@ class StudyTrial:
 
     @property
     def reported(self) -> float | None:
-        """The last intermediate value (what a pruned trial reached)."""
-        if not self.intermediate:
-            return None
-        return self.intermediate[max(self.intermediate)]
+        """The last finite intermediate value (what a pruned trial reached)."""
+        finite = [s for s, v in self.intermediate.items() if math.isfinite(v)]
+        return self.intermediate[max(finite)] if finite else None
 
 
 @dataclass
