@@ -56,7 +56,9 @@ def run_object(
     if not isinstance(obj, FineTuneJob):
         return run_export(document, obj, artifacts_uri, reporter_name)
     if obj.spec.search is not None:
-        return EXIT_INVALID, "spec.search is not yet supported by the trainer"
+        from graft_trainer.search import run_search
+
+        return run_search(document, artifacts_uri, reporter_name, work_dir=work_dir)
     from graft_trainer.engine import Engine, JobIdentity
     from graft_trainer.reporting import make_reporter
 

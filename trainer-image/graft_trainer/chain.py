@@ -308,7 +308,13 @@ def run_documents(
             code, message = run_object(doc, uri, reporter)
             if code != EXIT_OK:
                 return code, f"{label}: {message}"
-            jobs[obj.metadata.name] = Done(obj.metadata.name, uri, obj.spec)
+            spec = obj.spec
+            if spec.search is not None:  # the best trial's spec (its params applied)
+                from graft.api.finetune import FineTuneJobSpec
+
+                ran = (read_manifest(uri) or {}).get("spec") or spec.to_api()
+                spec = FineTuneJobSpec.model_validate(ran)
+            jobs[obj.metadata.name] = Done(obj.metadata.name, uri, spec)
             say(f"{label}: {message}")
             continue
         try:

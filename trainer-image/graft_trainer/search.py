@@ -263,6 +263,17 @@ class SearchRun:
                 ProgressEvent(stage="training", progress=progress, message=message)
             )
 
+    def publish_status(self) -> None:
+        """status.search after every start and end of a trial, where the reporter can write
+        it (on a cluster: the resource's status); a failure is logged, never fatal."""
+        patch = getattr(self.reporter, "patch_status", None)
+        if not callable(patch):
+            return
+        try:
+            patch({"search": plan.summary(self.study).to_api()}, attempts=1)
+        except Exception as exc:
+            log.warning("could not record status.search: %s", exc)
+
     # -------------------------------------------------------- asking and telling
 
     def next_trial(self) -> tuple[Any, plan.StudyTrial] | None:
@@ -280,6 +291,7 @@ class SearchRun:
         record = plan.start_record(self.study, handle, params, self.prefix)
         self.handles[handle.number] = handle
         self.save()
+        self.publish_status()
         self.say(f"trial {handle.number}: starting {params}")
         return handle, record
 
@@ -318,6 +330,7 @@ class SearchRun:
         record.adapter = outcome.adapter if outcome.state == "Complete" else None
         record.message = outcome.message
         self.save()
+        self.publish_status()
         if outcome.state == "Complete":
             detail = f"complete, {self.metric} {outcome.value:.4g}"
         elif outcome.state == "Pruned":
