@@ -113,8 +113,19 @@ def _cmd_run_resource(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr)
         write_termination_log(msg)
         return EXIT_INVALID
+    trial = os.environ.get("GRAFT_TRIAL")
+    result: dict[str, Any] | None = None
     try:
-        code, message = run_object(document, artifacts, os.environ.get("GRAFT_REPORTER", "jsonl"))
+        if trial is not None:  # one trial of the resource's study (the operator's search)
+            from graft_trainer.search_trial import run_trial
+
+            if not trial.isdigit():
+                code, message = EXIT_INVALID, f"GRAFT_TRIAL={trial!r} is not a trial number"
+            else:
+                code, message, result = run_trial(document, artifacts, int(trial))
+        else:
+            reporter = os.environ.get("GRAFT_REPORTER", "jsonl")
+            code, message = run_object(document, artifacts, reporter)
     except Exception as exc:  # the reason, never a traceback with secrets, ends the pod
         log.exception("training failed")
         code, message = EXIT_FAILURE, f"{type(exc).__name__}: {one_line(exc)}"
@@ -123,6 +134,8 @@ def _cmd_run_resource(args: argparse.Namespace) -> int:
         write_termination_log(message)
     else:
         print(message, file=sys.stderr)
+        if result is not None:  # the trial's outcome, for the operator
+            write_termination_log(json.dumps(result, default=float))
     return code
 
 

@@ -1,0 +1,197 @@
+"""One trial of a study in its own pod: how the operator runs `spec.search` on a cluster.
+
+The operator launches trial Jobs numbered 0..N-1 (at most `parallelism` at once) and learns
+each result from the pod's termination message; it needs neither optuna nor the store. The pod
+(`GRAFT_TRIAL=<n>`) does the study work against the output store:
+
+- its parameters: read back from its own record `<prefix>/trials/<n>/trial.json` when a pod of
+  this trial ran before (a lost pod's replacement continues the same trial), else asked from
+  optuna with the finished trials' records as history (random and TPE with a seed per trial,
+  so trials asked at the same time differ; a grid takes its n-th point, so parallel trials
+  never collide);
+- pruning: each intermediate value goes to an optuna study holding the finished trials, and
+  the trial stops when the pruner says so (a pruned trial is a successful pod);
+- its record is rewritten after every evaluation and at the end, and the study report
+  (`<prefix>/search/report.html`) is redrawn from every record the pod can see.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from graft import search_plan as plan
+from graft.api.search import SearchSpec
+from graft.storage import StoreError, open_store
+from graft.storage.uri import join_uri
+from graft_trainer.errors import EXIT_FAILURE, EXIT_INVALID, EXIT_OK
+
+log = logging.getLogger("graft_trainer.search")
+
+RECORD = "trial.json"
+REPORT = "search/report.html"
+
+
+def record_uri(prefix: str, number: int) -> str:
+    return join_uri(plan.trial_uri(prefix, number), RECORD)
+
+
+def grid_point(search: SearchSpec, number: int, seed: int) -> dict[str, Any]:
+    """The grid's `number`-th point, in an order shuffled once by `seed`."""
+    paths = list(search.space)
+    points = list(itertools.product(*(search.space[p].candidates() for p in paths)))
+    random.Random(seed).shuffle(points)
+    return dict(zip(paths, points[number % len(points)], strict=True))
+
+
+def _history(
+    records: list[plan.StudyTrial], base: dict[str, Any], search: SearchSpec
+) -> plan.Study:
+    """A study of the finished records, renumbered 0..k-1 as `rebuild_study` expects."""
+    study = plan.new_study(base, search)
+    for i, record in enumerate(r for r in records if r.state in plan.FINISHED):
+        study.trials.append(plan.StudyTrial.from_json({**record.to_json(), "number": i}))
+    return study
+
+
+def ask(
+    records: list[plan.StudyTrial],
+    base: dict[str, Any],
+    search: SearchSpec,
+    number: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Trial `number`'s parameters given the other trials' records."""
+    if search.strategy == "grid":
+        return grid_point(search, number, seed)
+    ostudy = plan.rebuild_study(_history(records, base, search), search, seed=seed + 7919 * number)
+    return plan.suggest(ostudy.ask(), search)
+
+
+def _read_record(store: Any, prefix: str, number: int) -> plan.StudyTrial | None:
+    data = store.read_bytes(record_uri(prefix, number))
+    if data is None:
+        return None
+    try:
+        return plan.StudyTrial.from_json(json.loads(data))
+    except (ValueError, KeyError, TypeError):
+        log.warning("ignoring the unreadable record of trial %d", number)
+        return None
+
+
+def run_trial(
+    document: dict[str, Any], prefix: str, number: int, work_dir: Path | None = None
+) -> tuple[int, str, dict[str, Any]]:
+    """Run trial `number` of the FineTuneJob `document` (with `spec.search`) under `prefix`.
+
+    Returns (exit code, one-line message, the trial's result for the termination message).
+    Exit 0 for any trial outcome (Complete, Pruned, Failed: the study goes on); 1 when the store
+    fails (the pod is retried and continues); 2 when the document itself is unusable.
+    """
+    from graft.api.kinds import FineTuneJob, InvalidResource, parse_object
+    from graft_trainer.search import train_trial
+
+    try:
+        obj = parse_object(document)
+    except InvalidResource as exc:
+        return EXIT_INVALID, f"invalid resource: {exc}", {}
+    if not isinstance(obj, FineTuneJob) or obj.spec.search is None:
+        return EXIT_INVALID, "expected a FineTuneJob with spec.search", {}
+    search = obj.spec.search
+    target = plan.target_trials(search)
+    if not 0 <= number < target:
+        return EXIT_INVALID, f"GRAFT_TRIAL={number} is outside the study's 0..{target - 1}", {}
+    base = obj.spec.to_api()
+    seed = obj.spec.training.seed
+    prefix = prefix if prefix.endswith("/") else prefix + "/"
+    meta = obj.metadata
+    identity = (
+        f"{meta.name}-trial-{number}",
+        meta.namespace or "local",
+        str((meta.model_extra or {}).get("uid", "")),
+    )
+    try:
+        store = open_store(prefix)
+        others = [r for n in range(target) if n != number if (r := _read_record(store, prefix, n))]
+        own = _read_record(store, prefix, number)
+        if own is not None and own.state in plan.FINISHED:
+            # The pod that finished it did not live to report it: report, do not rerun.
+            return EXIT_OK, f"trial {number}: {own.state} (recorded before)", _result(own)
+        if own is None:
+            params = ask(others, base, search, number, seed)
+            own = plan.StudyTrial(
+                number=number,
+                params=params,
+                uri=plan.trial_uri(prefix, number),
+                started=plan._now(),
+            )
+            store.write_bytes(record_uri(prefix, number), json.dumps(own.to_json()).encode())
+        history = _history(others, base, search)
+        history.trials.append(
+            plan.StudyTrial.from_json({**own.to_json(), "number": len(history.trials)})
+        )
+        ostudy = plan.rebuild_study(history, search, seed=seed)
+        (handle,) = plan.running_trials(ostudy)
+        log.info("trial %d of %d: %s", number, target, own.params)
+
+        def on_report(step: int, value: float, last: bool) -> bool:
+            own.intermediate[step] = value
+            own.step = max(own.step or 0, step)
+            handle.report(value, step)
+            store.write_bytes(record_uri(prefix, number), json.dumps(own.to_json()).encode())
+            return not last and bool(handle.should_prune())
+
+        outcome = train_trial(
+            plan.trial_spec(base, own.params),
+            identity,
+            plan.trial_uri(prefix, number),
+            search.objective.metric,
+            on_report,
+            work_dir=work_dir,
+        )
+        if outcome.store_error:
+            return EXIT_FAILURE, outcome.message or "the output store failed", {}
+        own.state = outcome.state
+        own.value = outcome.value
+        own.step = outcome.step if outcome.step is not None else own.step
+        own.adapter = outcome.adapter if outcome.state == "Complete" else None
+        own.message = outcome.message
+        own.finished = plan._now()
+        store.write_bytes(record_uri(prefix, number), json.dumps(own.to_json()).encode())
+        _redraw_report(store, prefix, meta.name, base, search, target)
+    except StoreError as exc:
+        return EXIT_FAILURE, str(exc).splitlines()[0], {}
+    return EXIT_OK, f"trial {number}: {own.state}", _result(own)
+
+
+def _result(record: plan.StudyTrial) -> dict[str, Any]:
+    """What the operator reads from the pod's termination message (at most 4 KiB)."""
+    return {
+        "trial": record.number,
+        "state": record.state,
+        "value": record.value,
+        "step": record.step,
+        "params": record.params,
+        "adapter": record.adapter,
+        "message": (record.message or "")[:300] or None,
+    }
+
+
+def _redraw_report(
+    store: Any, prefix: str, name: str, base: dict[str, Any], search: SearchSpec, target: int
+) -> None:
+    """The study report from every record the store holds now (the last trial draws it whole)."""
+    from graft_trainer.search_report import render_search_report
+
+    study = plan.new_study(base, search)
+    study.trials = [r for n in range(target) if (r := _read_record(store, prefix, n))]
+    best = plan.best_trial(study)
+    try:
+        page = render_search_report(name, search, study, best.number if best else None)
+        store.write_bytes(join_uri(prefix, REPORT), page.encode())
+    except Exception as exc:  # the report is a view; the records are what counts
+        log.warning("could not draw the search report: %s", exc)
