@@ -33,6 +33,7 @@ LABEL_UID = "graft.dev/uid"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_APP = "app.kubernetes.io/name"
 LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_TRIAL = "graft.dev/trial"  # on a search trial's Job and pods: the trial number
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 
 ANNOTATION_SPEC_HASH = "graft.dev/spec-hash"
@@ -112,6 +113,10 @@ def changed_fields(launched: dict[str, Any], current: dict[str, Any]) -> list[st
 
 def job_name(name: str, kind: str = KIND) -> str:
     return child_name(name, JOB_SUFFIX[kind])
+
+
+def trial_job_name(name: str, number: int) -> str:
+    return child_name(name, f"trial-{number}")
 
 
 def configmap_name(name: str, kind: str = KIND) -> str:
@@ -275,14 +280,18 @@ def build_trainer_job(
     spec_hash_: str,
     attempts_before: int = 0,
     references: dict[str, Any] | None = None,
+    trial: int | None = None,
 ) -> dict[str, Any]:
-    """The batch/v1 Job that runs the trainer for `obj` with the launched (resolved) `spec`."""
+    """The batch/v1 Job that runs the trainer for `obj` with the launched (resolved) `spec`;
+    with `trial`, the Job of that trial of the resource's search."""
     meta = obj["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     kind = kind_of(obj)
     labels = selection_labels(obj)
     scheduling = spec.get("scheduling") or {}
     job_labels = {**labels, LABEL_COMPONENT: "trainer"}
+    if trial is not None:
+        job_labels[LABEL_TRIAL] = str(trial)
     if scheduling.get("queueName"):
         job_labels[KUEUE_QUEUE] = scheduling["queueName"]
 
@@ -291,12 +300,16 @@ def build_trainer_job(
             "name": "GRAFT_ARTIFACTS_URI",
             "value": artifact_prefix(spec["output"]["uri"], namespace, kind, name, uid),
         },
-        {"name": "GRAFT_REPORTER", "value": "kubernetes"},
+        # Trials report through their termination message: parallel trials must not write
+        # the resource's status over each other.
+        {"name": "GRAFT_REPORTER", "value": "kubernetes" if trial is None else "jsonl"},
         {"name": "GRAFT_RESOURCE_KIND", "value": kind},
         {"name": "GRAFT_RESOURCE_NAME", "value": name},
         {"name": "GRAFT_RESOURCE_NAMESPACE", "value": namespace},
         {"name": "HOME", "value": HOME},
     ]
+    if trial is not None:
+        env.append({"name": "GRAFT_TRIAL", "value": str(trial)})
     env.extend({"name": k, "value": v} for k, v in sorted(config.trainer_extra_env.items()))
 
     container: dict[str, Any] = {
@@ -358,7 +371,7 @@ def build_trainer_job(
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": job_name(name, kind),
+            "name": job_name(name, kind) if trial is None else trial_job_name(name, trial),
             "namespace": namespace,
             "labels": job_labels,
             "annotations": {

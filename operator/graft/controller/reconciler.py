@@ -24,7 +24,15 @@ from graft.controller import planner, sources
 from graft.controller.config import OperatorConfig
 from graft.controller.kube import Kube, object_path, resource_path
 from graft.controller.metrics import Metrics
-from graft.controller.status import Event, Observed, compute_status, status_patch
+from graft.controller.status import (
+    Event,
+    Observed,
+    StudyObserved,
+    compute_status,
+    status_patch,
+)
+from graft.controller.study import FINISHED, TrialObserved, observe_trial
+from graft.naming import artifact_prefix
 
 logger = logging.getLogger("graft.controller")
 
@@ -54,8 +62,17 @@ class Caches:
         ]
 
     def job(self, key: tuple[str, str], uid: str) -> dict[str, Any] | None:
-        owned = self._owned(self.jobs(key), uid)
+        owned = [j for j in self._owned(self.jobs(key), uid) if not _trial_of(j)]
         return owned[0] if owned else None
+
+    def trial_jobs(self, key: tuple[str, str], uid: str) -> dict[int, dict[str, Any]]:
+        """A searched FineTuneJob's trial Jobs by trial number."""
+        found: dict[int, dict[str, Any]] = {}
+        for job in self._owned(self.jobs(key), uid):
+            number = _trial_of(job)
+            if number is not None:
+                found[number] = job
+        return found
 
     def configmap(self, key: tuple[str, str], uid: str) -> dict[str, Any] | None:
         owned = self._owned(self.configmaps(key), uid)
@@ -138,6 +155,24 @@ class Reconciler:
                 planner.ANNOTATION_SPEC_HASH, launched_hash
             )
         effective = launched_spec or (resolved.spec if resolved else {})
+        study: StudyObserved | None = None
+        if kind == planner.KIND and effective.get("search") and effective.get("output"):
+            trials = self.caches.trial_jobs(cache_key, uid)
+            study = StudyObserved(
+                spec=effective,
+                prefix=artifact_prefix(effective["output"]["uri"], namespace, kind, name, uid),
+                trials=tuple(
+                    TrialObserved(
+                        n, j, tuple(self.caches.job_pods(cache_key, j["metadata"]["uid"]))
+                    )
+                    for n, j in sorted(trials.items())
+                ),
+            )
+            if trials and launched_hash is None:
+                first = trials[min(trials)]
+                launched_hash = (first["metadata"].get("annotations") or {}).get(
+                    planner.ANNOTATION_SPEC_HASH
+                )
         changed: tuple[str, ...] = ()
         if resolved and launched_spec and launched_hash != resolved.spec_hash:
             changed = tuple(planner.changed_fields(launched_spec, resolved.spec))
@@ -151,6 +186,7 @@ class Reconciler:
             backoff_limit=int(effective.get("backoffLimit", 2)),
             memory=(effective.get("resources") or {}).get("memory"),
             source=gate,
+            study=study,
         )
         plan = compute_status(obj, observed, datetime.now(UTC))
 
@@ -160,11 +196,17 @@ class Reconciler:
             created = await self._launch(obj, resolved, configmap, plan.status, references)
             if created is None:
                 requeue = 1.0  # a previous incarnation's children are still being collected
+        if plan.create_trials:
+            await self._launch_trials(obj, resolved, configmap, plan.create_trials)
         if plan.delete_job and job is not None:
             await self.kube.delete(object_path(job))
             plan.events.append(Event("Normal", "JobDeleted", f"deleted Job {job_name(job)}"))
+        if plan.delete_job and study is not None:
+            for trial in study.trials:
+                if observe_trial(trial, observed.backoff_limit)["state"] not in FINISHED:
+                    await self.kube.delete(object_path(trial.job))
 
-        patch = status_patch(obj.get("status") or {}, plan.status)
+        patch = status_patch(obj.get("status") or {}, plan.status, study=study is not None)
         if plan.create_job and requeue is None:
             # Just launched: the Job's watch event brings this resource back for its status
             # patch. Under a burst, the queue's other launches go first.
@@ -265,6 +307,33 @@ class Reconciler:
         status["jobName"] = name
         return created
 
+    async def _launch_trials(
+        self,
+        obj: dict[str, Any],
+        resolved: planner.Resolved | None,
+        configmap: dict[str, Any] | None,
+        numbers: list[int],
+    ) -> None:
+        """The trial Jobs of a search (and the spec ConfigMap they share, the first time)."""
+        namespace = obj["metadata"]["namespace"]
+        await self._ensure_identity(namespace)
+        if configmap is not None:
+            spec, spec_hash = planner.launched_spec(configmap)
+        elif resolved is not None:
+            spec, spec_hash = resolved.spec, resolved.spec_hash
+            await self.kube.create(planner.build_spec_configmap(obj, resolved))  # 409: exists
+        else:
+            return
+        jobs = [
+            planner.build_trainer_job(obj, spec, self.config, spec_hash_=spec_hash, trial=n)
+            for n in numbers
+        ]
+        created = await asyncio.gather(*(self.kube.create(job) for job in jobs))
+        for job, made in zip(jobs, created, strict=True):
+            if made is not None:  # None: 409, it exists already
+                self.metrics.jobs_created.labels(planner.kind_of(obj)).inc()
+                self._post(obj, Event("Normal", "TrialCreated", f"created Job {job_name(job)}"))
+
     async def _ensure_identity(self, namespace: str) -> None:
         """ServiceAccount and RoleBinding for trainer pods, once per namespace and process."""
         task = self._identities.get(namespace)
@@ -309,6 +378,11 @@ class Reconciler:
 
 def job_name(job: dict[str, Any]) -> str:
     return str(job["metadata"]["name"])
+
+
+def _trial_of(job: dict[str, Any]) -> int | None:
+    value = (job["metadata"].get("labels") or {}).get(planner.LABEL_TRIAL)
+    return int(value) if value is not None and str(value).isdigit() else None
 
 
 def _owned_by(obj: dict[str, Any], uid: str) -> bool:

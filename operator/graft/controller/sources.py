@@ -88,6 +88,7 @@ def gate(
 ) -> SourceGate:
     """The gate for a resource whose referenced FineTuneJobs, looked up by name, are `found`."""
     from graft.controller.planner import resolve_spec  # planner imports this module's users
+    from graft.controller.study import best_trial_source
 
     refs = references(kind, spec)
     problems: dict[GateState, list[str]] = {"missing": [], "failed": [], "unusable": []}
@@ -136,13 +137,19 @@ def gate(
                 )
                 continue
         meta = obj.get("metadata") or {}
-        resolved[ref.name] = {
-            "uri": artifact_prefix(
-                run.output_uri, namespace, FINETUNE, ref.name, str(meta.get("uid", ""))
-            ),
-            "uid": str(meta.get("uid", "")),
-            "spec": run.spec,
-        }
+        uri = artifact_prefix(
+            run.output_uri, namespace, FINETUNE, ref.name, str(meta.get("uid", ""))
+        )
+        spec_used = run.spec
+        if run.spec.get("search"):  # a study: its best trial is what the job produced
+            best = best_trial_source(dict(obj.get("status") or {}), run.spec, uri)
+            if best is None:
+                problems["unusable"].append(
+                    f"{ref.field}: {label} finished its search without a best trial"
+                )
+                continue
+            uri, spec_used = best
+        resolved[ref.name] = {"uri": uri, "uid": str(meta.get("uid", "")), "spec": spec_used}
     for state in BLOCKING:
         if problems[state]:
             return SourceGate(state, "; ".join(problems[state]))

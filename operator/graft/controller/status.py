@@ -16,10 +16,32 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from graft.api.errors import FieldIssue
-from graft.controller.planner import ANNOTATION_ATTEMPTS_BEFORE, TRAINER_CONTAINER, kind_of
+from graft.controller.planner import ANNOTATION_ATTEMPTS_BEFORE, kind_of
+from graft.controller.pods import (
+    DISRUPTION_REASONS,
+    EXIT_INVALID_INPUT,
+    OOM_ADVICE,
+    PodOutcome,
+    classify_pod,
+    failure_summary,
+)
 from graft.controller.sources import GATE_REASONS, SourceGate
+from graft.controller.study import TrialObserved, plan_study
 
 CONDITION_TYPES = ("Validated", "Running", "Succeeded", "Failed", "Suspended", "Ready")
+__all__ = [
+    "DISRUPTION_REASONS",
+    "OOM_ADVICE",
+    "Event",
+    "Observed",
+    "Plan",
+    "PodOutcome",
+    "classify_pod",
+    "compute_status",
+    "failure_summary",
+    "status_patch",
+]
+
 OPERATOR_FIELDS = (
     "observedGeneration",
     "conditions",
@@ -29,32 +51,8 @@ OPERATOR_FIELDS = (
     "attempts",
     "jobName",
 )
-EXIT_INVALID_INPUT = 2
-
-# Pod-level reasons that mean the pod was lost, not that the trainer failed: retried without
-# counting toward backoffLimit, and the new pod resumes from the last checkpoint.
-DISRUPTION_REASONS = frozenset(
-    {
-        "Evicted",
-        "Preempted",
-        "Preempting",
-        "NodeLost",
-        "NodeShutdown",
-        "Shutdown",
-        "Terminated",
-        "NodeAffinity",
-        "UnexpectedAdmissionError",
-        "OutOfcpu",
-        "OutOfmemory",
-        "OutOfpods",
-    }
-)
-
-OOM_ADVICE = (
-    "lower training.perDeviceTrainBatchSize (raise gradientAccumulationSteps to keep the "
-    "effective batch), enable training.gradientCheckpointing, or use method qlora"
-)
-
+# Fields the trainer writes for a single run, the operator for a search (trials cannot share).
+STUDY_FIELDS = ("search", "progress", "artifacts")
 # Failures that a change elsewhere (the spec, a referenced FineTuneJob) can still undo.
 RECOVERABLE_FAILURES = frozenset({"InvalidSpec", *GATE_REASONS.values()})
 
@@ -63,8 +61,6 @@ DONE_MESSAGES = {
     "OptimizeJob": "the ONNX model is exported and passed validation",
     "AdapterBundle": "the bundle is exported and every adapter passed the compatibility checks",
 }
-
-PodKind = Literal["pending", "running", "succeeded", "failed", "disrupted"]
 
 
 def rfc3339(when: datetime) -> str:
@@ -75,84 +71,6 @@ def parse_time(text: str | None) -> datetime | None:
     if not text:
         return None
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-
-
-@dataclasses.dataclass(frozen=True)
-class PodOutcome:
-    """What one trainer pod tells about its attempt."""
-
-    name: str
-    kind: PodKind
-    reason: str = ""
-    message: str = ""
-    exit_code: int | None = None
-
-    @property
-    def oom(self) -> bool:
-        return self.reason == "OOMKilled"
-
-
-def _trainer_state(pod: dict[str, Any]) -> dict[str, Any]:
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        if status.get("name") == TRAINER_CONTAINER:
-            return dict(status)
-    return {}
-
-
-def classify_pod(pod: dict[str, Any]) -> PodOutcome:
-    """Sort a pod into pending/running/succeeded/failed (the trainer's fault)/disrupted."""
-    meta = pod.get("metadata") or {}
-    status = pod.get("status") or {}
-    name = str(meta.get("name", ""))
-    phase = status.get("phase") or "Pending"
-    container = _trainer_state(pod)
-    terminated = (container.get("state") or {}).get("terminated") or (
-        container.get("lastState") or {}
-    ).get("terminated")
-    if phase == "Succeeded":
-        return PodOutcome(name, "succeeded")
-    pod_reason = str(status.get("reason") or "")
-    if meta.get("deletionTimestamp"):
-        return PodOutcome(name, "disrupted", pod_reason or "Deleted", "the pod was deleted")
-    if phase == "Failed":
-        if pod_reason in DISRUPTION_REASONS or not terminated:
-            message = str(status.get("message") or f"the pod was lost ({pod_reason or 'unknown'})")
-            return PodOutcome(name, "disrupted", pod_reason or "PodLost", message)
-        code = terminated.get("exitCode")
-        reason = str(terminated.get("reason") or "")
-        message = str(terminated.get("message") or "").strip()
-        return PodOutcome(name, "failed", reason, message, int(code) if code is not None else None)
-    if phase == "Running":
-        return PodOutcome(name, "running")
-    waiting = (container.get("state") or {}).get("waiting") or {}
-    if waiting.get("reason"):
-        return PodOutcome(
-            name, "pending", str(waiting["reason"]), str(waiting.get("message") or "")
-        )
-    for cond in status.get("conditions") or []:
-        # The scheduler's verdict, e.g. "0/3 nodes are available: 3 Insufficient cpu."
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-            return PodOutcome(
-                name,
-                "pending",
-                str(cond.get("reason") or "Unschedulable"),
-                str(cond.get("message") or "no node can run the pod"),
-            )
-    return PodOutcome(name, "pending")
-
-
-def failure_summary(outcome: PodOutcome, memory: str | None = None) -> tuple[str, str]:
-    """(reason, message) of a trainer failure, with advice for out-of-memory kills."""
-    if outcome.oom:
-        limit = f" (memory limit {memory})" if memory else ""
-        return "OOMKilled", f"pod {outcome.name} was killed for running out of memory{limit}: " + (
-            OOM_ADVICE
-        )
-    if outcome.exit_code == EXIT_INVALID_INPUT:
-        text = outcome.message or "no reason given"
-        return "InvalidInput", f"the trainer refused its input (exit code 2): {text}"
-    text = outcome.message or f"exit code {outcome.exit_code}"
-    return "TrainerFailed", f"pod {outcome.name} failed: {text}"
 
 
 @dataclasses.dataclass
@@ -168,10 +86,20 @@ class Plan:
 
     status: dict[str, Any]
     create_job: bool = False
-    delete_job: bool = False
+    create_trials: list[int] = dataclasses.field(default_factory=list)
+    delete_job: bool = False  # for a search: every unfinished trial Job
     delete_resource: bool = False
     requeue_after: float | None = None
     events: list[Event] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyObserved:
+    """A searched FineTuneJob's trial Jobs, and what the study needs to know."""
+
+    spec: dict[str, Any]  # the launched spec (with search)
+    prefix: str  # the job's artifact prefix
+    trials: tuple[TrialObserved, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +115,7 @@ class Observed:
     backoff_limit: int = 2  # of the launched spec
     memory: str | None = None  # memory limit of the launched spec, for OOM messages
     source: SourceGate | None = None  # referenced FineTuneJobs, before launch; None: none
+    study: StudyObserved | None = None  # a FineTuneJob with spec.search
 
 
 def find_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
@@ -292,6 +221,8 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
     suspend = bool(spec.get("suspend"))
     ttl = spec.get("ttlSecondsAfterFinished")
     launched = observed.launched_hash is not None or observed.job is not None
+    if observed.study is not None:
+        launched = launched or bool(observed.study.trials)
     status: dict[str, Any] = {k: prev[k] for k in OPERATOR_FIELDS if k in prev}
     status["observedGeneration"] = generation
     conds = before
@@ -358,7 +289,7 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
         cond("Succeeded", "False", "NotFinished", "not finished")
 
     if suspend:
-        if job is not None:
+        if job is not None or (observed.study is not None and observed.study.trials):
             plan.delete_job = True
         cond(
             "Suspended",
@@ -389,6 +320,10 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
             cond(
                 "Running", "False", gate.reason, "nothing is launched until the sources are usable"
             )
+        return finish()
+
+    if observed.study is not None:
+        _study(observed, obj, status, plan, cond, now)
         return finish()
 
     if job is None:
@@ -473,6 +408,44 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
     return finish()
 
 
+def _study(
+    observed: Observed,
+    obj: dict[str, Any],
+    status: dict[str, Any],
+    plan: Plan,
+    cond: Any,
+    now: datetime,
+) -> None:
+    """The conditions of a searched FineTuneJob from its trials (see `study`)."""
+    assert observed.study is not None
+    study = plan_study(
+        observed.study.spec,
+        observed.study.prefix,
+        (obj.get("status") or {}).get("search"),
+        list(observed.study.trials),
+        observed.backoff_limit,
+        obj["metadata"]["name"],
+    )
+    status["search"] = study.search
+    status["progress"] = study.progress
+    if study.artifacts is not None:
+        status["artifacts"] = study.artifacts
+    status["attempts"] = max(int(status.get("attempts") or 0), study.pods)
+    plan.create_trials = study.launch
+    if observed.study.trials and not status.get("startTime"):
+        status["startTime"] = rfc3339(now)
+    if study.outcome == "succeeded":
+        cond("Succeeded", "True", "Completed", f"search finished: {study.message}")
+        cond("Running", "False", "Completed", f"search finished: {study.message}")
+        status["completionTime"] = rfc3339(now)
+    elif study.outcome == "failed":
+        cond("Failed", "True", "AllTrialsFailed", f"the search failed: {study.message}")
+        cond("Running", "False", "Failed", f"the search failed: {study.message}")
+        status["completionTime"] = rfc3339(now)
+    else:
+        cond("Running", "True", "TrialsRunning", study.message)
+
+
 def _set_ready(cond: Any, conds: list[dict[str, Any]]) -> None:
     """An AdapterBundle is Ready once it Succeeded: the trainer succeeds only if the contract
     (one base digest, adapter tensors matching the graph, smoke tests) passed."""
@@ -508,6 +481,13 @@ def _fail(
     plan.delete_job = not _finished(job)
 
 
-def status_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
-    """The merge patch of operator-owned status fields that differ; empty when none do."""
-    return {k: v for k, v in desired.items() if k in OPERATOR_FIELDS and current.get(k) != v}
+def status_patch(
+    current: dict[str, Any], desired: dict[str, Any], *, study: bool = False
+) -> dict[str, Any]:
+    """The merge patch of operator-owned status fields that differ; empty when none do.
+
+    With `study` (a FineTuneJob with spec.search) `search`, `progress` and `artifacts` are the
+    operator's too; otherwise they are the trainer's and never sent.
+    """
+    owned = OPERATOR_FIELDS + (STUDY_FIELDS if study else ())
+    return {k: v for k, v in desired.items() if k in owned and current.get(k) != v}
