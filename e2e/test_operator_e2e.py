@@ -1,7 +1,9 @@
 """The operator (as a process on the host) on the full local cluster with the real trainer image:
 `kubectl apply -f examples/finetunejob.yaml` reaches Succeeded with progress observed moving and
 artifacts with a manifest in S3; a trainer pod deleted mid-training resumes from its checkpoint;
-an OptimizeJob naming a missing FineTuneJob fails naming the field. (The whole quickstart chain
+an OptimizeJob naming a missing FineTuneJob fails naming the field; a hyper-parameter search
+runs one Job per trial, survives operator kills without lost or duplicate trials, and an
+OptimizeJob referencing it exports the best trial's adapter. (The whole quickstart chain
 runs through the chart's in-cluster operator in test_helm_quickstart.py.)"""
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def env(
     )
     op.start()
     try:
-        yield full_cluster, cluster, s3
+        yield full_cluster, cluster, s3, op
     finally:
         op.stop()
         log = (work / "operator.log").read_text() if (work / "operator.log").exists() else ""
@@ -91,7 +93,7 @@ def finish(cluster: Cluster, name: str, timeout: float = 900) -> tuple[dict[str,
 
 
 def test_apply_example_succeeds_with_progress_and_artifacts(env: Any) -> None:
-    full_cluster, cluster, s3 = env
+    full_cluster, cluster, s3, _ = env
     # The example as written, but for the 2-CPU test node (it asks for 2 CPUs).
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc["spec"]["resources"]["cpu"] = "1"
@@ -110,7 +112,7 @@ def test_apply_example_succeeds_with_progress_and_artifacts(env: Any) -> None:
 
 
 def test_deleted_trainer_pod_resumes_from_checkpoint(env: Any) -> None:
-    _, cluster, s3 = env
+    _, cluster, s3, _ = env
     doc = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text()))
     doc["metadata"] = {"name": "resumer", "namespace": cluster.ns}
     doc["spec"]["training"].update(maxSteps=1500, saveSteps=20, evalSteps=200, loggingSteps=5)
@@ -140,7 +142,7 @@ QUICKSTART = REPO / "examples" / "quickstart.yaml"
 def test_reference_to_a_missing_finetunejob_fails_naming_the_field(env: Any) -> None:
     from e2e.quickstart import apply, read
 
-    full_cluster, cluster, _ = env
+    full_cluster, cluster, _, _ = env
     api = full_cluster.api_client()
     doc = next(d for d in yaml.safe_load_all(QUICKSTART.read_text()) if d["kind"] == "OptimizeJob")
     doc["metadata"]["name"] = "orphan"
@@ -157,3 +159,93 @@ def test_reference_to_a_missing_finetunejob_fails_naming_the_field(env: Any) -> 
     assert "spec.source.fineTuneJobRef.name" in cond["message"]
     assert "does-not-exist" in cond["message"]
     assert not cluster.jobs("orphan")
+
+
+def test_search_runs_a_job_per_trial_and_survives_operator_kills(env: Any) -> None:
+    from e2e.quickstart import apply, read
+
+    full_cluster, cluster, s3, op = env
+    api = full_cluster.api_client()
+    doc = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text()))
+    doc["metadata"] = {"name": "tuned"}
+    doc["spec"]["training"].update(maxSteps=20, evalSteps=5, saveSteps=10, loggingSteps=5)
+    doc["spec"]["training"].pop("earlyStopping", None)
+    doc["spec"]["evaluation"]["metrics"] = ["loss"]
+    doc["spec"]["resources"]["cpu"] = "500m"
+    doc["spec"]["search"] = {
+        "strategy": "random",
+        "trials": 4,
+        "parallelism": 2,
+        "objective": {"metric": "eval_loss", "direction": "minimize"},
+        "pruning": {"enabled": True, "rule": "median", "warmupSteps": 5},
+        "space": {
+            "training.learningRate": {"type": "float", "low": 3e-3, "high": 3e-2, "log": True},
+            "lora.r": {"type": "choice", "values": [4, 8]},
+        },
+    }
+    apply(api, cluster.ns, [doc])
+
+    def trial_jobs() -> list[str]:
+        return sorted(j.metadata.name for j in cluster.jobs("tuned"))
+
+    # Killed right after it launched the first trials, and again once a later one started.
+    wait_for("the first trial Jobs", lambda: len(trial_jobs()) >= 1, 120, interval=0.2)
+    op.kill()
+    op.start()
+    wait_for("a third trial Job", lambda: len(trial_jobs()) >= 3, 600, interval=0.5)
+    op.kill()
+    op.start()
+    obj = wait_for(
+        "the study to finish",
+        lambda: (
+            (read(api, cluster.ns, "finetunejobs", "tuned").get("status") or {}).get("phase")
+            in ("Succeeded", "Failed")
+            and read(api, cluster.ns, "finetunejobs", "tuned")
+        ),
+        900,
+        interval=1,
+    )
+    status = obj["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    assert trial_jobs() == [f"tuned-trial-{n}" for n in range(4)]  # none lost, none twice
+    search = status["search"]
+    trials = {t["number"]: t for t in search["trials"]}
+    assert sorted(trials) == [0, 1, 2, 3]
+    assert search["completed"] + search["pruned"] + search["failed"] == 4 and search["running"] == 0
+    complete = {n: t["value"] for n, t in trials.items() if t["state"] == "Complete"}
+    best = min(complete, key=lambda n: (complete[n], n))
+    assert search["best"]["trial"] == best
+    assert status["artifacts"]["adapter"] == trials[best]["adapter"]
+    assert "/trials/" in trials[best]["adapter"]
+    names = s3_listing(s3, status["artifacts"]["adapter"])
+    assert "manifest.json" in names and "adapter_model.safetensors" in names
+    assert s3_listing(s3, status["artifacts"]["report"])
+
+    # An OptimizeJob referencing the searched job exports the best trial's adapter.
+    export = next(
+        d for d in yaml.safe_load_all(QUICKSTART.read_text()) if d["kind"] == "OptimizeJob"
+    )
+    export["metadata"]["name"] = "tuned-int4"
+    export["spec"]["source"]["fineTuneJobRef"]["name"] = "tuned"
+    export["spec"]["resources"]["cpu"] = "1"
+    apply(api, cluster.ns, [export])
+    optj = wait_for(
+        "the export",
+        lambda: (
+            (read(api, cluster.ns, "optimizejobs", "tuned-int4").get("status") or {}).get("phase")
+            in ("Succeeded", "Failed")
+            and read(api, cluster.ns, "optimizejobs", "tuned-int4")
+        ),
+        600,
+        interval=1,
+    )
+    assert optj["status"]["phase"] == "Succeeded", json.dumps(optj["status"], indent=1)
+    spec_cm = cluster.core.read_namespaced_config_map("tuned-int4-optimize-spec", cluster.ns)
+    frozen = json.loads(spec_cm.data["resource.json"])["references"]["tuned"]
+    assert frozen["uri"] == trials[best]["adapter"].removesuffix("adapter/")
+
+
+def s3_listing(s3: Any, uri: str) -> set[str]:
+    bucket, key = split_s3(uri)
+    listing = s3.client().list_objects_v2(Bucket=bucket, Prefix=key)
+    return {o["Key"][len(key) :].lstrip("/") for o in listing.get("Contents", [])}
