@@ -28,3 +28,19 @@ def test_planner_and_status_are_pure() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == ""
+
+
+def test_planning_a_study_needs_no_optuna() -> None:
+    """The operator image has no optuna: trial pods ask it; the operator only counts."""
+    code = (
+        "import sys, json\n"
+        "from graft.controller.study import plan_study\n"
+        "spec = {'search': {'trials': 3, 'space': {'lora.r': {'type': 'choice', 'values': [4, 8]}}}}\n"
+        "plan = plan_study(spec, 's3://b/p/', None, [], 1, 'j')\n"
+        "assert plan.launch == [0], plan.launch\n"
+        "print(','.join(m for m in ('optuna', 'numpy') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == ""
