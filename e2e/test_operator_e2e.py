@@ -162,7 +162,7 @@ def test_reference_to_a_missing_finetunejob_fails_naming_the_field(env: Any) -> 
 
 
 def test_search_runs_a_job_per_trial_and_survives_operator_kills(env: Any) -> None:
-    from e2e.quickstart import apply, read
+    from e2e.quickstart import apply
 
     full_cluster, cluster, s3, op = env
     api = full_cluster.api_client()
@@ -195,16 +195,7 @@ def test_search_runs_a_job_per_trial_and_survives_operator_kills(env: Any) -> No
     wait_for("a third trial Job", lambda: len(trial_jobs()) >= 3, 600, interval=0.5)
     op.kill()
     op.start()
-    obj = wait_for(
-        "the study to finish",
-        lambda: (
-            (read(api, cluster.ns, "finetunejobs", "tuned").get("status") or {}).get("phase")
-            in ("Succeeded", "Failed")
-            and read(api, cluster.ns, "finetunejobs", "tuned")
-        ),
-        900,
-        interval=1,
-    )
+    obj = wait_finished(api, cluster.ns, "finetunejobs", "tuned", 900)
     status = obj["status"]
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
     assert trial_jobs() == [f"tuned-trial-{n}" for n in range(4)]  # none lost, none twice
@@ -229,16 +220,7 @@ def test_search_runs_a_job_per_trial_and_survives_operator_kills(env: Any) -> No
     export["spec"]["source"]["fineTuneJobRef"]["name"] = "tuned"
     export["spec"]["resources"]["cpu"] = "1"
     apply(api, cluster.ns, [export])
-    optj = wait_for(
-        "the export",
-        lambda: (
-            (read(api, cluster.ns, "optimizejobs", "tuned-int4").get("status") or {}).get("phase")
-            in ("Succeeded", "Failed")
-            and read(api, cluster.ns, "optimizejobs", "tuned-int4")
-        ),
-        600,
-        interval=1,
-    )
+    optj = wait_finished(api, cluster.ns, "optimizejobs", "tuned-int4", 600)
     assert optj["status"]["phase"] == "Succeeded", json.dumps(optj["status"], indent=1)
     spec_cm = cluster.core.read_namespaced_config_map("tuned-int4-optimize-spec", cluster.ns)
     frozen = json.loads(spec_cm.data["resource.json"])["references"]["tuned"]
@@ -249,3 +231,14 @@ def s3_listing(s3: Any, uri: str) -> set[str]:
     bucket, key = split_s3(uri)
     listing = s3.client().list_objects_v2(Bucket=bucket, Prefix=key)
     return {o["Key"][len(key) :].lstrip("/") for o in listing.get("Contents", [])}
+
+
+def wait_finished(api: Any, namespace: str, plural: str, name: str, timeout: float) -> Any:
+    """The object once its phase is Succeeded or Failed."""
+    from e2e.quickstart import read
+
+    def finished() -> Any:
+        obj = read(api, namespace, plural, name)
+        return (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed") and obj
+
+    return wait_for(f"{plural}/{name} to finish", finished, timeout, interval=1)

@@ -111,18 +111,7 @@ class KubernetesStatusReporter:
         delay = 1.0
         for attempt in range(1, attempts + 1):
             try:
-                if self._api is None:
-                    self._api = _default_api()
-                self._api.patch_namespaced_custom_object_status(
-                    GROUP,
-                    VERSION,
-                    self.namespace,
-                    self.plural,
-                    self.name,
-                    {"status": status},
-                    _content_type="application/merge-patch+json",
-                )
-                self.patches += 1
+                self._send({"status": status})
                 return
             except Exception as exc:
                 if attempt == attempts:
@@ -134,6 +123,21 @@ class KubernetesStatusReporter:
                 time.sleep(delay)
                 delay *= 2
 
+    def _send(self, body: dict[str, Any]) -> None:
+        """One merge patch of the resource's status subresource."""
+        if self._api is None:
+            self._api = _default_api()
+        self._api.patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            self.namespace,
+            self.plural,
+            self.name,
+            body,
+            _content_type="application/merge-patch+json",
+        )
+        self.patches += 1
+
     def _flush_locked(self) -> None:
         event, self._pending = self._pending, None
         if event is None or not self.name:
@@ -142,18 +146,7 @@ class KubernetesStatusReporter:
         self._last_stage = event.stage
         self._last_artifacts = dict(event.artifacts)
         try:
-            if self._api is None:
-                self._api = _default_api()
-            self._api.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                self.namespace,
-                self.plural,
-                self.name,
-                status_body(event),
-                _content_type="application/merge-patch+json",
-            )
-            self.patches += 1
+            self._send(status_body(event))
             self._failures = 0
         except Exception as exc:
             self._failures += 1
