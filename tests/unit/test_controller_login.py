@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
+
+import pytest
 
 from graft.controller.login import api_server_url, login_in_cluster
 
@@ -20,3 +23,94 @@ def test_login_reads_the_service_account(tmp_path: Path) -> None:
     assert info is not None
     assert info.token == "abc" and info.default_namespace == "graft-system"
     assert info.ca_path is None
+
+
+def _self_signed(tmp_path: Path) -> tuple[bytes, bytes]:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "graft-test")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    pem_key = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), pem_key
+
+
+def test_kube_client_takes_kopfs_credentials_from_a_kubeconfig(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator's own client: CA and client certificate as base64 data or relative paths
+    (relative to the kubeconfig), a bearer token, or TLS verification switched off."""
+    import asyncio
+    import base64
+
+    import yaml
+
+    from graft.controller.kube import Kube, connection_info, ssl_context
+
+    cert, key = _self_signed(tmp_path)
+    (tmp_path / "ca.crt").write_bytes(cert)
+    config = {
+        "current-context": "c",
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+        "clusters": [
+            {
+                "name": "k",
+                "cluster": {"server": "https://127.0.0.1:6443", "certificate-authority": "ca.crt"},
+            }
+        ],
+        "users": [
+            {
+                "name": "u",
+                "user": {
+                    "client-certificate-data": base64.b64encode(cert).decode(),
+                    "client-key-data": base64.b64encode(key).decode(),
+                },
+            }
+        ],
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    info = connection_info(str(path))
+    assert info.server == "https://127.0.0.1:6443"
+    context = ssl_context(info)
+    assert isinstance(context, ssl.SSLContext)
+    assert context.cert_store_stats()["x509_ca"] == 1  # the CA from the relative path
+
+    config["clusters"][0]["cluster"] = {
+        "server": "https://127.0.0.1:6443/",
+        "insecure-skip-tls-verify": True,
+    }
+    config["users"][0]["user"] = {"token": "s3cr3t"}
+    path.write_text(yaml.safe_dump(config))
+    info = connection_info(str(path))
+    assert ssl_context(info) is False
+
+    async def headers() -> tuple[str, str]:
+        kube = await Kube.connect(str(path))
+        try:
+            return kube.server, kube.session.headers["Authorization"]
+        finally:
+            await kube.close()
+
+    assert asyncio.run(headers()) == ("https://127.0.0.1:6443", "Bearer s3cr3t")
