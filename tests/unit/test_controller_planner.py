@@ -213,3 +213,30 @@ def test_config_from_env() -> None:
     ):
         with pytest.raises(ConfigError):
             OperatorConfig.from_env(bad)
+
+
+def test_locations_with_different_secrets_get_per_bucket_credentials() -> None:
+    obj = resource()
+    spec = obj["spec"]
+    spec["model"] = {"uri": "s3://models/tiny/", "credentialsSecret": "models-ro"}
+    spec["dataset"]["uri"] = "s3://datasets/phrases.jsonl"
+    spec["dataset"]["credentialsSecret"] = "data-ro"
+    spec["output"] = {"uri": "s3://results/graft/", "credentialsSecret": "results-rw"}
+    container = job_for(obj)["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    buckets = json.loads(env["GRAFT_S3_BUCKET_CREDENTIALS"]["value"])
+    assert buckets == {
+        "models": "GRAFT_SECRET_0_",
+        "datasets": "GRAFT_SECRET_1_",
+        "results": "GRAFT_SECRET_2_",
+    }
+    ref = env["GRAFT_SECRET_1_AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "data-ro", "key": "AWS_SECRET_ACCESS_KEY", "optional": True}
+    # Still by reference only: no variable carries a value out of a Secret.
+    assert all("value" not in e for e in container["env"] if "valueFrom" in e)
+    # The output's Secret stays last in envFrom: its plain variables win elsewhere.
+    assert [e["secretRef"]["name"] for e in container["envFrom"]] == [
+        "models-ro",
+        "data-ro",
+        "results-rw",
+    ]

@@ -18,6 +18,7 @@ from graft.api.errors import FieldIssue
 from graft.api.kinds import InvalidResource, parse_spec
 from graft.controller.config import OperatorConfig
 from graft.naming import artifact_prefix, child_name
+from graft.storage.store import BUCKET_CREDENTIALS_ENV, CREDENTIAL_KEYS
 
 KIND = "FineTuneJob"  # the kind a resource without `kind` (a bare spec in a test) is taken as
 KINDS = ("FineTuneJob", "OptimizeJob", "AdapterBundle")
@@ -214,23 +215,60 @@ def _locations(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return [*found, spec.get("output") or {}]
 
 
-def credential_secrets(spec: dict[str, Any], references: dict[str, Any] | None = None) -> list[str]:
-    """Secret names the pod reads AWS_*/HF_TOKEN from; the output store's last (it wins).
-
-    Referenced FineTuneJobs come first: the pod reads their model, data and artifacts.
-    """
+def _all_locations(spec: dict[str, Any], references: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Referenced FineTuneJobs' locations first (the pod reads their model, data and
+    artifacts), then the resource's own, its output store last."""
     locations: list[dict[str, Any]] = []
     for ref in (references or {}).values():
         locations += _locations(ref.get("spec") or {})
-    locations += _locations(spec)
+    return locations + _locations(spec)
+
+
+def credential_secrets(spec: dict[str, Any], references: dict[str, Any] | None = None) -> list[str]:
+    """Secret names the pod reads AWS_*/HF_TOKEN from as plain variables; the output store's
+    last (it wins where two Secrets hold the same key)."""
     names: list[str] = []
-    for location in locations:
+    for location in _all_locations(spec, references):
         name = location.get("credentialsSecret")
         if name:
             if name in names:
                 names.remove(name)
             names.append(name)
     return names
+
+
+def bucket_credentials_env(
+    spec: dict[str, Any], references: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Per-bucket credentials when locations use different Secrets: each Secret's AWS_* keys
+    under its own prefix (by reference: `secretKeyRef`), and the map bucket -> prefix the
+    storage layer picks clients by (graft.storage.store). With one Secret the plain variables
+    from `envFrom` serve every bucket and nothing is added."""
+    secrets = credential_secrets(spec, references)
+    if len(secrets) < 2:
+        return []
+    prefixes = {name: f"GRAFT_SECRET_{i}_" for i, name in enumerate(secrets)}
+    buckets: dict[str, str] = {}
+    for location in _all_locations(spec, references):
+        uri, name = str(location.get("uri") or ""), location.get("credentialsSecret")
+        if name and uri.startswith("s3://"):
+            buckets[uri[len("s3://") :].split("/", 1)[0]] = prefixes[name]
+    if not buckets:
+        return []
+    env: list[dict[str, Any]] = [
+        {"name": BUCKET_CREDENTIALS_ENV, "value": json.dumps(buckets, sort_keys=True)}
+    ]
+    for name, prefix in prefixes.items():
+        if prefix not in buckets.values():
+            continue
+        env += [
+            {
+                "name": prefix + key,
+                "valueFrom": {"secretKeyRef": {"name": name, "key": key, "optional": True}},
+            }
+            for key in CREDENTIAL_KEYS
+        ]
+    return env
 
 
 def pod_security_context(config: OperatorConfig) -> dict[str, Any]:
@@ -310,6 +348,7 @@ def build_trainer_job(
     ]
     if trial is not None:
         env.append({"name": "GRAFT_TRIAL", "value": str(trial)})
+    env += bucket_credentials_env(spec, references)
     env.extend({"name": k, "value": v} for k, v in sorted(config.trainer_extra_env.items()))
 
     container: dict[str, Any] = {

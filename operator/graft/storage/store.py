@@ -2,6 +2,9 @@
 
 The S3 client is built from the environment (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY) with path-style addressing, so MinIO, Ceph and moto work as well as AWS.
+Buckets named in GRAFT_S3_BUCKET_CREDENTIALS (JSON: bucket -> environment prefix, set by the
+operator from each location's credentials Secret) get their own client from the variables
+under that prefix, so model, data and output may live in stores with different credentials.
 Directory transfers are parallel and resumable: a file already present with the same size is
 skipped, and each download lands in a `.part` file renamed into place only when complete.
 """
@@ -121,8 +124,40 @@ class LocalStore(Store):
             raise StoreError(f"cannot write to {uri}: permission denied")
 
 
-def s3_client(endpoint_url: str | None = None) -> Any:
-    """A boto3 S3 client from the environment, path-style, with short connect timeouts."""
+BUCKET_CREDENTIALS_ENV = "GRAFT_S3_BUCKET_CREDENTIALS"
+CREDENTIAL_KEYS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+
+
+def bucket_credentials(bucket: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The AWS_* settings for `bucket`: its own (GRAFT_S3_BUCKET_CREDENTIALS) over the plain
+    environment's. Only names and prefixes are configuration; values come from Secrets."""
+    import json
+
+    env = dict(os.environ) if env is None else env
+    settings = {k: env[k] for k in CREDENTIAL_KEYS if env.get(k)}
+    try:
+        prefixes = json.loads(env.get(BUCKET_CREDENTIALS_ENV) or "{}")
+    except ValueError:
+        prefixes = {}
+    prefix = prefixes.get(bucket) if isinstance(prefixes, dict) else None
+    if prefix:
+        own = {k: env[prefix + k] for k in CREDENTIAL_KEYS if env.get(prefix + k)}
+        if "AWS_ACCESS_KEY_ID" in own:  # a Secret's keys replace the ambient ones as a set
+            settings.pop("AWS_SESSION_TOKEN", None)
+        settings.update(own)
+    return settings
+
+
+def s3_client(endpoint_url: str | None = None, bucket: str | None = None) -> Any:
+    """A boto3 S3 client from the environment (the bucket's own credentials, when it has any),
+    path-style, with short connect timeouts."""
     import boto3
     from botocore.config import Config
 
@@ -136,11 +171,15 @@ def s3_client(endpoint_url: str | None = None) -> Any:
         },
         max_pool_connections=DEFAULT_WORKERS * 2,
     )
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    settings = bucket_credentials(bucket or "")
+    region = settings.get("AWS_REGION") or settings.get("AWS_DEFAULT_REGION") or "us-east-1"
     return boto3.client(
         "s3",
-        endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
+        endpoint_url=endpoint_url or settings.get("AWS_ENDPOINT_URL") or None,
         region_name=region,
+        aws_access_key_id=settings.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=settings.get("AWS_SECRET_ACCESS_KEY"),
+        aws_session_token=settings.get("AWS_SESSION_TOKEN"),
         config=config,
     )
 
@@ -154,16 +193,24 @@ def _s3_reason(exc: BaseException) -> str:
 
 
 class S3Store(Store):
-    """s3://bucket/key URIs through one boto3 client."""
+    """s3://bucket/key URIs through one boto3 client per bucket (or the one given)."""
 
     def __init__(self, client: Any | None = None) -> None:
         self._client = client
+        self._clients: dict[str, Any] = {}
 
     @property
     def client(self) -> Any:
         if self._client is None:
             self._client = s3_client()
         return self._client
+
+    def client_for(self, bucket: str) -> Any:
+        if self._client is not None:
+            return self._client
+        if bucket not in self._clients:
+            self._clients[bucket] = s3_client(bucket=bucket)
+        return self._clients[bucket]
 
     @staticmethod
     def _split(uri: str) -> tuple[str, str]:
@@ -180,7 +227,7 @@ class S3Store(Store):
         except ClientError as exc:
             raise StoreError(f"{what} {uri} failed: {_s3_reason(exc)}") from None
         except BotoCoreError as exc:
-            endpoint = self.client.meta.endpoint_url
+            endpoint = self.client_for(self._split(uri)[0]).meta.endpoint_url
             raise StoreError(
                 f"{what} {uri} failed: cannot reach the S3 store at {endpoint} ({_s3_reason(exc)})"
             ) from None
@@ -192,7 +239,7 @@ class S3Store(Store):
         out: dict[str, int] = {}
 
         def run() -> None:
-            paginator = self.client.get_paginator("list_objects_v2")
+            paginator = self.client_for(bucket).get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=bucket, Prefix=key):
                 for obj in page.get("Contents", []):
                     out[obj["Key"][len(key) :]] = int(obj["Size"])
@@ -205,7 +252,7 @@ class S3Store(Store):
 
         bucket, key = self._split(uri)
         try:
-            body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+            body = self.client_for(bucket).get_object(Bucket=bucket, Key=key)["Body"]
             data: bytes = body.read()
             return data
         except ClientError as exc:
@@ -218,18 +265,24 @@ class S3Store(Store):
     def write_bytes(self, uri: str, data: bytes) -> None:
         bucket, key = self._split(uri)
         self._call(
-            "writing", uri, lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data)
+            "writing",
+            uri,
+            lambda: self.client_for(bucket).put_object(Bucket=bucket, Key=key, Body=data),
         )
 
     def upload_file(self, path: Path, uri: str) -> None:
         bucket, key = self._split(uri)
-        self._call("uploading to", uri, lambda: self.client.upload_file(str(path), bucket, key))
+        self._call(
+            "uploading to", uri, lambda: self.client_for(bucket).upload_file(str(path), bucket, key)
+        )
 
     def download_file(self, uri: str, path: Path) -> None:
         bucket, key = self._split(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part")
-        self._call("downloading", uri, lambda: self.client.download_file(bucket, key, str(tmp)))
+        self._call(
+            "downloading", uri, lambda: self.client_for(bucket).download_file(bucket, key, str(tmp))
+        )
         os.replace(tmp, path)
 
     def delete(self, uris: Iterable[str]) -> None:
@@ -243,14 +296,18 @@ class S3Store(Store):
                 self._call(
                     "deleting in",
                     f"s3://{bucket}/",
-                    lambda c=chunk, b=bucket: self.client.delete_objects(  # type: ignore[misc]
+                    lambda c=chunk, b=bucket: self.client_for(b).delete_objects(  # type: ignore[misc]
                         Bucket=b, Delete={"Objects": c, "Quiet": True}
                     ),
                 )
 
     def check(self, uri: str, write: bool = False) -> None:
         bucket, _ = self._split(uri)
-        self._call("reaching", f"s3://{bucket}/", lambda: self.client.head_bucket(Bucket=bucket))
+        self._call(
+            "reaching",
+            f"s3://{bucket}/",
+            lambda: self.client_for(bucket).head_bucket(Bucket=bucket),
+        )
 
 
 def open_store(uri: str, client: Any | None = None) -> Store:

@@ -1,0 +1,43 @@
+"""Per-bucket S3 credentials: a bucket mapped to a Secret's prefix uses that Secret's keys."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from graft.storage.store import bucket_credentials, s3_client
+
+ENV = {
+    "AWS_ACCESS_KEY_ID": "ambient",
+    "AWS_SECRET_ACCESS_KEY": "ambient-secret",
+    "AWS_SESSION_TOKEN": "ambient-token",
+    "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+    "GRAFT_S3_BUCKET_CREDENTIALS": json.dumps({"models": "GRAFT_SECRET_0_"}),
+    "GRAFT_SECRET_0_AWS_ACCESS_KEY_ID": "models-key",
+    "GRAFT_SECRET_0_AWS_SECRET_ACCESS_KEY": "models-secret",
+    "GRAFT_SECRET_0_AWS_ENDPOINT_URL": "http://127.0.0.1:9100",
+}
+
+
+def test_a_mapped_bucket_takes_its_secrets_keys_as_a_set() -> None:
+    own = bucket_credentials("models", ENV)
+    assert own["AWS_ACCESS_KEY_ID"] == "models-key"
+    assert own["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9100"
+    assert "AWS_SESSION_TOKEN" not in own  # the ambient token belongs to the ambient key
+    other = bucket_credentials("results", ENV)
+    assert other["AWS_ACCESS_KEY_ID"] == "ambient"
+    assert other["AWS_SESSION_TOKEN"] == "ambient-token"
+    broken = {**ENV, "GRAFT_S3_BUCKET_CREDENTIALS": "not json"}
+    assert bucket_credentials("models", broken)["AWS_ACCESS_KEY_ID"] == "ambient"
+
+
+def test_clients_sign_with_the_buckets_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
+    models = s3_client(bucket="models")
+    assert models._get_credentials().access_key == "models-key"
+    assert models.meta.endpoint_url == "http://127.0.0.1:9100"
+    results = s3_client(bucket="results")
+    assert results._get_credentials().access_key == "ambient"
+    assert results.meta.endpoint_url == "http://127.0.0.1:9000"
