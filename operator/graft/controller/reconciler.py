@@ -101,6 +101,9 @@ class Reconciler:
         self._background: set[asyncio.Future[None]] = set()
         self.hints: dict[Key, dict[str, Any]] = {}
         self._phases: dict[Key, str] = {}
+        # resource -> (its Job's uid, pods counted before this process saw the Job, pod uids
+        # seen since): a pod deleted outright still counts as an attempt.
+        self._pods_seen: dict[Key, tuple[str, int, set[str]]] = {}
         # (namespace, FineTuneJob name) -> resources waiting on it; its events wake them.
         self.dependents: dict[tuple[str, str], set[Key]] = {}
 
@@ -128,6 +131,7 @@ class Reconciler:
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             self._set_phase(key, None)
             self._forget_dependencies(key)
+            self._pods_seen.pop(key, None)
             return None  # the garbage collector removes the Job, pods and ConfigMap
         obj.setdefault("kind", kind)
         uid = str(obj["metadata"]["uid"])
@@ -187,6 +191,7 @@ class Reconciler:
             memory=(effective.get("resources") or {}).get("memory"),
             source=gate,
             study=study,
+            pods_seen=self._count_pods(key, obj, job, pods),
         )
         plan = compute_status(obj, observed, datetime.now(UTC))
 
@@ -224,6 +229,35 @@ class Reconciler:
             self._set_phase(key, None)
             return None
         return requeue
+
+    def _count_pods(
+        self,
+        key: Key,
+        obj: dict[str, Any],
+        job: dict[str, Any] | None,
+        pods: list[dict[str, Any]],
+    ) -> int | None:
+        """Distinct pods of the current Job, remembered across reconciles."""
+        if job is None:
+            self._pods_seen.pop(key, None)
+            return None
+        job_uid = str(job["metadata"]["uid"])
+        uids = {str(p["metadata"].get("uid") or p["metadata"]["name"]) for p in pods}
+        entry = self._pods_seen.get(key)
+        if entry is None or entry[0] != job_uid:
+            # First sight of this Job in this process: the status counts pods of it that are
+            # gone now (before a restart) too.
+            before = int(
+                (job["metadata"].get("annotations") or {}).get(
+                    planner.ANNOTATION_ATTEMPTS_BEFORE, "0"
+                )
+                or 0
+            )
+            counted = int((obj.get("status") or {}).get("attempts") or 0) - before
+            entry = (job_uid, max(0, counted - len(uids)), set())
+            self._pods_seen[key] = entry
+        entry[2].update(uids)
+        return entry[1] + len(entry[2])
 
     async def _source_gate(self, key: Key, resolved: planner.Resolved) -> sources.SourceGate | None:
         """Look up the FineTuneJobs a not-yet-launched resource references."""

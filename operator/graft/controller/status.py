@@ -114,6 +114,9 @@ class Observed:
     pods: tuple[dict[str, Any], ...] = ()
     backoff_limit: int = 2  # of the launched spec
     memory: str | None = None  # memory limit of the launched spec, for OOM messages
+    # Distinct pods of the Job seen so far, deleted ones included (the reconciler remembers
+    # them); None: only the pods in `pods`.
+    pods_seen: int | None = None
     source: SourceGate | None = None  # referenced FineTuneJobs, before launch; None: none
     study: StudyObserved | None = None  # a FineTuneJob with spec.search
 
@@ -336,7 +339,8 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
     outcomes = [classify_pod(p) for p in observed.pods]
     annotations = job["metadata"].get("annotations") or {}
     attempts_before = int(annotations.get(ANNOTATION_ATTEMPTS_BEFORE, "0") or 0)
-    status["attempts"] = max(int(prev.get("attempts") or 0), attempts_before + len(outcomes))
+    seen = max(len(outcomes), observed.pods_seen or 0)
+    status["attempts"] = max(int(prev.get("attempts") or 0), attempts_before + seen)
     if not status.get("startTime"):
         started = job_status.get("startTime")
         if started or outcomes:
