@@ -206,7 +206,8 @@ def make_pruner(search: SearchSpec) -> optuna.pruners.BasePruner:
 # ---------------------------------------------------------------- the study as JSON records
 
 
-def _now() -> str:
+def now() -> str:
+    """A record's timestamp (RFC 3339, UTC)."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -433,7 +434,7 @@ def sync_record(record: StudyTrial, ostudy: optuna.Study) -> StudyTrial:
     if record.intermediate:
         record.step = max(record.step or 0, max(record.intermediate))
     if record.state in FINISHED and record.finished is None:
-        record.finished = _now()
+        record.finished = now()
     return record
 
 
@@ -446,7 +447,7 @@ def start_record(
         return study.trials[number]
     if number != len(study.trials):
         raise ValueError(f"optuna asked trial {number}, the study has {len(study.trials)}")
-    record = StudyTrial(number=number, params=params, uri=trial_uri(prefix, number), started=_now())
+    record = StudyTrial(number=number, params=params, uri=trial_uri(prefix, number), started=now())
     study.trials.append(record)
     return record
 

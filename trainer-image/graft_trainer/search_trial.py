@@ -127,7 +127,7 @@ def run_trial(
                 number=number,
                 params=params,
                 uri=plan.trial_uri(prefix, number),
-                started=plan._now(),
+                started=plan.now(),
             )
             store.write_bytes(record_uri(prefix, number), json.dumps(own.to_json()).encode())
         history = _history(others, base, search)
@@ -160,7 +160,7 @@ def run_trial(
         own.step = outcome.step if outcome.step is not None else own.step
         own.adapter = outcome.adapter if outcome.state == "Complete" else None
         own.message = outcome.message
-        own.finished = plan._now()
+        own.finished = plan.now()
         store.write_bytes(record_uri(prefix, number), json.dumps(own.to_json()).encode())
         _redraw_report(store, prefix, meta.name, base, search, target)
     except StoreError as exc:

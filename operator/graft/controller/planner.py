@@ -116,6 +116,12 @@ def job_name(name: str, kind: str = KIND) -> str:
     return child_name(name, JOB_SUFFIX[kind])
 
 
+def attempts_before(job: dict[str, Any]) -> int:
+    """Pods that earlier Jobs of the same resource ran (annotated when the Job was built)."""
+    value = (job["metadata"].get("annotations") or {}).get(ANNOTATION_ATTEMPTS_BEFORE)
+    return int(value) if value and str(value).isdigit() else 0
+
+
 def trial_job_name(name: str, number: int) -> str:
     return child_name(name, f"trial-{number}")
 

@@ -247,13 +247,8 @@ class Reconciler:
         if entry is None or entry[0] != job_uid:
             # First sight of this Job in this process: the status counts pods of it that are
             # gone now (before a restart) too.
-            before = int(
-                (job["metadata"].get("annotations") or {}).get(
-                    planner.ANNOTATION_ATTEMPTS_BEFORE, "0"
-                )
-                or 0
-            )
-            counted = int((obj.get("status") or {}).get("attempts") or 0) - before
+            counted = int((obj.get("status") or {}).get("attempts") or 0)
+            counted -= planner.attempts_before(job)
             entry = (job_uid, max(0, counted - len(uids)), set())
             self._pods_seen[key] = entry
         entry[2].update(uids)

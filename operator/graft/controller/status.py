@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from graft.api.errors import FieldIssue
-from graft.controller.planner import ANNOTATION_ATTEMPTS_BEFORE, kind_of
+from graft.controller.planner import attempts_before, kind_of
 from graft.controller.pods import (
     DISRUPTION_REASONS,
     EXIT_INVALID_INPUT,
@@ -337,10 +337,8 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
     status["jobName"] = job["metadata"]["name"]
     job_status = job.get("status") or {}
     outcomes = [classify_pod(p) for p in observed.pods]
-    annotations = job["metadata"].get("annotations") or {}
-    attempts_before = int(annotations.get(ANNOTATION_ATTEMPTS_BEFORE, "0") or 0)
     seen = max(len(outcomes), observed.pods_seen or 0)
-    status["attempts"] = max(int(prev.get("attempts") or 0), attempts_before + seen)
+    status["attempts"] = max(int(prev.get("attempts") or 0), attempts_before(job) + seen)
     if not status.get("startTime"):
         started = job_status.get("startTime")
         if started or outcomes:
