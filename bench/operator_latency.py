@@ -60,6 +60,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def api_requests(port: int) -> dict[str, float]:
+    """The operator's own count of API requests, `METHOD resource code` -> n."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("graft_api_requests_total{"):
+            labels, value = line[len("graft_api_requests_total{") :].split("} ")
+            fields = dict(part.split("=", 1) for part in labels.split(","))
+            key = " ".join(fields[k].strip('"') for k in ("method", "resource", "code"))
+            counts[key] = float(value)
+    return counts
+
+
 def ftj(name: str, ns: str) -> dict[str, Any]:
     return {
         "apiVersion": "graft.dev/v1alpha1",
@@ -111,7 +124,26 @@ async def burst(kubeconfig: str, count: int, operator_pid: int) -> dict[str, Any
                 if event["type"] == "ADDED":
                     seen.setdefault(f"{ns}/{event['object'].metadata.name}", time.monotonic())
 
-    watchers = [asyncio.create_task(watch_jobs(ns_op)), asyncio.create_task(watch_jobs(ns_bare))]
+    async def watch_finetunejobs(ns: str) -> None:
+        w = watch.Watch()
+        async with w.stream(
+            custom.list_namespaced_custom_object,
+            "graft.dev",
+            "v1alpha1",
+            ns,
+            "finetunejobs",
+            timeout_seconds=600,
+        ) as stream:
+            async for event in stream:
+                if event["type"] == "ADDED":
+                    name = event["object"]["metadata"]["name"]
+                    seen.setdefault(f"{ns}/{name}", time.monotonic())
+
+    watchers = [
+        asyncio.create_task(watch_jobs(ns_op)),
+        asyncio.create_task(watch_jobs(ns_bare)),
+        asyncio.create_task(watch_finetunejobs(ns_op)),
+    ]
     await asyncio.sleep(1.0)
 
     async def timed(coro_fn: Any, key: str) -> tuple[str, float, float]:
@@ -168,7 +200,14 @@ async def burst(kubeconfig: str, count: int, operator_pid: int) -> dict[str, Any
         "bare_job_create_call": summary([d for _, _, d in bare]),
         "bare_job_create_to_watch": summary([seen[k] - s for k, s, _ in bare]),
         "ftj_create_call": summary([d for _, _, d in ops]),
+        # The floor under the operator's latency: its watch sees a FineTuneJob no sooner.
+        "ftj_create_to_ftj_on_watch": summary(
+            [seen[k.removesuffix("-train")] - s for k, s, _ in ops]
+        ),
         "ftj_create_to_job_on_watch": summary([seen[k] - s for k, s, _ in ops]),
+        "ftj_on_watch_to_job_on_watch": summary(
+            [seen[k] - seen[k.removesuffix("-train")] for k, _, _ in ops]
+        ),
         "operator_cpu_seconds_for_burst": round(cpu, 2),
         "operator_rss_mib": memory.get("VmRSS"),
         "operator_peak_rss_mib": memory.get("VmHWM"),
@@ -227,6 +266,14 @@ def main() -> int:
         time.sleep(2)  # initial listings done
         idle = rss_mib(proc.pid)
         result = asyncio.run(burst(args.kubeconfig, args.count, proc.pid))
+        time.sleep(5)  # the status patches and Events that follow the launches
+        requests = api_requests(port)
+        result["operator_api_requests_per_ftj"] = {
+            key: round(n / args.count, 2) for key, n in sorted(requests.items())
+        }
+        result["operator_api_requests_per_ftj_total"] = round(
+            sum(requests.values()) / args.count, 2
+        )
         result["operator_idle_rss_mib"] = idle.get("VmRSS")
         result["goal"] = {"p50_ms": 300, "p95_ms": 1000, "rss_mib": 150}
         result["operator_log"] = log_name

@@ -63,3 +63,30 @@ def test_retries_failures_and_honours_requeue(monkeypatch: pytest.MonkeyPatch) -
         return seen
 
     assert asyncio.run(scenario()) == ["k", "k", "k"]
+
+
+def test_urgent_keys_go_first_and_an_urgent_add_promotes_a_queued_key() -> None:
+    async def scenario() -> tuple[list[Hashable], list[int]]:
+        calls: list[Hashable] = []
+        pending: list[int] = []
+
+        async def reconcile(key: Hashable) -> float | None:
+            calls.append(key)
+            pending.append(queue.urgent_pending())
+            await asyncio.sleep(0)
+            return None
+
+        queue = WorkQueue(reconcile, workers=1)
+        for key in ("status-1", "status-2", "launch-1"):
+            queue.add(key)
+        queue.add("launch-1", urgent=True)  # already queued as normal: promoted
+        queue.add("launch-2", urgent=True)
+        queue.start()
+        await asyncio.sleep(0.1)
+        await queue.stop()
+        return calls, pending
+
+    calls, pending = asyncio.run(scenario())
+    assert calls == ["launch-1", "launch-2", "status-1", "status-2"]
+    # While a launch runs it still counts as pending; once they are done, none is.
+    assert pending == [2, 1, 0, 0]

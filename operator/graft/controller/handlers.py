@@ -93,10 +93,12 @@ class Runtime:
         self._tasks: list[asyncio.Task[None]] = []
         self._server: Any = None
 
-    def enqueue(self, kind: str | None, namespace: str | None, name: str | None) -> None:
+    def enqueue(
+        self, kind: str | None, namespace: str | None, name: str | None, *, urgent: bool = False
+    ) -> None:
         if self.queue is None or kind not in planner.KINDS or not namespace or not name:
             return
-        self.queue.add((kind, namespace, name))
+        self.queue.add((kind, namespace, name), urgent=urgent)
         if kind == planner.KIND and self.reconciler is not None:
             for key in self.reconciler.dependents_of(namespace, name):
                 self.queue.add(key)
@@ -106,9 +108,10 @@ class Runtime:
         self.caches.pods = _lookup(indices.get("graft_pods"))
         self.caches.configmaps = _lookup(indices.get("graft_configmaps"))
         self.resources = [indices.get(f"graft_resources_{k.lower()}") for k in planner.KINDS]
-        self.kube = await Kube.connect(self.kubeconfig)
+        self.kube = await Kube.connect(self.kubeconfig, self.metrics.count_api_response)
         self.reconciler = Reconciler(self.kube, self.config, self.caches, self.metrics)
         self.queue = WorkQueue(self.reconciler, workers=self.config.workers)
+        self.reconciler.busy = lambda: bool(self.queue and self.queue.urgent_pending())
         self.queue.start()
         self._tasks.append(asyncio.create_task(self._resync()))
         if self.config.metrics_port:
@@ -135,6 +138,8 @@ class Runtime:
                 await task
         if self.queue is not None:
             await self.queue.stop()
+        if self.reconciler is not None:
+            await self.reconciler.flush_events()
         if self._server is not None:
             await self._server.cleanup()
         if self.kube is not None:
@@ -204,10 +209,31 @@ def _register_kind(runtime: Runtime, registry: kopf.OperatorRegistry, kind: str)
     @kopf.on.event(*resource, registry=registry, id=f"graft_resource_event_{suffix}")
     async def graft_resource_event(**kw: Any) -> None:
         body = kw["body"]
-        fresh = not body.get("status") and not body["metadata"].get("deletionTimestamp")
-        if runtime.reconciler is not None and kw.get("type") in (None, "ADDED") and fresh:
-            runtime.reconciler.hints[(kind, kw["namespace"], kw["name"])] = plain(body)
-        runtime.enqueue(kind, kw["namespace"], kw["name"])
+        gone = kw.get("type") == "DELETED"
+        if runtime.reconciler is not None:
+            runtime.reconciler.observe(
+                (kind, kw["namespace"], kw["name"]), None if gone else plain(body)
+            )
+        # Never reconciled yet (no status): a launch, which goes before status passes.
+        fresh = (
+            not gone and not body.get("status") and not body["metadata"].get("deletionTimestamp")
+        )
+        runtime.enqueue(kind, kw["namespace"], kw["name"], urgent=fresh)
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """Keeps no diff base. Only `on.event` and `index` handlers are registered, and nothing here
+    reads a diff, yet kopf builds the base (a deep copy of the body) on every watch event: under
+    a burst of 200 FineTuneJobs that was about a third of kopf's processing time."""
+
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: Any) -> Any:
+        return None
+
+    def store(self, *, body: Any, patch: Any, essence: Any) -> None:
+        return None
 
 
 def configure_settings(settings: kopf.OperatorSettings) -> None:
@@ -215,9 +241,7 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     # Our own prefixes, should kopf ever store anything (no handler here needs it).
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = NoDiffBase()
     # Watches: server-side timeout below typical load-balancer idle timeouts, a client-side
     # timeout a little above it, and kopf's inactivity timeout for silent streams.
     settings.watching.server_timeout = 240

@@ -15,6 +15,7 @@ import json
 import os
 import ssl
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from graft.api.kinds import KINDS_BY_NAME
 from graft.controller.planner import KIND
 
 COMPONENT = "graft-operator"
+POOL_SIZE = 16
 
 
 def resource_path(
@@ -117,14 +119,36 @@ def ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
     return context
 
 
+def resource_of(path: str) -> str:
+    """The resource (and subresource) a REST path addresses: `jobs`, `finetunejobs/status`."""
+    parts = path.split("?", 1)[0].strip("/").split("/")
+    if "namespaces" in parts and len(parts) > parts.index("namespaces") + 2:
+        rest = parts[parts.index("namespaces") + 2 :]
+    else:
+        rest = parts[2:] if parts[0] == "api" else parts[3:]
+    return rest[0] + (f"/{rest[2]}" if len(rest) > 2 else "") if rest else "?"
+
+
+# Called after every API response with (method, resource, HTTP status).
+ResponseHook = Callable[[str, str, int], None]
+
+
 class Kube:
-    def __init__(self, session: aiohttp.ClientSession, server: str) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        server: str,
+        on_response: ResponseHook | None = None,
+    ) -> None:
         self.session = session
         self.server = server.rstrip("/")
         self.instance = os.environ.get("HOSTNAME", "graft-operator")
+        self.on_response = on_response
 
     @classmethod
-    async def connect(cls, kubeconfig: str | None = None) -> Kube:
+    async def connect(
+        cls, kubeconfig: str | None = None, on_response: ResponseHook | None = None
+    ) -> Kube:
         info = connection_info(kubeconfig)
         headers = {"Accept": "application/json", "User-Agent": "graft-operator"}
         auth = None
@@ -135,10 +159,15 @@ class Kube:
         session = aiohttp.ClientSession(
             headers=headers,
             auth=auth,
-            connector=aiohttp.TCPConnector(ssl=ssl_context(info), limit=64),
+            # 40 creates at once on 40 new TLS connections took 5x as long as on open ones
+            # (handshakes on both sides of two shared cores); 16 connections kept open for
+            # minutes served 200 creates in half the time 64 new ones did.
+            connector=aiohttp.TCPConnector(
+                ssl=ssl_context(info), limit=POOL_SIZE, keepalive_timeout=300
+            ),
             timeout=aiohttp.ClientTimeout(total=30),
         )
-        return cls(session, str(info.server))
+        return cls(session, str(info.server), on_response)
 
     async def close(self) -> None:
         await self.session.close()
@@ -161,6 +190,8 @@ class Kube:
             headers={"Content-Type": content_type},
         ) as response:
             text = await response.read()
+            if self.on_response is not None:
+                self.on_response(method, resource_of(path), response.status)
             if response.status >= 400:
                 raise ApiError(
                     response.status, response.reason or "", text.decode(errors="replace")

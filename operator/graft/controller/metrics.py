@@ -41,9 +41,18 @@ class Metrics:
             ["kind", "phase"],
             registry=self.registry,
         )
+        self.api_requests = Counter(
+            "graft_api_requests_total",
+            "Kubernetes API requests the reconciler made, by method, resource and HTTP code.",
+            ["method", "resource", "code"],
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "graft_workqueue_depth", "Keys queued or being reconciled.", registry=self.registry
         )
+
+    def count_api_response(self, method: str, resource: str, code: int) -> None:
+        self.api_requests.labels(method, resource, str(code)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

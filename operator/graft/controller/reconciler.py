@@ -12,8 +12,10 @@ Keys are (kind, namespace, name).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +41,8 @@ logger = logging.getLogger("graft.controller")
 # What the reconciler reads from the watch caches: kopf indexes keyed by (namespace, name).
 Lookup = Callable[[tuple[str, str]], Iterable[dict[str, Any]]]
 Key = tuple[str, str, str]  # (kind, namespace, name)
+
+EVENT_DELAY_MAX = 5.0
 
 
 def _empty(_: tuple[str, str]) -> Iterable[dict[str, Any]]:
@@ -98,8 +102,19 @@ class Reconciler:
         self.caches = caches or Caches()
         self.metrics = metrics or Metrics()
         self._identities: dict[str, asyncio.Future[None]] = {}
-        self._background: set[asyncio.Future[None]] = set()
-        self.hints: dict[Key, dict[str, Any]] = {}
+        # Events wait while launches are pending (`busy`), at most EVENT_DELAY_MAX seconds:
+        # under a burst the API server's writes go to the Jobs first.
+        self.busy: Callable[[], bool] = lambda: False
+        self._events: deque[tuple[float, dict[str, Any], Event]] = deque()
+        self._poster: asyncio.Future[None] | None = None
+        self._resolved: dict[
+            Key,
+            tuple[tuple[str, Any], planner.Resolved | None, tuple[FieldIssue, ...]],
+        ] = {}
+        # The newest body of each resource: from its watch events and our own status patches'
+        # responses. Read instead of a GET on every pass (which, under a burst, tripled the
+        # API requests per resource).
+        self.bodies: dict[Key, dict[str, Any]] = {}
         self._phases: dict[Key, str] = {}
         # resource -> (its Job's uid, pods counted before this process saw the Job, pod uids
         # seen since): a pod deleted outright still counts as an attempt.
@@ -123,26 +138,21 @@ class Reconciler:
 
     async def reconcile(self, key: Key) -> float | None:
         kind, namespace, name = key
-        # A resource seen for the first time (no status yet) is taken from its watch event:
-        # nothing of ours can be newer, and it saves a round trip on the create path.
-        obj = self.hints.pop(key, None) or await self.kube.get(
-            resource_path(namespace, name, kind=kind)
-        )
+        cached = self.bodies.get(key)
+        obj = dict(cached) if cached is not None else None
+        if obj is None:
+            obj = await self.kube.get(resource_path(namespace, name, kind=kind))
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             self._set_phase(key, None)
             self._forget_dependencies(key)
             self._pods_seen.pop(key, None)
+            self._resolved.pop(key, None)
             return None  # the garbage collector removes the Job, pods and ConfigMap
         obj.setdefault("kind", kind)
         uid = str(obj["metadata"]["uid"])
         cache_key = (namespace, name)
 
-        resolved: planner.Resolved | None = None
-        issues: tuple[FieldIssue, ...] = ()
-        try:
-            resolved = planner.resolve_spec(obj.get("spec"), self.config, kind)
-        except InvalidResource as exc:
-            issues = tuple(exc.issues)
+        resolved, issues = self._resolve(key, obj)
 
         configmap = self.caches.configmap(cache_key, uid)
         job = self.caches.job(cache_key, uid)
@@ -218,9 +228,10 @@ class Reconciler:
             self._set_phase(key, str(plan.status.get("phase")))
             return 2.0
         if patch and not plan.delete_resource:
-            await self.kube.merge_patch(
+            patched = await self.kube.merge_patch(
                 resource_path(namespace, name, status=True, kind=kind), {"status": patch}
             )
+            self.observe(key, patched)
         self._set_phase(key, str(plan.status.get("phase")))
         for event in plan.events:
             self._post(obj, event)
@@ -229,6 +240,42 @@ class Reconciler:
             self._set_phase(key, None)
             return None
         return requeue
+
+    def _resolve(
+        self, key: Key, obj: dict[str, Any]
+    ) -> tuple[planner.Resolved | None, tuple[FieldIssue, ...]]:
+        """The validated spec, once per spec generation (most passes are status passes)."""
+        meta = obj["metadata"]
+        version = (str(meta["uid"]), meta.get("generation"))
+        held = self._resolved.get(key)
+        if held is not None and held[0] == version and version[1] is not None:
+            return held[1], held[2]
+        resolved: planner.Resolved | None = None
+        issues: tuple[FieldIssue, ...] = ()
+        try:
+            resolved = planner.resolve_spec(obj.get("spec"), self.config, key[0])
+        except InvalidResource as exc:
+            issues = tuple(exc.issues)
+        self._resolved[key] = (version, resolved, issues)
+        return resolved, issues
+
+    def observe(self, key: Key, body: dict[str, Any] | None) -> None:
+        """Remember the newest body of a resource (None: it is gone).
+
+        Watch events may arrive after our own patch's response; an older resourceVersion never
+        replaces a newer one. (resourceVersions are opaque; where they are not integers the
+        latest arrival wins, and the next watch event corrects a stale pass.)
+        """
+        if body is None:
+            self.bodies.pop(key, None)
+            return
+        held = self.bodies.get(key)
+        if held is not None and held["metadata"].get("uid") == body["metadata"].get("uid"):
+            old = str(held["metadata"].get("resourceVersion") or "")
+            new = str(body["metadata"].get("resourceVersion") or "")
+            if old.isdigit() and new.isdigit() and int(new) < int(old):
+                return
+        self.bodies[key] = body
 
     def _count_pods(
         self,
@@ -264,9 +311,9 @@ class Reconciler:
         found: dict[str, dict[str, Any] | None] = {}
         for ref in refs:
             if ref.name not in found:
-                found[ref.name] = await self.kube.get(
-                    resource_path(namespace, ref.name, kind=sources.FINETUNE)
-                )
+                found[ref.name] = self.bodies.get(
+                    (sources.FINETUNE, namespace, ref.name)
+                ) or await self.kube.get(resource_path(namespace, ref.name, kind=sources.FINETUNE))
         gate = sources.gate(kind, namespace, resolved.spec, found, self.config)
         if gate.state != "ready":
             for ref in refs:
@@ -376,14 +423,30 @@ class Reconciler:
             raise
 
     async def _create_identity(self, namespace: str) -> None:
-        for manifest in planner.trainer_identity(namespace, self.config):
-            await self.kube.create(manifest)  # 409: exists, fine
+        # Together: a RoleBinding may name its Role before the Role exists. 409: exists, fine.
+        manifests = planner.trainer_identity(namespace, self.config)
+        await asyncio.gather(*(self.kube.create(manifest) for manifest in manifests))
 
     def _post(self, obj: dict[str, Any], event: Event) -> None:
         """Post an Event in the background: best effort, never delays a reconcile."""
-        task = asyncio.ensure_future(self._send(obj, event))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._events.append((time.monotonic(), obj, event))
+        if self._poster is None or self._poster.done():
+            self._poster = asyncio.ensure_future(self._post_events())
+
+    async def _post_events(self, *, wait: bool = True) -> None:
+        while self._events:
+            if wait and self.busy() and time.monotonic() - self._events[0][0] < EVENT_DELAY_MAX:
+                await asyncio.sleep(0.05)
+                continue
+            batch = [self._events.popleft() for _ in range(min(len(self._events), 16))]
+            await asyncio.gather(*(self._send(obj, event) for _, obj, event in batch))
+
+    async def flush_events(self, timeout: float = 5.0) -> None:
+        """Post the Events still waiting (on shutdown)."""
+        if self._poster is not None and not self._poster.done():
+            self._poster.cancel()
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(self._post_events(wait=False), timeout)
 
     async def _send(self, obj: dict[str, Any], event: Event) -> None:
         try:

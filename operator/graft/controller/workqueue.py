@@ -1,10 +1,15 @@
 """A keyed work queue: each key is reconciled by one worker at a time, and changes that arrive
-while it runs coalesce into one more pass (the controller-runtime model, in asyncio)."""
+while it runs coalesce into one more pass (the controller-runtime model, in asyncio).
+
+Keys added as urgent (a resource not launched yet) are taken before the others, so that under
+a burst of new resources every launch goes ahead of the status passes of those launched.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 
 logger = logging.getLogger("graft.controller.workqueue")
@@ -18,21 +23,32 @@ class WorkQueue:
     def __init__(self, reconcile: Reconcile, workers: int = 16) -> None:
         self._reconcile = reconcile
         self._workers = workers
-        self._queue: asyncio.Queue[Hashable] = asyncio.Queue()
+        self._urgent: deque[Hashable] = deque()
+        self._normal: deque[Hashable] = deque()
+        self._ready: asyncio.Queue[None] = asyncio.Queue()  # one token per queued key
         self._queued: set[Hashable] = set()
         self._active: set[Hashable] = set()
+        self._active_urgent: set[Hashable] = set()
         self._dirty: set[Hashable] = set()
         self._failures: dict[Hashable, int] = {}
         self._timers: dict[Hashable, asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
-    def add(self, key: Hashable) -> None:
+    def add(self, key: Hashable, *, urgent: bool = False) -> None:
         """Reconcile `key` soon (once, however often it is added meanwhile)."""
         if key in self._active:
             self._dirty.add(key)
         elif key not in self._queued:
             self._queued.add(key)
-            self._queue.put_nowait(key)
+            (self._urgent if urgent else self._normal).append(key)
+            self._ready.put_nowait(None)
+        elif urgent and key not in self._urgent:
+            self._normal.remove(key)
+            self._urgent.append(key)
+
+    def urgent_pending(self) -> int:
+        """Urgent keys queued or being reconciled."""
+        return len(self._urgent) + len(self._active_urgent)
 
     def add_after(self, key: Hashable, delay: float) -> None:
         """Reconcile `key` after `delay` seconds; an earlier pending wake-up wins."""
@@ -64,9 +80,13 @@ class WorkQueue:
 
     async def _worker(self) -> None:
         while True:
-            key = await self._queue.get()
+            await self._ready.get()
+            urgent = bool(self._urgent)
+            key = self._urgent.popleft() if urgent else self._normal.popleft()
             self._queued.discard(key)
             self._active.add(key)
+            if urgent:
+                self._active_urgent.add(key)
             try:
                 requeue = await self._reconcile(key)
             except asyncio.CancelledError:
@@ -83,6 +103,7 @@ class WorkQueue:
                     self.add_after(key, requeue)
             finally:
                 self._active.discard(key)
+                self._active_urgent.discard(key)
                 if key in self._dirty:
                     self._dirty.discard(key)
                     self.add(key)
