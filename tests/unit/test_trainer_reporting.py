@@ -42,3 +42,23 @@ def test_make_reporter_names_and_kubernetes_fallback(monkeypatch: pytest.MonkeyP
     # without graft_trainer.status_reporter the kubernetes reporter falls back to jsonl
     monkeypatch.setitem(sys.modules, "graft_trainer.status_reporter", None)
     assert isinstance(make_reporter("kubernetes"), JsonlReporter)
+
+
+def test_trainer_logs_drop_only_the_hub_kernel_hint_of_bitsandbytes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+
+    from graft_trainer.reporting import setup_logging
+
+    setup_logging()
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    handler = logging.StreamHandler(sys.stderr)
+    bnb.addHandler(handler)
+    try:
+        bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "no module")
+        bnb.warning("some other bitsandbytes warning")
+    finally:
+        bnb.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "kernels-community" not in err and "some other bitsandbytes warning" in err

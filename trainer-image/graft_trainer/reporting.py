@@ -183,7 +183,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(body, default=str)
 
 
+class _OfflineKernelHint(logging.Filter):
+    """Drops bitsandbytes' hint to `pip install kernels` on CPUs with AVX512-BF16: that package
+    downloads its kernel from the Hugging Face Hub at run time, which a trainer pod must not
+    depend on, so the hint would only alarm every log (bitsandbytes falls back by itself)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "from kernels-community" not in str(record.msg)
+
+
+_OFFLINE_KERNEL_HINT = _OfflineKernelHint()
+
+
 def setup_logging(json_lines: bool = False, level: int = logging.INFO) -> None:
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OFFLINE_KERNEL_HINT)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter() if json_lines else logging.Formatter("%(levelname)s %(name)s: %(message)s")
