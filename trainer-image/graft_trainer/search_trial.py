@@ -34,6 +34,7 @@ log = logging.getLogger("graft_trainer.search")
 
 RECORD = "trial.json"
 REPORT = "search/report.html"
+REDRAWS = 5
 
 
 def record_uri(prefix: str, number: int) -> str:
@@ -184,14 +185,27 @@ def _result(record: plan.StudyTrial) -> dict[str, Any]:
 def _redraw_report(
     store: Any, prefix: str, name: str, base: dict[str, Any], search: SearchSpec, target: int
 ) -> None:
-    """The study report from every record the store holds now (the last trial draws it whole)."""
+    """The study report from every record the store holds now.
+
+    Trials finishing at the same time race to write the one report. Each redraws until the
+    finished trials it drew are still all there are after its write, so whichever writes last
+    drew every trial finished before it: the final report is whole.
+    """
     from graft_trainer.search_report import render_search_report
 
-    study = plan.new_study(base, search)
-    study.trials = [r for n in range(target) if (r := _read_record(store, prefix, n))]
-    best = plan.best_trial(study)
-    try:
-        page = render_search_report(name, search, study, best.number if best else None)
-        store.write_bytes(join_uri(prefix, REPORT), page.encode())
-    except Exception as exc:  # the report is a view; the records are what counts
-        log.warning("could not draw the search report: %s", exc)
+    drawn: set[int] | None = None
+    for _ in range(REDRAWS):
+        trials = [r for n in range(target) if (r := _read_record(store, prefix, n))]
+        finished = {t.number for t in trials if t.state in plan.FINISHED}
+        if finished == drawn:
+            return
+        study = plan.new_study(base, search)
+        study.trials = trials
+        best = plan.best_trial(study)
+        try:
+            page = render_search_report(name, search, study, best.number if best else None)
+            store.write_bytes(join_uri(prefix, REPORT), page.encode())
+        except Exception as exc:  # the report is a view; the records are what counts
+            log.warning("could not draw the search report: %s", exc)
+            return
+        drawn = finished

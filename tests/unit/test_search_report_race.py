@@ -1,0 +1,55 @@
+"""Trials finishing together each redraw the one study report: the last write must be whole."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from graft import search_plan as plan
+from graft.api.search import SearchSpec
+from graft_trainer import search_report, search_trial
+
+PREFIX = "file:///out/ns/FineTuneJob/a-uid/"
+SEARCH = SearchSpec.model_validate(
+    {
+        "trials": 3,
+        "space": {"lora.r": {"type": "choice", "values": [4, 8]}},
+    }
+)
+
+
+def finished(number: int, value: float) -> bytes:
+    trial = plan.StudyTrial(number=number, params={"lora.r": 4}, state="Complete", value=value)
+    return json.dumps(trial.to_json()).encode()
+
+
+class RacingStore:
+    """Another trial's pod finishes between this pod's listing and its report write."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {search_trial.record_uri(PREFIX, 0): finished(0, 0.5)}
+        self.report_writes: list[str] = []
+
+    def read_bytes(self, uri: str) -> bytes | None:
+        return self.files.get(uri)
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        self.files[uri] = data
+        if uri.endswith(search_trial.REPORT):
+            self.report_writes.append(data.decode())
+            if len(self.report_writes) == 1:
+                self.files[search_trial.record_uri(PREFIX, 1)] = finished(1, 0.4)
+
+
+def test_a_trial_that_finished_during_the_redraw_is_in_the_final_report(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def render(name: str, search: Any, study: plan.Study, best: int | None) -> str:
+        return f"trials={sorted(t.number for t in study.trials)} best={best}"
+
+    monkeypatch.setattr(search_report, "render_search_report", render)
+    store = RacingStore()
+    search_trial._redraw_report(store, PREFIX, "a", {"model": {}}, SEARCH, target=3)
+    assert store.report_writes == ["trials=[0] best=0", "trials=[0, 1] best=1"]
