@@ -24,7 +24,7 @@ from graft.api.errors import FieldIssue
 from graft.api.kinds import InvalidResource
 from graft.controller import planner, sources
 from graft.controller.config import OperatorConfig
-from graft.controller.kube import Kube, object_path, resource_path
+from graft.controller.kube import ApiError, Kube, object_path, resource_path
 from graft.controller.metrics import Metrics
 from graft.controller.status import (
     Event,
@@ -127,8 +127,17 @@ class Reconciler:
         started = time.perf_counter()
         result = "ok"
         kind = str(key[0])
+        resource_key: Key = (kind, str(key[1]), str(key[2]))
         try:
-            return await self.reconcile((kind, str(key[1]), str(key[2])))
+            return await self.reconcile(resource_key)
+        except ApiError as exc:
+            if exc.status == 404 and self.bodies.pop(resource_key, None) is not None:
+                # Acted on a remembered body of a resource that is gone (its DELETED event
+                # lost across a watch reconnect): read it again now.
+                result = "stale"
+                return 0.0
+            result = "error"
+            raise
         except Exception:
             result = "error"
             raise
