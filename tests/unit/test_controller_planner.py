@@ -126,6 +126,11 @@ def test_resources_scheduling_and_limits() -> None:
     assert job["spec"]["activeDeadlineSeconds"] == 600
     assert job["spec"]["backoffLimit"] == 3 + CONFIG.disruption_allowance
     assert pod["containers"][0]["image"] == "my/trainer:1"
+    # Two GPUs: two training processes, which need a shared memory bigger than the default.
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+    one_gpu = job_for(resource(resources={"gpu": 1}))["spec"]["template"]["spec"]
+    assert all(v["name"] != "dshm" for v in one_gpu["volumes"])
 
 
 def test_configmap_holds_whole_resource_with_defaults() -> None:

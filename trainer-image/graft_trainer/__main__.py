@@ -59,6 +59,16 @@ def run_object(
         from graft_trainer.search import run_search
 
         return run_search(document, artifacts_uri, reporter_name, work_dir=work_dir)
+    from graft_trainer import parallel
+
+    try:
+        count = parallel.processes(obj.spec)
+    except GraftInputError as exc:
+        return EXIT_INVALID, one_line(exc)
+    if count > 1 and not parallel.in_worker():
+        return parallel.run_data_parallel(
+            document, artifacts_uri, reporter_name, count, work_dir=work_dir
+        )
     from graft_trainer.engine import Engine, JobIdentity
     from graft_trainer.reporting import make_reporter
 

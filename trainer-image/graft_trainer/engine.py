@@ -28,7 +28,7 @@ from graft.api.finetune import (
 from graft.progress import ProgressEvent, Reporter, Stage
 from graft.storage import open_store
 from graft.storage.uri import join_uri
-from graft_trainer import attention
+from graft_trainer import attention, parallel
 from graft_trainer import data as D
 from graft_trainer.checkpoints import CheckpointManager, set_rng_state
 from graft_trainer.evaluation import BestTracker, Evaluator, OverfittingDetector, metric_key
@@ -120,10 +120,15 @@ class Engine:
         self.artifacts: dict[str, str] = {}
         self.history: list[dict[str, Any]] = []
         self.started = datetime.now(UTC)
+        # Data parallel (parallel.py): only the main process reports and writes.
+        self.processes = 1
+        self.main_process = True
 
     # ------------------------------------------------------------ reporting
 
     def emit(self, stage: Stage, message: str = "") -> None:
+        if not self.main_process:
+            return
         self.progress.updated_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         event = ProgressEvent(
             stage=stage,
@@ -190,6 +195,10 @@ class Engine:
             "loading",
             f"loading {prep.model_dir.name} ({spec.method}, {prep.precision}, {prep.device})",
         )
+        acc = parallel.accelerator(prep.device) if parallel.in_worker() else None
+        world = acc.num_processes if acc is not None else 1
+        rank = acc.process_index if acc is not None else 0
+        self.processes, self.main_process = world, rank == 0
         model = load_model(spec, prep.model_dir, prep.device)
         model.train()
         # Ragged texts without padding: each micro-batch becomes one row with block-diagonal
@@ -203,9 +212,11 @@ class Engine:
 
         accum = t.gradient_accumulation_steps
         batch = t.per_device_train_batch_size
-        per_epoch = max(1, data.batches_per_epoch(batch) // accum)
+        # Micro-batches per optimizer step, over all processes.
+        per_step = accum * world
+        per_epoch = max(1, data.batches_per_epoch(batch) // per_step)
         total = t.max_steps or max(
-            1, math.ceil((t.epochs or 1.0) * data.batches_per_epoch(batch) / accum)
+            1, math.ceil((t.epochs or 1.0) * data.batches_per_epoch(batch) / per_step)
         )
         self.progress.total_steps = total
 
@@ -264,6 +275,7 @@ class Engine:
                 "uid": self.identity.uid,
             },
             "specDigest": spec_digest(spec),
+            "processes": world,
         }
         ckpts = CheckpointManager(
             join_uri(self.prefix, "checkpoints/"), self.store, self.work_dir, job_manifest
@@ -280,6 +292,14 @@ class Engine:
         if latest is not None and latest[1].get("specDigest") != job_manifest["specDigest"]:
             self.warn(
                 "NoImprovement", f"ignoring checkpoint {latest[0]}: it was made by a different spec"
+            )
+            latest = None
+        if latest is not None and int(latest[1].get("processes", 1)) != world:
+            # The steps were counted in micro-batches of another number of processes.
+            self.warn(
+                "NoImprovement",
+                f"ignoring checkpoint {latest[0]}: it was made by "
+                f"{latest[1].get('processes', 1)} training processes, this run has {world}",
             )
             latest = None
         if latest is not None:
@@ -301,7 +321,7 @@ class Engine:
             self.warnings = [TrainingWarning.model_validate(w) for w in state.get("warnings", [])]
             self.progress.step = step
             self.emit("training", f"resumed from checkpoint at step {step} ({latest[0]})")
-        else:
+        elif self.main_process:
             self.emit("baseline", "measuring the base model on the eval split")
             baseline, baseline_samples = evaluator.run(model, tok, device, amp)
         self.metrics.baseline_eval_loss = baseline.get("eval_loss")
@@ -332,26 +352,42 @@ class Engine:
         window_tokens = 0
         window_start = time.perf_counter()
         last_train_loss: float | None = None
-        batches = data.batches(t.seed, batch, pad_id, start=step * accum, flatten=flatten)
+        batches = data.batches(t.seed, batch, pad_id, start=step * per_step, flatten=flatten)
+        # DDP averages the gradients of the processes' shares of each step.
+        train_model = acc.prepare_model(model) if acc is not None else model
         self.emit("training", f"training {total} steps ({per_epoch} per epoch)")
         while step < total:
             t0 = time.perf_counter()
-            micro = [next(batches)[1] for _ in range(accum)]
+            micro = [next(batches)[1] for _ in range(per_step)][rank::world]
             targets = sum(b.target_tokens for b in micro) or 1
             step_loss = 0.0
-            for b in micro:
+            step_tokens = 0
+            for i, b in enumerate(micro):
                 inputs = b.tensors(device)
+                last = i == len(micro) - 1
                 with (
-                    torch.autocast(device_type=device.type, dtype=amp)
-                    if amp is not None
+                    acc.no_sync(train_model)
+                    if acc is not None and not last
                     else contextlib.nullcontext()
                 ):
-                    out = model(**inputs)
-                loss = out.loss * (b.target_tokens / targets)
-                loss.backward()
+                    with (
+                        torch.autocast(device_type=device.type, dtype=amp)
+                        if amp is not None
+                        else contextlib.nullcontext()
+                    ):
+                        out = train_model(**inputs)
+                    loss = out.loss * (b.target_tokens / targets)
+                    loss.backward()
                 step_loss += float(loss.detach())
-                window_tokens += b.tokens
-                tokens_total += b.tokens
+                step_tokens += b.tokens
+            if acc is not None:  # the step's loss (mean) and tokens (sum) over processes
+                stats = acc.reduce(
+                    torch.tensor([step_loss, step_tokens], dtype=torch.float64, device=acc.device),
+                    "sum",
+                )
+                step_loss, step_tokens = float(stats[0]) / world, int(stats[1])
+            window_tokens += step_tokens
+            tokens_total += step_tokens
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
@@ -390,7 +426,9 @@ class Engine:
                 window_start = time.perf_counter()
                 self.emit("training")
 
-            if data.eval and (step % t.eval_steps == 0 or step == total):
+            evaluate = bool(data.eval) and (step % t.eval_steps == 0 or step == total)
+            stop_now = False
+            if evaluate and self.main_process:
                 values, _ = evaluator.run(model, tok, device, amp, generate_texts=gen_during)
                 self.set_eval_metrics(values)
                 self.history.append({"step": step, **{f"eval/{k}": v for k, v in values.items()}})
@@ -412,7 +450,7 @@ class Engine:
                 if self.on_evaluate is not None:
                     self.on_evaluate(step, total, values)
                 if tracker.should_stop:
-                    stopped_early = True
+                    stop_now = True
                     self.warn(
                         "NoImprovement",
                         f"early stopping at step {step}: {tracker.metric} did not improve by more "
@@ -420,10 +458,23 @@ class Engine:
                         f"(best {tracker.best_value:.4g} at step {tracker.best_step})",
                         tracker.best_step,
                     )
-                    break
-            if step % t.save_steps == 0 and step < total:
+            if evaluate and acc is not None:  # the main process decides for all
+                import torch.distributed as dist
+
+                flag = torch.tensor([int(stop_now)], device=acc.device)
+                dist.broadcast(flag, src=0)
+                stop_now = bool(flag.item())
+            if stop_now:
+                stopped_early = True
+                break
+            if step % t.save_steps == 0 and step < total and self.main_process:
                 save_checkpoint()
                 self.emit("training", f"checkpoint at step {step}")
+
+        if not self.main_process:  # the main process evaluates and writes the outputs
+            return RunResult(
+                step, total, resumed_from, stopped_early, None, {}, {}, [], {}, [], None
+            )
 
         # ------------------------------------------------------ final evaluation and export
         final_step = step

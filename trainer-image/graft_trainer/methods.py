@@ -176,7 +176,8 @@ def load_model(spec: FineTuneJobSpec, model_dir: Path, device: str) -> Any:
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=compute,
         )
-        kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
+        # The current GPU: each data-parallel process has its own (parallel.accelerator).
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except GraftInputError:

@@ -172,6 +172,7 @@ class OutputWriter:
             "tokens": tokens_total,
             "tokensPerSecond": tokens_total / train_seconds if train_seconds else 0.0,
             "peakMemoryBytes": eng.metrics.peak_memory_bytes or peak_rss_bytes(),
+            "processes": eng.processes,
         }
         data_summary = {
             "uri": spec.dataset.uri,

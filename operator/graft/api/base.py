@@ -147,7 +147,16 @@ class OutputLocation(Location):
 class Resources(ApiModel):
     """Compute the trainer pod asks for."""
 
-    gpu: int = Field(default=0, ge=0, le=16, description="GPUs per pod. 0 runs on CPU.")
+    gpu: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description=(
+            "GPUs per pod. 0 runs on CPU. A FineTuneJob with more than one trains data-parallel: "
+            "one process per GPU, each on its share of every step's micro-batches (so "
+            "perDeviceTrainBatchSize is per GPU and an epoch takes fewer steps)."
+        ),
+    )
     gpu_resource_name: str = Field(
         default="nvidia.com/gpu",
         max_length=253,

@@ -390,6 +390,11 @@ def build_trainer_job(
             {"name": "home", "emptyDir": {}},
         ],
     }
+    if int((spec.get("resources") or {}).get("gpu") or 0) > 1:
+        # One training process per GPU (data parallel): NCCL passes tensors through shared
+        # memory, and a container's default /dev/shm (64 MiB) is too small for it.
+        pod_spec["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
     if config.trainer_host_network:
         pod_spec["hostNetwork"] = True
         pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"

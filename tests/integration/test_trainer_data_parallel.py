@@ -1,0 +1,94 @@
+"""Data parallelism in one pod (`resources.gpu > 1`), exercised on the CPU: two processes
+(gloo instead of NCCL, forced by GRAFT_DATA_PARALLEL) share each step's micro-batches, so an
+epoch takes half the optimizer steps; only the main process evaluates and writes outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from graft.storage import latest_complete_checkpoint, read_manifest
+from graft_trainer.errors import EXIT_INVALID
+from tests.integration.trainer_kit import job_document, shared_kit
+
+pytestmark = [pytest.mark.trainer, pytest.mark.timeout(600)]
+
+# 240 train records at 16 per micro-batch: 15 micro-batches per epoch.
+TRAINING = {"maxSteps": None, "epochs": 1, "evalSteps": 4, "saveSteps": 4, "loggingSteps": 2}
+
+
+@pytest.fixture(scope="session")
+def kit() -> dict[str, Path]:
+    return shared_kit()
+
+
+def run_pod(doc: dict[str, Any], uri: str, tmp_path: Path, processes: int) -> int:
+    path = tmp_path / f"{doc['metadata']['name']}.json"
+    path.write_text(json.dumps(doc))
+    env = {
+        **os.environ,
+        "GRAFT_ARTIFACTS_URI": uri,
+        "GRAFT_REPORTER": "none",
+        "GRAFT_DATA_PARALLEL": str(processes),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "graft_trainer", "run-resource", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
+    return proc.returncode
+
+
+def test_two_processes_share_each_step_and_one_writes_the_outputs(
+    kit: dict[str, Path], tmp_path: Path
+) -> None:
+    uri = f"file://{tmp_path}/out/"
+    doc = job_document(kit, name="ddp", training=TRAINING)
+    assert run_pod(doc, uri, tmp_path, processes=2) == 0
+    manifest = read_manifest(uri)
+    assert manifest is not None
+    run = manifest["run"]
+    assert run["processes"] == 2
+    # 15 micro-batches, 2 per optimizer step: 8 steps (a single process takes 15).
+    assert run["totalSteps"] == run["finalStep"] == 8
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["final"]["eval_loss"] < metrics["baseline"]["eval_loss"]
+    # Train loss and tokens/s are over both processes' shares (logged every 2 steps).
+    assert [h["step"] for h in metrics["history"] if "train_loss" in h] == [2, 4, 6, 8]
+    # A checkpoint (every 4 steps, before the last) was written by the main process and says
+    # how many processes made it.
+    found = latest_complete_checkpoint(uri + "checkpoints/")
+    assert found is not None and found[1]["processes"] == 2 and found[1]["step"] == 4
+
+
+def test_invalid_input_in_every_process_still_exits_as_invalid(
+    kit: dict[str, Path], tmp_path: Path
+) -> None:
+    uri = f"file://{tmp_path}/out/"
+    doc = job_document(kit, name="ddp-bad", dataset={"uri": f"file://{tmp_path}/missing.jsonl"})
+    assert run_pod(doc, uri, tmp_path, processes=2) == EXIT_INVALID
+    assert read_manifest(uri) is None
+
+
+def test_a_checkpoint_of_another_process_count_is_not_resumed(
+    kit: dict[str, Path], tmp_path: Path
+) -> None:
+    uri = f"file://{tmp_path}/out/"
+    doc = job_document(kit, name="ddp-resume", training={**TRAINING, "evalSteps": 100})
+    assert run_pod(doc, uri, tmp_path, processes=2) == 0
+    # The same job again with one process: its step counts mean other micro-batches.
+    assert run_pod(doc, uri, tmp_path, processes=1) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["run"]["processes"] == 1 and metrics["run"]["resumedFrom"] is None
+    assert metrics["run"]["finalStep"] == 15
+    assert any("made by 2 training processes" in w["message"] for w in metrics["warnings"])
