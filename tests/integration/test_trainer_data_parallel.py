@@ -1,6 +1,7 @@
 """Data parallelism in one pod (`resources.gpu > 1`), exercised on the CPU: two processes
 (gloo instead of NCCL, forced by GRAFT_DATA_PARALLEL) share each step's micro-batches, so an
-epoch takes half the optimizer steps; only the main process evaluates and writes outputs."""
+epoch takes half the optimizer steps, and train what one process accumulating the same
+micro-batches trains; only the main process evaluates and writes outputs."""
 
 from __future__ import annotations
 
@@ -65,6 +66,20 @@ def test_two_processes_share_each_step_and_one_writes_the_outputs(
     assert metrics["final"]["eval_loss"] < metrics["baseline"]["eval_loss"]
     # Train loss and tokens/s are over both processes' shares (logged every 2 steps).
     assert [h["step"] for h in metrics["history"] if "train_loss" in h] == [2, 4, 6, 8]
+
+    # One process accumulating the same two micro-batches per step trains the same model.
+    single_uri = f"file://{tmp_path}/single/"
+    single_doc = job_document(
+        kit, name="ddp", training={**TRAINING, "gradientAccumulationSteps": 2}
+    )
+    assert run_pod(single_doc, single_uri, tmp_path, processes=1) == 0
+    single = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert single["run"]["processes"] == 1 and single["run"]["finalStep"] == 8
+    assert single["run"]["tokens"] == metrics["run"]["tokens"]
+    losses = [h["train_loss"] for h in metrics["history"] if "train_loss" in h]
+    single_losses = [h["train_loss"] for h in single["history"] if "train_loss" in h]
+    assert losses == pytest.approx(single_losses, rel=1e-3)
+    assert metrics["final"]["eval_loss"] == pytest.approx(single["final"]["eval_loss"], rel=1e-3)
     # A checkpoint (every 4 steps, before the last) was written by the main process and says
     # how many processes made it.
     found = latest_complete_checkpoint(uri + "checkpoints/")

@@ -358,8 +358,11 @@ class Engine:
         self.emit("training", f"training {total} steps ({per_epoch} per epoch)")
         while step < total:
             t0 = time.perf_counter()
-            micro = [next(batches)[1] for _ in range(per_step)][rank::world]
-            targets = sum(b.target_tokens for b in micro) or 1
+            step_batches = [next(batches)[1] for _ in range(per_step)]
+            # Every micro-batch of the step weighs by its target tokens, whichever process
+            # takes it: the same gradient as one process accumulating them all.
+            targets = sum(b.target_tokens for b in step_batches) or 1
+            micro = step_batches[rank::world]
             step_loss = 0.0
             step_tokens = 0
             for i, b in enumerate(micro):
@@ -377,15 +380,16 @@ class Engine:
                     ):
                         out = train_model(**inputs)
                     loss = out.loss * (b.target_tokens / targets)
-                    loss.backward()
+                    # DDP averages over the processes; undo its division.
+                    (loss * world if world > 1 else loss).backward()
                 step_loss += float(loss.detach())
                 step_tokens += b.tokens
-            if acc is not None:  # the step's loss (mean) and tokens (sum) over processes
+            if acc is not None:  # the step's loss and tokens over all processes
                 stats = acc.reduce(
                     torch.tensor([step_loss, step_tokens], dtype=torch.float64, device=acc.device),
                     "sum",
                 )
-                step_loss, step_tokens = float(stats[0]) / world, int(stats[1])
+                step_loss, step_tokens = float(stats[0]), int(stats[1])
             window_tokens += step_tokens
             tokens_total += step_tokens
             torch.nn.utils.clip_grad_norm_(params, 1.0)
