@@ -245,3 +245,28 @@ def test_locations_with_different_secrets_get_per_bucket_credentials() -> None:
         "data-ro",
         "results-rw",
     ]
+
+
+def test_hf_locations_with_different_secrets_get_their_own_tokens() -> None:
+    obj = resource()
+    spec = obj["spec"]
+    spec["model"] = {"uri": "hf://acme/private-llm", "credentialsSecret": "hf-acme"}
+    spec["dataset"]["uri"] = "hf://partner/labelled-tones"
+    spec["dataset"]["credentialsSecret"] = "hf-partner"
+    spec["output"] = {"uri": "s3://results/graft/", "credentialsSecret": "results-rw"}
+    container = job_for(obj)["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert json.loads(env["GRAFT_HF_TOKENS"]["value"]) == {
+        "acme/private-llm": "GRAFT_SECRET_0_HF_TOKEN",
+        "partner/labelled-tones": "GRAFT_SECRET_1_HF_TOKEN",
+    }
+    ref = env["GRAFT_SECRET_1_HF_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "hf-partner", "key": "HF_TOKEN", "optional": True}
+    assert "GRAFT_SECRET_2_HF_TOKEN" not in env  # the S3 output's Secret holds no token
+    # One Secret for everything: its plain HF_TOKEN (envFrom) serves every repository.
+    single = resource()
+    single["spec"]["model"] = {"uri": "hf://acme/private-llm", "credentialsSecret": "hf-acme"}
+    single["spec"]["output"] = {"uri": "s3://results/graft/", "credentialsSecret": "hf-acme"}
+    single["spec"]["dataset"].pop("credentialsSecret", None)
+    plain_env = job_for(single)["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert all(e["name"] != "GRAFT_HF_TOKENS" for e in plain_env)

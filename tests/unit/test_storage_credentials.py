@@ -41,3 +41,21 @@ def test_clients_sign_with_the_buckets_credentials(monkeypatch: pytest.MonkeyPat
     results = s3_client(bucket="results")
     assert results._get_credentials().access_key == "ambient"
     assert results.meta.endpoint_url == "http://127.0.0.1:9000"
+
+
+def test_an_hf_repository_uses_its_own_secrets_token() -> None:
+    from graft.storage.store import hf_token
+
+    env = {
+        "HF_TOKEN": "ambient",
+        "GRAFT_HF_TOKENS": json.dumps(
+            {"acme/llm": "GRAFT_SECRET_0_HF_TOKEN", "acme/data": "GRAFT_SECRET_1_HF_TOKEN"}
+        ),
+        "GRAFT_SECRET_0_HF_TOKEN": "acme-token",
+    }
+    assert hf_token("acme/llm", env) == "acme-token"
+    # Mapped, but its Secret has no HF_TOKEN (the reference is optional): the plain one.
+    assert hf_token("acme/data", env) == "ambient"
+    assert hf_token("other/repo", env) == "ambient"
+    assert hf_token("acme/llm", {**env, "GRAFT_HF_TOKENS": "not json"}) == "ambient"
+    assert hf_token("acme/llm", {}) is None

@@ -10,6 +10,7 @@ from typing import Any
 from graft.api.base import Location
 from graft.api.finetune import DatasetSpec
 from graft.storage import StoreError, download_dir, local_path, open_store, parse_uri
+from graft.storage.store import hf_token
 from graft_trainer.data import Record, detect_format, digest_files, read_records
 from graft_trainer.errors import GraftInputError
 
@@ -37,7 +38,7 @@ def fetch_model(location: Location) -> Path:
                 snapshot_download(
                     parsed.netloc,
                     revision=location.revision,
-                    token=os.environ.get("HF_TOKEN") or None,
+                    token=hf_token(parsed.netloc),
                 )
             )
         except Exception as exc:
@@ -101,7 +102,7 @@ def load_hf_splits(spec: DatasetSpec) -> tuple[dict[str, list[Record]], str]:
         import datasets
 
         repo = parse_uri(spec.uri).netloc
-        token = os.environ.get("HF_TOKEN") or None
+        token = hf_token(repo)
         out: dict[str, list[Record]] = {}
         for expr in filter(None, [spec.train_split, spec.eval_split]):
             ds: Any = datasets.load_dataset(repo, split=expr, revision=spec.revision, token=token)

@@ -18,7 +18,8 @@ from graft.api.errors import FieldIssue
 from graft.api.kinds import InvalidResource, parse_spec
 from graft.controller.config import OperatorConfig
 from graft.naming import artifact_prefix, child_name
-from graft.storage.store import BUCKET_CREDENTIALS_ENV, CREDENTIAL_KEYS
+from graft.storage.store import BUCKET_CREDENTIALS_ENV, CREDENTIAL_KEYS, HF_TOKENS_ENV
+from graft.storage.uri import parse_uri
 
 KIND = "FineTuneJob"  # the kind a resource without `kind` (a bare spec in a test) is taken as
 KINDS = ("FineTuneJob", "OptimizeJob", "AdapterBundle")
@@ -277,6 +278,34 @@ def bucket_credentials_env(
     return env
 
 
+def hf_tokens_env(
+    spec: dict[str, Any], references: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Per-repository Hugging Face tokens when locations use different Secrets: each hf://
+    location's Secret's HF_TOKEN under its own name (`secretKeyRef`), and the map repo -> name
+    (graft.storage.store.hf_token). With one Secret the plain HF_TOKEN serves every repo."""
+    secrets = credential_secrets(spec, references)
+    if len(secrets) < 2:
+        return []
+    names: dict[str, str] = {}  # repo -> variable
+    variables: dict[str, str] = {}  # variable -> Secret
+    for location in _all_locations(spec, references):
+        uri, secret = str(location.get("uri") or ""), location.get("credentialsSecret")
+        if secret and uri.startswith("hf://"):
+            variable = f"GRAFT_SECRET_{secrets.index(secret)}_HF_TOKEN"
+            names[parse_uri(uri).netloc] = variable
+            variables[variable] = secret
+    if not names:
+        return []
+    env: list[dict[str, Any]] = [
+        {"name": HF_TOKENS_ENV, "value": json.dumps(names, sort_keys=True)}
+    ]
+    for variable, secret in sorted(variables.items()):
+        ref = {"name": secret, "key": "HF_TOKEN", "optional": True}
+        env.append({"name": variable, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
 def pod_security_context(config: OperatorConfig) -> dict[str, Any]:
     uid = config.trainer_run_as_user
     return {
@@ -355,6 +384,7 @@ def build_trainer_job(
     if trial is not None:
         env.append({"name": "GRAFT_TRIAL", "value": str(trial)})
     env += bucket_credentials_env(spec, references)
+    env += hf_tokens_env(spec, references)
     env.extend({"name": k, "value": v} for k, v in sorted(config.trainer_extra_env.items()))
 
     container: dict[str, Any] = {

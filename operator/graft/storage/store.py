@@ -135,6 +135,23 @@ CREDENTIAL_KEYS = (
 )
 
 
+HF_TOKENS_ENV = "GRAFT_HF_TOKENS"
+
+
+def hf_token(repo: str, env: dict[str, str] | None = None) -> str | None:
+    """The token for hf://`repo` (org/name): its location's own Secret's HF_TOKEN, named by
+    GRAFT_HF_TOKENS (repo -> variable), over the plain HF_TOKEN."""
+    import json
+
+    env = dict(os.environ) if env is None else env
+    try:
+        names = json.loads(env.get(HF_TOKENS_ENV) or "{}")
+    except ValueError:
+        names = {}
+    name = names.get(repo) if isinstance(names, dict) else None
+    return (env.get(name) if name else None) or env.get("HF_TOKEN") or None
+
+
 def bucket_credentials(bucket: str, env: dict[str, str] | None = None) -> dict[str, str]:
     """The AWS_* settings for `bucket`: its own (GRAFT_S3_BUCKET_CREDENTIALS) over the plain
     environment's. Only names and prefixes are configuration; values come from Secrets."""
