@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 from graft.controller.config import OperatorConfig
-from graft.controller.kube import ApiError, resource_of
+from graft.controller.kube import resource_of
 from graft.controller.reconciler import Reconciler
 from graft.controller.status import Event
 
@@ -73,34 +73,3 @@ def test_api_request_metrics_name_the_resource_and_subresource() -> None:
     assert resource_of("/api/v1/namespaces/ns/events") == "events"
     assert resource_of("/api/v1/namespaces/ns/pods/p?watch=1") == "pods"
     assert resource_of("/apis/graft.dev/v1alpha1/finetunejobs") == "finetunejobs"
-
-
-class GoneKube(RecordingKube):
-    """The API server's view: the resource was deleted; its DELETED event never arrived."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gets = 0
-
-    async def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
-        raise ApiError(404, "Not Found", 'finetunejobs.graft.dev "a" not found')
-
-    async def get(self, path: str) -> dict[str, Any] | None:
-        self.gets += 1
-        return None
-
-
-def test_a_remembered_resource_that_is_gone_is_read_again_instead_of_failing() -> None:
-    async def scenario() -> tuple[float | None, float | None, int, bool]:
-        kube = GoneKube()
-        reconciler = Reconciler(kube, OperatorConfig())  # type: ignore[arg-type]
-        ghost = body("7")
-        ghost["spec"] = {}  # invalid: the pass wants to patch Validated=False
-        reconciler.observe(KEY, ghost)
-        first = await reconciler(KEY)
-        second = await reconciler(KEY)
-        return first, second, kube.gets, KEY in reconciler.bodies
-
-    first, second, gets, remembered = asyncio.run(scenario())
-    assert first == 0.0 and not remembered  # forgotten, and reconciled again at once
-    assert second is None and gets == 1  # read from the API: gone, nothing to do
