@@ -244,64 +244,41 @@ def credential_secrets(spec: dict[str, Any], references: dict[str, Any] | None =
     return names
 
 
-def bucket_credentials_env(
+def location_credentials_env(
     spec: dict[str, Any], references: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    """Per-bucket credentials when locations use different Secrets: each Secret's AWS_* keys
-    under its own prefix (by reference: `secretKeyRef`), and the map bucket -> prefix the
-    storage layer picks clients by (graft.storage.store). With one Secret the plain variables
-    from `envFrom` serve every bucket and nothing is added."""
+    """Per-location credentials when locations use different Secrets (with one Secret the
+    plain variables from `envFrom` serve every location and nothing is added).
+
+    Each Secret's keys come under its own prefix `GRAFT_SECRET_<i>_`, by reference
+    (`secretKeyRef`): the AWS_* keys for the S3 buckets it serves, HF_TOKEN for the hf://
+    repositories. Two maps say which: bucket -> prefix (GRAFT_S3_BUCKET_CREDENTIALS) and
+    repository -> variable (GRAFT_HF_TOKENS), read by graft.storage.store.
+    """
     secrets = credential_secrets(spec, references)
     if len(secrets) < 2:
         return []
-    prefixes = {name: f"GRAFT_SECRET_{i}_" for i, name in enumerate(secrets)}
-    buckets: dict[str, str] = {}
-    for location in _all_locations(spec, references):
-        uri, name = str(location.get("uri") or ""), location.get("credentialsSecret")
-        if name and uri.startswith("s3://"):
-            buckets[uri[len("s3://") :].split("/", 1)[0]] = prefixes[name]
-    if not buckets:
-        return []
-    env: list[dict[str, Any]] = [
-        {"name": BUCKET_CREDENTIALS_ENV, "value": json.dumps(buckets, sort_keys=True)}
-    ]
-    for name, prefix in prefixes.items():
-        if prefix not in buckets.values():
-            continue
-        env += [
-            {
-                "name": prefix + key,
-                "valueFrom": {"secretKeyRef": {"name": name, "key": key, "optional": True}},
-            }
-            for key in CREDENTIAL_KEYS
-        ]
-    return env
-
-
-def hf_tokens_env(
-    spec: dict[str, Any], references: dict[str, Any] | None = None
-) -> list[dict[str, Any]]:
-    """Per-repository Hugging Face tokens when locations use different Secrets: each hf://
-    location's Secret's HF_TOKEN under its own name (`secretKeyRef`), and the map repo -> name
-    (graft.storage.store.hf_token). With one Secret the plain HF_TOKEN serves every repo."""
-    secrets = credential_secrets(spec, references)
-    if len(secrets) < 2:
-        return []
-    names: dict[str, str] = {}  # repo -> variable
-    variables: dict[str, str] = {}  # variable -> Secret
+    buckets: dict[str, str] = {}  # bucket -> prefix
+    repos: dict[str, str] = {}  # org/name -> variable
+    wanted: dict[str, tuple[str, str]] = {}  # variable -> (Secret, key)
     for location in _all_locations(spec, references):
         uri, secret = str(location.get("uri") or ""), location.get("credentialsSecret")
-        if secret and uri.startswith("hf://"):
-            variable = f"GRAFT_SECRET_{secrets.index(secret)}_HF_TOKEN"
-            names[parse_uri(uri).netloc] = variable
-            variables[variable] = secret
-    if not names:
-        return []
+        if not secret:
+            continue
+        prefix = f"GRAFT_SECRET_{secrets.index(secret)}_"
+        if uri.startswith("s3://"):
+            buckets[parse_uri(uri).netloc] = prefix
+            wanted.update({prefix + key: (secret, key) for key in CREDENTIAL_KEYS})
+        elif uri.startswith("hf://"):
+            repos[parse_uri(uri).netloc] = prefix + "HF_TOKEN"
+            wanted[prefix + "HF_TOKEN"] = (secret, "HF_TOKEN")
     env: list[dict[str, Any]] = [
-        {"name": HF_TOKENS_ENV, "value": json.dumps(names, sort_keys=True)}
+        {"name": name, "value": json.dumps(mapping, sort_keys=True)}
+        for name, mapping in ((BUCKET_CREDENTIALS_ENV, buckets), (HF_TOKENS_ENV, repos))
+        if mapping
     ]
-    for variable, secret in sorted(variables.items()):
-        ref = {"name": secret, "key": "HF_TOKEN", "optional": True}
+    for variable, (secret, key) in sorted(wanted.items()):
+        ref = {"name": secret, "key": key, "optional": True}
         env.append({"name": variable, "valueFrom": {"secretKeyRef": ref}})
     return env
 
@@ -383,8 +360,7 @@ def build_trainer_job(
     ]
     if trial is not None:
         env.append({"name": "GRAFT_TRIAL", "value": str(trial)})
-    env += bucket_credentials_env(spec, references)
-    env += hf_tokens_env(spec, references)
+    env += location_credentials_env(spec, references)
     env.extend({"name": k, "value": v} for k, v in sorted(config.trainer_extra_env.items()))
 
     container: dict[str, Any] = {

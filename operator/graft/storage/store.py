@@ -133,37 +133,36 @@ CREDENTIAL_KEYS = (
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
 )
-
-
 HF_TOKENS_ENV = "GRAFT_HF_TOKENS"
+
+
+def _mapped(env: dict[str, str], map_variable: str, key: str) -> str | None:
+    """`key`'s entry in the JSON object held by `map_variable` (set by the operator); None when
+    absent or unreadable."""
+    import json
+
+    try:
+        mapping = json.loads(env.get(map_variable) or "{}")
+    except ValueError:
+        return None
+    value = mapping.get(key) if isinstance(mapping, dict) else None
+    return str(value) if value else None
 
 
 def hf_token(repo: str, env: dict[str, str] | None = None) -> str | None:
     """The token for hf://`repo` (org/name): its location's own Secret's HF_TOKEN, named by
     GRAFT_HF_TOKENS (repo -> variable), over the plain HF_TOKEN."""
-    import json
-
     env = dict(os.environ) if env is None else env
-    try:
-        names = json.loads(env.get(HF_TOKENS_ENV) or "{}")
-    except ValueError:
-        names = {}
-    name = names.get(repo) if isinstance(names, dict) else None
+    name = _mapped(env, HF_TOKENS_ENV, repo)
     return (env.get(name) if name else None) or env.get("HF_TOKEN") or None
 
 
 def bucket_credentials(bucket: str, env: dict[str, str] | None = None) -> dict[str, str]:
     """The AWS_* settings for `bucket`: its own (GRAFT_S3_BUCKET_CREDENTIALS) over the plain
     environment's. Only names and prefixes are configuration; values come from Secrets."""
-    import json
-
     env = dict(os.environ) if env is None else env
     settings = {k: env[k] for k in CREDENTIAL_KEYS if env.get(k)}
-    try:
-        prefixes = json.loads(env.get(BUCKET_CREDENTIALS_ENV) or "{}")
-    except ValueError:
-        prefixes = {}
-    prefix = prefixes.get(bucket) if isinstance(prefixes, dict) else None
+    prefix = _mapped(env, BUCKET_CREDENTIALS_ENV, bucket)
     if prefix:
         own = {k: env[prefix + k] for k in CREDENTIAL_KEYS if env.get(prefix + k)}
         if "AWS_ACCESS_KEY_ID" in own:  # a Secret's keys replace the ambient ones as a set
@@ -215,12 +214,6 @@ class S3Store(Store):
     def __init__(self, client: Any | None = None) -> None:
         self._client = client
         self._clients: dict[str, Any] = {}
-
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            self._client = s3_client()
-        return self._client
 
     def client_for(self, bucket: str) -> Any:
         if self._client is not None:
