@@ -6,9 +6,6 @@ micro-batches trains; only the main process evaluates and writes outputs."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +13,7 @@ import pytest
 
 from graft.storage import latest_complete_checkpoint, read_manifest
 from graft_trainer.errors import EXIT_INVALID
-from tests.integration.trainer_kit import job_document, shared_kit
+from tests.integration.trainer_kit import job_document, run_trainer_pod, shared_kit
 
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(600)]
 
@@ -30,24 +27,8 @@ def kit() -> dict[str, Path]:
 
 
 def run_pod(doc: dict[str, Any], uri: str, tmp_path: Path, processes: int) -> int:
-    path = tmp_path / f"{doc['metadata']['name']}.json"
-    path.write_text(json.dumps(doc))
-    env = {
-        **os.environ,
-        "GRAFT_ARTIFACTS_URI": uri,
-        "GRAFT_REPORTER": "none",
-        "GRAFT_DATA_PARALLEL": str(processes),
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "graft_trainer", "run-resource", str(path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=500,
-    )
-    return proc.returncode
+    env = {"GRAFT_DATA_PARALLEL": str(processes), "OMP_NUM_THREADS": "1"}
+    return run_trainer_pod(doc, uri, tmp_path, **env).returncode
 
 
 def test_two_processes_share_each_step_and_one_writes_the_outputs(

@@ -3,11 +3,7 @@ with the local store and with the S3 server."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,7 +14,7 @@ from graft.api.kinds import FineTuneJob, parse_object
 from graft.storage import latest_complete_checkpoint, read_manifest
 from graft_trainer.engine import Engine, JobIdentity, RunResult
 from graft_trainer.reporting import NullReporter
-from tests.integration.trainer_kit import job_document, shared_kit
+from tests.integration.trainer_kit import job_document, run_trainer_pod, shared_kit
 
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(600)]
 
@@ -38,24 +34,9 @@ def run_in_process(doc: dict[str, Any], uri: str) -> RunResult:
 
 def killed_run(doc: dict[str, Any], uri: str, tmp_path: Path, env: dict[str, str]) -> int:
     """Start graft-trainer in a pod-like process that SIGKILLs itself after checkpoint 1."""
-    path = tmp_path / "job.json"
-    path.write_text(json.dumps(doc))
-    full_env = {
-        **os.environ,
-        **env,
-        "GRAFT_ARTIFACTS_URI": uri,
-        "GRAFT_REPORTER": "none",
-        "GRAFT_FAULT_KILL_AFTER_CHECKPOINT": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "graft_trainer", "run-resource", str(path)],
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    return proc.returncode
+    return run_trainer_pod(
+        doc, uri, tmp_path, **env, GRAFT_FAULT_KILL_AFTER_CHECKPOINT="1"
+    ).returncode
 
 
 def check_resume(doc: dict[str, Any], uri: str, tmp_path: Path, env: dict[str, str]) -> None:

@@ -1,9 +1,14 @@
-"""Helpers for the trainer tests: a FineTuneJob document on the tiny-model kit."""
+"""Helpers for the trainer tests: a FineTuneJob document on the tiny-model kit, and the
+trainer pod's command run as a child process."""
 
 from __future__ import annotations
 
 import copy
 import functools
+import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -62,3 +67,26 @@ def shared_kit() -> dict[str, Path]:
     from graft_trainer.testkit import build_kit
 
     return build_kit(Path(tempfile.mkdtemp(prefix="graft-kit-")), n=300)
+
+
+def run_trainer_pod(
+    doc: dict[str, Any], uri: str, work: Path, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`graft-trainer run-resource` in a child process, as the trainer pod runs it (offline,
+    no status reporter), with `env` on top of the pod's variables."""
+    path = work / f"{doc['metadata']['name']}.json"
+    path.write_text(json.dumps(doc))
+    full_env = {
+        **os.environ,
+        "GRAFT_ARTIFACTS_URI": uri,
+        "GRAFT_REPORTER": "none",
+        "HF_HUB_OFFLINE": "1",
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "graft_trainer", "run-resource", str(path)],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
