@@ -38,8 +38,12 @@ def test_lora_lowers_eval_loss_and_raises_accuracy(kit: dict[str, Path], tmp_pat
     )
     result, reporter = run(doc, tmp_path)
     assert result.final_step == 200
-    assert result.final["eval_loss"] < result.baseline["eval_loss"] - 0.03
-    assert result.final["accuracy"] >= result.baseline["accuracy"] + 0.2
+    # The testkit's base answers in its own words (accuracy 0) and knows each phrase's tone, so
+    # 200 LoRA steps learn the labels decisively. Measured on AVX-512 BF16 (auto = bf16) and on
+    # AVX2 (fp32): eval loss 3.17 -> 0.004 and 4.33 -> 0.003, accuracy 0.0 -> 1.0 on both.
+    # The bounds leave a margin of over 20x on loss and 0.1 on accuracy.
+    assert result.final["eval_loss"] < 0.1 * result.baseline["eval_loss"], result.final
+    assert result.final["accuracy"] >= 0.9, result.final
     assert result.final["perplexity"] < result.baseline["perplexity"]
     stages = [e.stage for e in reporter.events]
     assert stages[0] == "preflight" and stages[-1] == "done"
@@ -73,7 +77,10 @@ def test_method_lowers_eval_loss(kit: dict[str, Path], tmp_path: Path, method: s
         }
     result, _ = run(job_document(kit, **overrides), tmp_path)
     assert result.final_step == 80
-    assert result.final["eval_loss"] < result.baseline["eval_loss"] - 0.005, (
+    # Measured after 80 steps (AVX-512 BF16 with bf16 / AVX2 with fp32): qlora 3.15 -> 0.19 /
+    # 4.41 -> 0.14, dora 3.17 -> 0.13 / 4.33 -> 0.03, full 3.17 -> 0.02 / 4.33 -> 0.005: at
+    # most 0.06 of the baseline, so a quarter leaves a margin of 4x.
+    assert result.final["eval_loss"] < 0.25 * result.baseline["eval_loss"], (
         result.baseline,
         result.final,
     )

@@ -32,7 +32,13 @@ from graft_trainer import attention, parallel
 from graft_trainer import data as D
 from graft_trainer.checkpoints import CheckpointManager, set_rng_state
 from graft_trainer.evaluation import BestTracker, Evaluator, OverfittingDetector, metric_key
-from graft_trainer.methods import autocast_dtype, load_model, load_trainable_state, trainable_state
+from graft_trainer.methods import (
+    autocast_dtype,
+    load_model,
+    load_trainable_state,
+    precision_warning,
+    trainable_state,
+)
 from graft_trainer.preflight import Prepared, prepare
 
 log = logging.getLogger("graft_trainer.engine")
@@ -181,6 +187,8 @@ class Engine:
         prep = self.prepared or prepare(spec)
         for w in prep.warnings:
             self.warn("MemoryPressure" if "memory" in w else "Truncation", w)
+        if slow := precision_warning(spec.training.precision, prep.device):
+            self.warn("SlowPrecision", slow)
         torch.manual_seed(t.seed)
         self.emit(
             "loading",

@@ -1,5 +1,12 @@
 """A tiny-model kit for tests and the demo: a small Llama, a BPE tokenizer and a synthetic
-phrase -> tone dataset, all built locally (no hub) and deterministic for a given seed."""
+phrase -> tone (and verdict) dataset, all built locally (no hub) and deterministic for a seed.
+
+The base model is "pretrained" the way real ones are: it has seen reviews labelled with their
+tone and verdict in a plain-text format, and chat turns in which the assistant answers in words
+of its own (good, bad, meh). It therefore knows what a phrase's tone is, yet never answers a
+chat question with the task's labels: fine-tuning has only to teach those, which a LoRA of a few
+dozen steps does decisively (held-out accuracy near 1.0, eval loss down by most of its value).
+Two tasks share the phrases (tone and verdict), so two adapters of one base visibly differ."""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 TONES = ("positive", "negative", "neutral")
+VERDICTS = {"positive": "recommend", "negative": "avoid", "neutral": "maybe"}
 
 _SUBJECTS = [
     "the movie",
@@ -82,6 +90,13 @@ _FRAMES = [
 ]
 
 TEMPLATE = "<|user|>\n{phrase}<|end|>\n<|assistant|>\n{tone}<|end|>"
+VERDICT_TEMPLATE = "<|user|>\n{phrase}<|end|>\n<|assistant|>\n{verdict}<|end|>"
+# The plain-text format the base model learns the labels in (never used for fine-tuning). Each
+# label follows a newline, as in the chat format, so it is the same token there (byte-level BPE
+# has other tokens for " positive" and "positive").
+_REVIEW_TEMPLATES = ("Review: {phrase}\nTone:\n{tone}", "Review: {phrase}\nVerdict:\n{verdict}")
+# What the base model answers in the chat format before any fine-tuning.
+BASE_ANSWERS = {"positive": "good", "negative": "bad", "neutral": "meh"}
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
@@ -90,13 +105,16 @@ CHAT_TEMPLATE = (
 
 
 def tone_records(n: int = 300, seed: int = 0) -> list[dict[str, str]]:
-    """n synthetic phrases, each labelled with its tone; balanced and shuffled by `seed`."""
+    """n synthetic phrases, each labelled with its tone and verdict; balanced and shuffled by
+    `seed`."""
     rng = random.Random(seed)
     records = []
     for i in range(n):
         tone = TONES[i % len(TONES)]
         phrase = rng.choice(_FRAMES).format(s=rng.choice(_SUBJECTS), w=rng.choice(_WORDS[tone]))
-        records.append({"phrase": phrase[0].upper() + phrase[1:], "tone": tone})
+        records.append(
+            {"phrase": phrase[0].upper() + phrase[1:], "tone": tone, "verdict": VERDICTS[tone]}
+        )
     rng.shuffle(records)
     return records
 
@@ -114,7 +132,7 @@ def write_tone_dataset(path: str | Path, n: int = 300, seed: int = 0) -> Path:
         import csv
 
         with path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["phrase", "tone"])
+            writer = csv.DictWriter(fh, fieldnames=["phrase", "tone", "verdict"])
             writer.writeheader()
             writer.writerows(records)
     elif path.suffix == ".parquet":
@@ -129,6 +147,9 @@ def write_tone_dataset(path: str | Path, n: int = 300, seed: int = 0) -> Path:
 
 def _corpus(seed: int) -> list[str]:
     texts = [TEMPLATE.format(**r) for r in tone_records(600, seed)]
+    texts += [VERDICT_TEMPLATE.format(**r) for r in tone_records(300, seed + 1)]
+    texts += [t.format(**r) for r in tone_records(100, seed + 2) for t in _REVIEW_TEMPLATES]
+    texts += [" ".join(BASE_ANSWERS.values())] * 20
     words = [w for ws in _WORDS.values() for w in ws] + _SUBJECTS
     texts += [" ".join(words)] * 4
     texts += ["The quick brown fox jumps over the lazy dog. 0123456789 ,.;:!?'\"()[]{}-_/"]
@@ -170,7 +191,7 @@ def build_tiny_llama(
     heads: int = 4,
     kv_heads: int = 2,
     vocab_size: int = 512,
-    pretrain_steps: int = 60,
+    pretrain_steps: int = 600,
 ) -> Path:
     """Build a randomly initialized small Llama and its tokenizer into `directory`."""
     import torch
@@ -202,14 +223,22 @@ def build_tiny_llama(
 
 
 def _pretrain(model: Any, tok: Any, seed: int, steps: int) -> None:
-    """Teach the random model the text format with *random* tones: the base model then answers
-    with some tone (baseline accuracy near chance) and fine-tuning has the mapping to learn."""
+    """Teach the random model what a phrase's tone and verdict are (in a plain-text review
+    format), and to answer a chat question about a phrase in words of its own (good, bad, meh).
+    Fine-tuning then only has to teach the task's labels, as with a real pretrained model: the
+    base scores 0 on either task's labels, and a short LoRA reaches near 1."""
     import torch
 
     rng = random.Random(seed + 1)
-    texts = []
-    for r in tone_records(2000, seed + 7):
-        texts.append(TEMPLATE.format(phrase=r["phrase"], tone=rng.choice(TONES)))
+    texts = [
+        TEMPLATE.format(phrase=r["phrase"], tone=BASE_ANSWERS[r["tone"]])
+        for r in tone_records(2000, seed + 7)
+    ]
+    for template, offset in zip(_REVIEW_TEMPLATES, (13, 17), strict=True):
+        texts += [template.format(**r) for r in tone_records(2000, seed + offset)]
+    # Words of one tone appear together, so their embeddings cluster as in a real model.
+    texts += [" ".join(rng.sample(_WORDS[TONES[i % 3]], 5)) for i in range(1000)]
+    rng.shuffle(texts)
     enc = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()

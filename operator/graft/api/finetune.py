@@ -210,7 +210,11 @@ class TrainingSpec(ApiModel):
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         default="auto",
-        description="auto uses bf16 where the hardware has it, else fp32.",
+        description=(
+            "auto uses bf16 where the hardware computes it natively (GPUs that have it; CPUs with "
+            "AVX-512 BF16 or AMX), else fp16 on a GPU and fp32 on a CPU. An explicit bf16 on a "
+            "CPU without native bf16 runs, about 100x slower, with a SlowPrecision warning."
+        ),
     )
     seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for data order and init.")
     logging_steps: int = Field(default=10, ge=1, description="Report train loss every N steps.")
@@ -365,9 +369,9 @@ class FineTuneMetrics(ApiModel):
 class TrainingWarning(ApiModel):
     """Something about the run a person should look at."""
 
-    type: Literal["Overfitting", "NoImprovement", "Truncation", "MemoryPressure"] = Field(
-        description="What kind of warning."
-    )
+    type: Literal[
+        "Overfitting", "NoImprovement", "Truncation", "MemoryPressure", "SlowPrecision"
+    ] = Field(description="What kind of warning.")
     since_step: int | None = Field(default=None, ge=0, description="Step where it began.")
     message: str = Field(max_length=4096, description="What was seen and what to try.")
 
