@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY ?= .venv/bin/python
 VENV_STAMP := .venv/.graft-installed
-EXTRAS ?= operator,trainer,dev
+EXTRAS ?= operator,trainer,bench,dev
 
 .PHONY: help venv lint fmt crds test test-unit test-integration test-e2e demo
 

@@ -10,9 +10,10 @@ measures in one run, on the same machine and the same prompt:
 
 Decode speed excludes the prompt (prefill); each figure is the median of interleaved rounds.
 
-    .venv/bin/python bench/onnx_decode.py [--work-dir DIR] [--tokens 128] [--rounds 5]
+    .venv/bin/python bench/onnx_decode.py [--work-dir DIR] [--tokens 128] [--rounds 5] [--smoke]
 
-Not part of `make test`. Goals: int4 >= 10x PyTorch fp32; adapter overhead <= 5%; no cost
+`--smoke` (a 2-layer, 64-wide model, 8 tokens, one round; seconds) is what `make test` runs, so
+the benchmark cannot rot; its figures mean nothing. Goals: int4 >= 10x PyTorch fp32; adapter overhead <= 5%; no cost
 when no adapter is active.
 """
 
@@ -28,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from machine import machine_facts
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PROMPT = "<|user|>\nThe movie was great and the food was lovely<|end|>\n<|assistant|>\n"
@@ -39,8 +42,16 @@ def build_model(work: Path, hidden: int, layers: int) -> Path:
     model = work / f"llama-h{hidden}-l{layers}"
     if not (model / "config.json").is_file():
         heads = max(4, hidden // 64)
+        # decode speed does not depend on what the weights learned: a short pretraining only
+        # teaches the chat format (the testkit's full one is sized for its 64-wide model)
         build_tiny_llama(
-            model, seed=0, hidden_size=hidden, layers=layers, heads=heads, kv_heads=heads // 2
+            model,
+            seed=0,
+            hidden_size=hidden,
+            layers=layers,
+            heads=heads,
+            kv_heads=heads // 2,
+            pretrain_steps=60,
         )
     return model
 
@@ -148,7 +159,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--skip-pytorch", action="store_true", help="measure only the adapter overhead"
     )
+    parser.add_argument("--smoke", action="store_true", help="tiny shape, 8 tokens, one round")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.hidden, args.layers, args.rank, args.tokens, args.rounds = 64, 2, 4, 8, 1
 
     from graft_trainer.export import builder, stages
 
@@ -200,8 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "lora": {"rank": args.rank, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "tokens": args.tokens,
         "rounds": args.rounds,
-        "cpus": os.cpu_count(),
-        "load_average": os.getloadavg(),
+        "machine": machine_facts(),
+        "smoke": args.smoke,
         "decode_tokens_per_second": medians,
         "int4_speedup_vs_pytorch_fp32": (
             round(ratio(speed, "onnx_int4", "pytorch_fp32"), 2) if "pytorch_fp32" in speed else None
@@ -212,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         "no_adapter_served_by": manifest.get("noAdapter", {}),
     }
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result))
     return result
 
 

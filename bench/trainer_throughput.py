@@ -9,10 +9,11 @@ invocation; each configuration runs in a fresh process so peak RSS is its own.
   graft:      the Graft engine (flattened batches with per-text attention, bf16 autocast,
               foreach AdamW, tokenized once)
 
-    .venv/bin/python bench/trainer_throughput.py [--steps 24] [--json out.json]
+    .venv/bin/python bench/trainer_throughput.py [--steps 24] [--json out.json] [--smoke]
 
-Prints tokens/s, peak RSS and final loss for each, and the ratios against (a) and (b).
-Not part of `make test`.
+Prints tokens/s, peak RSS and final loss for each, then one JSON object with the ratios against
+(a) and (b) and the machine's CPU flags. `--smoke` (a 2-layer, 64-wide model, 2 steps; seconds)
+is what `make test` runs, so the benchmark cannot rot; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -30,12 +31,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from machine import machine_facts
+
 BATCH = 8
 SEED = 1234
 LR = 2.0e-4
 
 
-def build(work: Path, steps: int) -> dict[str, Path]:
+# (hidden, intermediate, layers, heads, vocab): the measured shape and the smoke shape
+SHAPES = {"full": (512, 1376, 6, 8, 4096), "smoke": (64, 128, 2, 4, 512)}
+
+
+def build(work: Path, steps: int, shape: str = "full") -> dict[str, Path]:
     """Model, tokenizer and data (deterministic)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -58,7 +65,9 @@ def build(work: Path, steps: int) -> dict[str, Path]:
     tok.train_from_iterator(
         texts,
         trainers.BpeTrainer(
-            vocab_size=4096, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False
+            vocab_size=SHAPES[shape][4],
+            special_tokens=["<pad>", "<s>", "</s>"],
+            show_progress=False,
         ),
     )
     fast = PreTrainedTokenizerFast(
@@ -68,11 +77,11 @@ def build(work: Path, steps: int) -> dict[str, Path]:
     fast.save_pretrained(str(model_dir))
     config = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=8,
+        hidden_size=SHAPES[shape][0],
+        intermediate_size=SHAPES[shape][1],
+        num_hidden_layers=SHAPES[shape][2],
+        num_attention_heads=SHAPES[shape][3],
+        num_key_value_heads=SHAPES[shape][3],
         max_position_embeddings=1024,
         tie_word_embeddings=False,
         pad_token_id=fast.pad_token_id,
@@ -207,16 +216,19 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--json")
+    parser.add_argument("--smoke", action="store_true", help="tiny shape, 2 steps (seconds)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.steps = 2
     if args.child:
         child(args.child, Path(args.model), Path(args.data), args.steps)
         return 0
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        paths = build(Path(tmp), args.steps)
+        paths = build(Path(tmp), args.steps, "smoke" if args.smoke else "full")
         for name in ("plain", "stock", "graft"):
             proc = subprocess.run(
                 [
@@ -261,8 +273,12 @@ def main() -> int:
     }
     for key, value in summary.items():
         print(f"{key:36s} {value:+.3f}" if "diff" in key else f"{key:36s} {value:.2f}x")
+    report = {"summary": summary, "machine": machine_facts(), "steps": args.steps}
+    if args.smoke:
+        report["smoke"] = True
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "summary": summary}, indent=2))
+        Path(args.json).write_text(json.dumps({"results": results, **report}, indent=2))
+    print(json.dumps(report))
     return 0
 
 

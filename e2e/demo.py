@@ -163,22 +163,28 @@ def print_bundle(obj: dict[str, Any]) -> None:
     ready = quickstart.condition(obj, "Ready") or {}
     console.rule(f"AdapterBundle/{obj['metadata']['name']}: Ready={ready.get('status')}")
     console.print(f"base model: {(status.get('artifacts') or {}).get('model')}")
-    table = Table("adapter", "rank", "smoke test", "decode overhead", "generates")
-    prompts: set[str] = set()
+    table = Table("adapter", "rank", "smoke test", "decode overhead")
     for report in status.get("adapters") or []:
-        gens = report.get("generations") or []
-        prompts.update(g["prompt"] for g in gens[:1])
         overhead = report.get("decodeOverhead")
         table.add_row(
             report["name"],
             str(report.get("rank")),
             str(report.get("smokeTest")),
             "" if overhead is None else f"{overhead:+.1%}",
-            repr(gens[0]["output"]) if gens else "",
         )
-    for prompt in sorted(prompts):
-        console.print(f"onnxruntime-genai, one base, per-request adapter; prompt {prompt!r}:")
     console.print(table)
+    console.print("onnxruntime-genai, one base, per-request adapter:")
+    answers = Table("prompt", "adapter", "generates", "expected", "")
+    for row in quickstart.adapter_answers(status):
+        phrase = row["prompt"].split("<|user|>\n")[-1].split("<|end|>")[0]
+        answers.add_row(
+            phrase,
+            row["adapter"],
+            repr(row["output"]),
+            str(row["expected"]),
+            "[green]right" if row["correct"] else "[red]wrong",
+        )
+    console.print(answers)
 
 
 def _num(value: float | None) -> str:

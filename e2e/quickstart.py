@@ -36,6 +36,33 @@ def seed_store(s3: Any, bucket: str, workdir: Path) -> dict[str, str]:
     return {"model": f"s3://{bucket}/{MODEL_PREFIX}", "dataset": f"s3://{bucket}/{DATASET_KEY}"}
 
 
+# Which label each quickstart adapter answers with (its FineTuneJob's labelField).
+ADAPTER_TASKS = {"tone": "tone", "verdict": "verdict"}
+
+
+def adapter_answers(bundle_status: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per adapter and validation prompt of a Ready quickstart bundle: what the adapter
+    generated through onnxruntime-genai, what its task's right answer is, and whether they agree."""
+    from graft_trainer.evaluation import normalize
+    from graft_trainer.testkit import label_of
+
+    rows = []
+    for report in bundle_status.get("adapters") or []:
+        task = ADAPTER_TASKS.get(report["name"], "tone")
+        for gen in report.get("generations") or []:
+            expected = label_of(gen["prompt"], task)
+            rows.append(
+                {
+                    "adapter": report["name"],
+                    "prompt": gen["prompt"],
+                    "output": gen["output"],
+                    "expected": expected,
+                    "correct": normalize(gen["output"]) == expected,
+                }
+            )
+    return rows
+
+
 def adopt_crds(api: Any, release: str, namespace: str) -> None:
     """Mark CRDs created outside Helm as the release's, so the chart takes them over.
 

@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from graft.cli import main
+from graft_trainer.evaluation import normalize
+from graft_trainer.testkit import label_of
 from tests.integration.trainer_kit import shared_kit
 
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(300)]
@@ -54,7 +56,7 @@ def test_quickstart_chain_runs_in_dependency_order(
     assert main(["run", str(_write(tmp_path / "chain.yaml", docs)), "--reporter", "none"]) == 0
     out = capsys.readouterr().out
     runs = tmp_path / "graft-runs"
-    names = ["quick-classifier", "quick-classifier-b", "quick-classifier-int4", "quick-bundle"]
+    names = ["quick-classifier", "quick-verdict", "quick-classifier-int4", "quick-bundle"]
     for name in names:
         assert (runs / name / "manifest.json").is_file(), name
     lines = out.splitlines()
@@ -62,18 +64,29 @@ def test_quickstart_chain_runs_in_dependency_order(
         key: next(i for i, ln in enumerate(lines) if ln.startswith(f"{key}:"))
         for key in [f"{k}/{n}" for k, n in zip(KINDS, names, strict=True)]
     }
-    for job in ("FineTuneJob/quick-classifier", "FineTuneJob/quick-classifier-b"):
+    for job in ("FineTuneJob/quick-classifier", "FineTuneJob/quick-verdict"):
         assert at[job] < at["AdapterBundle/quick-bundle"], out
     assert at["FineTuneJob/quick-classifier"] < at["OptimizeJob/quick-classifier-int4"], out
     assert (runs / "quick-classifier" / "adapter" / "manifest.json").is_file()
     optimize = json.loads((runs / "quick-classifier-int4" / "manifest.json").read_text())
     assert "model.onnx" in optimize["files"]
     bundle = json.loads((runs / "quick-bundle" / "manifest.json").read_text())
-    for adapter in ("classifier", "classifier-b"):
+    for adapter in ("tone", "verdict"):
         assert f"adapters/{adapter}.onnx_adapter" in bundle["files"], adapter
         assert (runs / "quick-bundle" / "adapters" / f"{adapter}.onnx_adapter").is_file()
         assert f"  {adapter}: rank 8, smoke test passed" in out, out
     assert "4 resources finished" in out
+    # Both fine-tunes learned their task (measured 1.0 and 0.97-1.0 after 80 steps on AVX2 and
+    # AVX-512), and through onnxruntime-genai on the int4 base each adapter answers every
+    # validation prompt with its own task's label: the two differ on each prompt.
+    for job in ("quick-classifier", "quick-verdict"):
+        metrics = json.loads((runs / job / "metrics.json").read_text())
+        assert metrics["final"]["accuracy"] >= 0.9, (job, metrics["final"])
+    generations = {a["name"]: a["generations"] for a in bundle["adapters"]}
+    for task in ("tone", "verdict"):
+        assert len(generations[task]) == 3
+        for gen in generations[task]:
+            assert normalize(gen["output"]) == label_of(gen["prompt"], task), (task, gen)
 
     # a later file reuses the finished FineTuneJob by name, and takes an adapter by plain path
     later = {
@@ -83,11 +96,11 @@ def test_quickstart_chain_runs_in_dependency_order(
         "spec": {
             "baseModel": {"uri": str(kit["model"])},
             "adapters": [
-                {"name": "by-ref", "fineTuneJobRef": {"name": "quick-classifier-b"}},
+                {"name": "by-ref", "fineTuneJobRef": {"name": "quick-verdict"}},
                 {"name": "by-path", "uri": "graft-runs/quick-classifier/adapter"},
             ],
             "target": {"device": "cpu", "precision": "fp32"},
-            "validate": {"prompts": ["<|user|>\nWhat a day<|end|>\n<|assistant|>\n"]},
+            "validate": {"prompts": ["<|user|>\nThe movie was wonderful<|end|>\n<|assistant|>\n"]},
         },
     }
     assert main(["run", str(_write(tmp_path / "later.yaml", [later])), "--reporter", "none"]) == 0

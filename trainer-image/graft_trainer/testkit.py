@@ -119,6 +119,16 @@ def tone_records(n: int = 300, seed: int = 0) -> list[dict[str, str]]:
     return records
 
 
+def label_of(text: str, field: str = "tone") -> str | None:
+    """The right `field` ("tone" or "verdict") for a kit phrase, or for a chat prompt that
+    holds one: its tone is that of the tone word it ends with. None for any other text."""
+    phrase = text.split("<|user|>\n")[-1].split("<|end|>")[0].strip().rstrip(".!")
+    for tone in TONES:
+        if any(phrase.endswith(" " + word) for word in _WORDS[tone]):
+            return tone if field == "tone" else VERDICTS[tone]
+    return None
+
+
 def write_tone_dataset(path: str | Path, n: int = 300, seed: int = 0) -> Path:
     """Write the phrase -> tone set as jsonl (or csv/json/parquet by suffix) and return the path."""
     path = Path(path)

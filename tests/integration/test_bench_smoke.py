@@ -1,0 +1,86 @@
+"""Every benchmark in bench/ starts from a clean clone and prints its JSON: each runs in its
+smoke mode (tiny sizes, seconds), whose figures mean nothing but whose shape is checked."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures.cluster import ClusterInfo
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "bench"
+
+
+def run_smoke(script: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--smoke", *args],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    machine = report["machine"]
+    assert machine["cpus"] >= 1 and isinstance(machine["cpu_flags"], list)
+    assert machine["native_bf16"] == bool({"avx512_bf16", "amx_bf16"} & set(machine["cpu_flags"]))
+    return report
+
+
+def positive(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.trainer
+@pytest.mark.timeout(600)
+def test_trainer_throughput_smoke() -> None:
+    report = run_smoke("trainer_throughput.py")
+    summary = report["summary"]
+    assert report["steps"] == 2 and report["smoke"] is True
+    for key in (
+        "graft_vs_plain_tokens_per_second",
+        "graft_vs_stock_tokens_per_second",
+        "graft_vs_plain_peak_rss",
+        "graft_vs_stock_peak_rss",
+    ):
+        assert positive(summary[key]), (key, summary)
+    assert math.isfinite(summary["graft_vs_stock_final_loss_diff"])
+
+
+@pytest.mark.trainer
+@pytest.mark.timeout(600)
+def test_onnx_decode_smoke(tmp_path: Path) -> None:
+    report = run_smoke("onnx_decode.py", "--work-dir", str(tmp_path))
+    assert report["smoke"] is True
+    speeds = report["decode_tokens_per_second"]
+    assert set(speeds) == {
+        "onnx_int4",
+        "pytorch_fp32",
+        "bundle_base",
+        "bundle_adapter_active",
+        "bundle_no_adapter",
+    }
+    assert all(positive(v) for v in speeds.values()), speeds
+    assert positive(report["int4_speedup_vs_pytorch_fp32"])
+    assert math.isfinite(report["adapter_overhead"])
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_operator_latency_smoke(control_plane: ClusterInfo) -> None:
+    report = run_smoke("operator_latency.py", "--kubeconfig", str(control_plane.kubeconfig))
+    assert report["count"] == 3 and report["smoke"] is True
+    for key in ("bare_job_create_to_watch", "ftj_create_to_job_on_watch"):
+        assert positive(report[key]["p50_ms"]), report[key]
+    # each FineTuneJob got its Job through the operator, with at least that one create
+    assert report["operator_api_requests_per_ftj"].get("POST jobs 201") == 1.0, report
+    assert positive(report["operator_rss_mib"])
