@@ -225,3 +225,19 @@ def test_overfitting_is_reported_with_the_step_where_it_began(
     assert evals[i] < evals[i + 1] < evals[i + 2]
     assert any(w.type == "Overfitting" for e in reporter.events for w in e.warnings)
     assert "Overfitting" in (tmp_path / "report.html").read_text()
+
+
+def test_emulated_bf16_runs_with_a_slow_precision_warning(
+    kit: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on an AVX2-only CPU: an explicit bf16 still runs (the spec stays portable across node
+    # pools) and says what it costs.
+    from graft_trainer import methods
+
+    monkeypatch.setattr(methods, "cpu_has_native_bf16", lambda cpuinfo=None: False)
+    doc = job_document(kit, training={"maxSteps": 2, "evalSteps": 2, "precision": "bf16"})
+    result, reporter = run(doc, tmp_path)
+    assert result.final_step == 2
+    slow = [w for w in result.warnings if w.type == "SlowPrecision"]
+    assert len(slow) == 1 and "100x slower than fp32" in slow[0].message
+    assert any(w.type == "SlowPrecision" for w in reporter.events[-1].warnings)

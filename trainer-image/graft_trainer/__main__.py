@@ -19,7 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from graft_trainer.errors import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, GraftInputError
+from graft_trainer.errors import (
+    EXIT_FAILURE,
+    EXIT_INVALID,
+    EXIT_OK,
+    GraftInputError,
+    store_exit_code,
+)
 
 TERMINATION_LOG = "/dev/termination-log"
 log = logging.getLogger("graft_trainer")
@@ -81,7 +87,7 @@ def run_object(
     except GraftInputError as exc:
         return EXIT_INVALID, one_line(exc)
     except StoreError as exc:
-        return EXIT_FAILURE, one_line(exc)
+        return store_exit_code(exc), one_line(exc)
     finally:
         reporter.close()
     return EXIT_OK, f"finished at step {result.final_step}; outputs in {artifacts_uri}"
@@ -99,7 +105,7 @@ def run_export(
     except GraftInputError as exc:
         return EXIT_INVALID, one_line(exc)
     except StoreError as exc:
-        return EXIT_FAILURE, one_line(exc)
+        return store_exit_code(exc), one_line(exc)
     for line in lines:
         log.info("%s", line)
     if reporter_name == "kubernetes":

@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from graft_trainer.errors import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, GraftInputError
+from graft_trainer.errors import (
+    EXIT_INVALID,
+    EXIT_OK,
+    GraftInputError,
+    store_exit_code,
+)
 
 Say = Callable[[str], None]
 FINETUNE = "FineTuneJob"
@@ -328,7 +333,7 @@ def run_documents(
             text = one_line(exc)
             return EXIT_INVALID, text if text.startswith(label) else f"{label}: {text}"
         except StoreError as exc:
-            return EXIT_FAILURE, f"{label}: {one_line(exc)}"
+            return store_exit_code(exc), f"{label}: {one_line(exc)}"
         for line in lines:
             say(line)
     return EXIT_OK, f"{len(ordered)} resources finished"

@@ -3,6 +3,11 @@
 A checkpoint holds the trainable weights, optimizer, scheduler and RNG states, the data position
 (the step: batch order depends only on the seed) and the loop's bookkeeping. Only checkpoints
 with a manifest count; older ones are pruned after a newer one is complete.
+
+Nothing read back can run code: tensors and plain containers are loaded with
+`torch.load(weights_only=True)` (no arbitrary unpickling), the rest is JSON, and every file is
+checked against the manifest's sha256 first. A checkpoint changed after it was written (another
+tenant with write access to the prefix, say) is refused, not resumed.
 """
 
 from __future__ import annotations
@@ -15,10 +20,17 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from graft.storage import Store, latest_complete_checkpoint, list_checkpoints, write_artifact
+from graft.storage import (
+    IntegrityError,
+    Store,
+    download_artifact,
+    latest_complete_checkpoint,
+    list_checkpoints,
+    write_artifact,
+)
 from graft.storage.artifacts import MANIFEST, checkpoint_uri
-from graft.storage.store import download_dir
 from graft.storage.uri import join_uri
+from graft_trainer.errors import GraftInputError
 
 KEEP = 2
 FAULT_ENV = "GRAFT_FAULT_KILL_AFTER_CHECKPOINT"  # tests: SIGKILL after the Nth checkpoint
@@ -28,9 +40,11 @@ def rng_state() -> dict[str, Any]:
     import numpy as np
     import torch
 
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # as a tensor and plain numbers: weights_only loading refuses numpy objects
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -43,7 +57,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     import torch
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -109,18 +124,35 @@ class CheckpointManager:
         return latest_complete_checkpoint(self.prefix, self.store)
 
     def load(self, uri: str) -> dict[str, Any]:
+        """The checkpoint's contents; GraftInputError when its files do not match its manifest
+        or do not load as plain tensors and containers (nothing in it is executed)."""
+        import pickle
+
         import torch
 
-        local = download_dir(uri, self.work_dir / "resume", store=self.store)
+        target = self.work_dir / "resume"
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            local, _ = download_artifact(uri, target, store=self.store)
+        except IntegrityError as exc:
+            raise GraftInputError(f"checkpoint refused: {exc}") from None
+
+        def tensors(name: str) -> Any:
+            try:
+                return torch.load(local / name, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise GraftInputError(
+                    f"checkpoint {uri}{name} holds more than tensors and plain containers "
+                    f"(refused, nothing in it was run): {str(exc).splitlines()[0]}"
+                ) from None
+
         out: dict[str, Any] = {
             "state": json.loads((local / "state.json").read_text()),
-            "trainable": torch.load(local / "trainable.pt", weights_only=False),
-            "optimizer": torch.load(local / "optimizer.pt", weights_only=False),
-            "scheduler": torch.load(local / "scheduler.pt", weights_only=False),
-            "rng": torch.load(local / "rng.pt", weights_only=False),
-            "best": torch.load(local / "best.pt", weights_only=False)
-            if (local / "best.pt").is_file()
-            else None,
+            "trainable": tensors("trainable.pt"),
+            "optimizer": tensors("optimizer.pt"),
+            "scheduler": tensors("scheduler.pt"),
+            "rng": tensors("rng.pt"),
+            "best": tensors("best.pt") if (local / "best.pt").is_file() else None,
         }
         shutil.rmtree(local, ignore_errors=True)
         return out

@@ -37,13 +37,19 @@ from graft.progress import ProgressEvent, Reporter
 from graft.storage import (
     MANIFEST,
     StoreError,
-    download_dir,
+    download_artifact,
     open_store,
     read_manifest,
     write_artifact,
 )
 from graft.storage.uri import join_uri
-from graft_trainer.errors import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, GraftInputError
+from graft_trainer.errors import (
+    EXIT_FAILURE,
+    EXIT_INVALID,
+    EXIT_OK,
+    GraftInputError,
+    store_exit_code,
+)
 
 log = logging.getLogger("graft_trainer.search")
 
@@ -506,9 +512,9 @@ class SearchRun:
         tmp = tempfile.mkdtemp(prefix="graft-search-", dir=self.work_dir)
         try:
             out = Path(tmp) / "out"
-            weights = download_dir(join_uri(best.uri, f"{kind}/"), out / kind, store=self.store)
-            (weights / MANIFEST).unlink(missing_ok=True)
-            weights_manifest = read_manifest(join_uri(best.uri, f"{kind}/"), self.store) or {}
+            weights, weights_manifest = download_artifact(
+                join_uri(best.uri, f"{kind}/"), out / kind, store=self.store
+            )
             weights_manifest.pop("files", None)
             weights_uri = join_uri(self.prefix, f"{kind}/")
             write_artifact(
@@ -585,6 +591,6 @@ def run_search(
     except GraftInputError as exc:
         return EXIT_INVALID, _one_line(exc)
     except StoreError as exc:
-        return EXIT_FAILURE, _one_line(exc)
+        return store_exit_code(exc), _one_line(exc)
     finally:
         reporter.close()

@@ -9,7 +9,17 @@ from typing import Any
 
 from graft.api.base import Location
 from graft.api.finetune import DatasetSpec
-from graft.storage import StoreError, download_dir, local_path, open_store, parse_uri
+from graft.storage import (
+    IntegrityError,
+    StoreError,
+    download_artifact,
+    download_dir,
+    local_path,
+    open_store,
+    parse_uri,
+    read_manifest,
+    verify_artifact,
+)
 from graft.storage.store import hf_token
 from graft_trainer.data import Record, detect_format, digest_files, read_records
 from graft_trainer.errors import GraftInputError
@@ -27,7 +37,18 @@ def _cache_for(uri: str, kind: str) -> Path:
 
 
 def fetch_model(location: Location) -> Path:
-    """A local directory holding the model (config, weights, tokenizer)."""
+    """A local directory holding the model (config, weights, tokenizer).
+
+    A folder with a manifest (what Graft wrote: adapters, merged models, exports) is read only
+    when every file matches the manifest's digest; a mismatch is GraftInputError, not retried.
+    A folder without one (a base model a person uploaded) is taken as it is."""
+    try:
+        return _fetch_model(location)
+    except IntegrityError as exc:
+        raise GraftInputError(f"model {location.uri} refused: {exc}") from None
+
+
+def _fetch_model(location: Location) -> Path:
     uri = location.uri
     parsed = parse_uri(uri)
     if parsed.scheme == "hf":
@@ -45,11 +66,17 @@ def fetch_model(location: Location) -> Path:
             raise StoreError(f"cannot fetch {uri}: {type(exc).__name__}: {exc}") from None
     if parsed.scheme == "s3":
         prefix = uri if uri.endswith("/") else uri + "/"
-        return download_dir(prefix, _cache_for(prefix, "models"))
+        store = open_store(prefix)
+        if read_manifest(prefix, store) is not None:
+            return download_artifact(prefix, _cache_for(prefix, "models"), store=store)[0]
+        return download_dir(prefix, _cache_for(prefix, "models"), store=store)
     path = local_path(uri)
     assert path is not None
     if not path.is_dir():
         raise GraftInputError(f"model {uri}: no such directory (expected a model directory)")
+    manifest = read_manifest(path.as_uri() + "/")
+    if manifest is not None:
+        verify_artifact(path, manifest, uri)
     return path
 
 

@@ -7,13 +7,16 @@ exists: files are written first, the manifest last, and readers trust only a man
 
 from graft.storage.artifacts import (
     MANIFEST,
+    download_artifact,
     file_digest,
     latest_complete_checkpoint,
     list_checkpoints,
     read_manifest,
+    verify_artifact,
     write_artifact,
 )
 from graft.storage.store import (
+    IntegrityError,
     LocalStore,
     S3Store,
     Store,
@@ -27,11 +30,13 @@ from graft.storage.uri import ParsedUri, join_uri, local_path, parse_uri
 
 __all__ = [
     "MANIFEST",
+    "IntegrityError",
     "LocalStore",
     "ParsedUri",
     "S3Store",
     "Store",
     "StoreError",
+    "download_artifact",
     "download_dir",
     "file_digest",
     "join_uri",
@@ -43,5 +48,6 @@ __all__ = [
     "read_manifest",
     "s3_client",
     "upload_dir",
+    "verify_artifact",
     "write_artifact",
 ]

@@ -12,7 +12,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from graft.storage.store import Store, open_store, upload_dir
+from graft.storage.store import (
+    IntegrityError,
+    Store,
+    StoreError,
+    contained_path,
+    download_dir,
+    open_store,
+    upload_dir,
+)
 from graft.storage.uri import join_uri
 
 MANIFEST = "manifest.json"
@@ -71,6 +79,45 @@ def read_manifest(uri: str, store: Store | None = None) -> dict[str, Any] | None
     except ValueError:
         return None
     return parsed if isinstance(parsed, dict) else None
+
+
+def verify_artifact(local_dir: str | Path, manifest: dict[str, Any], uri: str = "") -> None:
+    """Check every file the manifest lists against its sha256 and size; IntegrityError naming
+    the first file that is missing or differs."""
+    root = Path(local_dir)
+    files = manifest.get("files")
+    where = uri or str(root)
+    if not isinstance(files, dict):
+        raise IntegrityError(f"{where}: the manifest lists no files")
+    for key, meta in sorted(files.items()):
+        path = contained_path(root, key)
+        expected = meta.get("sha256") if isinstance(meta, dict) else None
+        if not path.is_file():
+            raise IntegrityError(f"{where}: {key} is listed in the manifest but missing")
+        actual = file_digest(path)
+        if actual != expected:
+            raise IntegrityError(
+                f"{where}: {key} does not match its manifest (sha256 {actual[:16]}..., "
+                f"manifest says {str(expected)[:16]}...): refused, it was changed after "
+                "it was written"
+            )
+
+
+def download_artifact(
+    uri: str, local_dir: str | Path, store: Store | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Download the complete artifact at prefix `uri`: only the files its manifest lists, each
+    checked against its digest (IntegrityError on any difference). Returns (folder, manifest)."""
+    store = store or open_store(uri)
+    manifest = read_manifest(uri, store)
+    if manifest is None:
+        raise StoreError(f"{uri}: no manifest.json, so the artifact is not complete")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise IntegrityError(f"{uri}: the manifest lists no files")
+    root = download_dir(uri, local_dir, store=store, only=lambda key: key in files)
+    verify_artifact(root, manifest, uri)
+    return root, manifest
 
 
 def list_checkpoints(prefix: str, store: Store | None = None) -> list[tuple[int, str, bool]]:

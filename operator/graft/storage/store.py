@@ -28,6 +28,27 @@ class StoreError(RuntimeError):
     """A store could not be reached or an object could not be read or written (one line)."""
 
 
+class IntegrityError(StoreError):
+    """What is stored cannot be trusted: a file differs from its manifest's digest, or an object
+    key would land outside the folder it is downloaded into. Never transient: a retry reads the
+    same bytes."""
+
+
+def contained_path(root: Path, key: str) -> Path:
+    """`root / key`, refused (IntegrityError) when the key is absolute or climbs out of `root`
+    (`..`): object keys come from a store other tenants may write to."""
+    parts = key.replace("\\", "/").split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise IntegrityError(
+            f"object key {key!r} is not a plain relative path (an absolute path, '..', '.' or "
+            "an empty part): refused, nothing is written outside the download folder"
+        )
+    target = root / key
+    if not target.resolve().is_relative_to(root.resolve()):
+        raise IntegrityError(f"object key {key!r} resolves outside {root}: refused")
+    return target
+
+
 class Store(ABC):
     """Object-store operations on full URIs. Keys returned by `list` are relative to the prefix."""
 
@@ -339,7 +360,8 @@ def upload_dir(
 ) -> list[str]:
     """Upload every file under `local_dir` to the prefix `uri` in parallel; returns the keys.
 
-    Files already in the store with the same size are skipped (resuming an interrupted upload).
+    Every file is written, even one the store already has with the same size: equal sizes say
+    nothing about equal bytes, and a retried upload must not leave old bytes under a new manifest.
     """
     root = Path(local_dir)
     store = store or open_store(uri)
@@ -349,9 +371,7 @@ def upload_dir(
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.relative_to(root).as_posix() not in skip
     ]
-    present = store.list(uri)
-    todo = [f for f in files if present.get(f) != (root / f).stat().st_size]
-    _parallel(lambda f: store.upload_file(root / f, join_uri(uri, f)), todo, workers)
+    _parallel(lambda f: store.upload_file(root / f, join_uri(uri, f)), files, workers)
     return files
 
 
@@ -365,21 +385,22 @@ def download_dir(
     """Download every object under the prefix `uri` into `local_dir` in parallel.
 
     Resumable: files already there with the right size are kept; partial downloads are `.part`
-    files that are only renamed into place when complete.
+    files that are only renamed into place when complete. Every key must stay inside
+    `local_dir` (IntegrityError before anything is written otherwise). A reader that needs the
+    bytes to be the ones a manifest describes uses `download_artifact`, which checks digests.
     """
     root = Path(local_dir)
     store = store or open_store(uri)
     objects = store.list(uri)
     if not objects:
         raise StoreError(f"{uri}: nothing there (expected a directory of files)")
-    todo = []
-    for key, size in objects.items():
-        if only is not None and not only(key):
-            continue
-        target = root / key
-        if target.is_file() and target.stat().st_size == size:
-            continue
-        todo.append(key)
+    wanted = {k: size for k, size in objects.items() if only is None or only(k)}
+    targets = {key: contained_path(root, key) for key in wanted}
+    todo = [
+        key
+        for key, size in wanted.items()
+        if not (targets[key].is_file() and targets[key].stat().st_size == size)
+    ]
     root.mkdir(parents=True, exist_ok=True)
     _parallel(lambda k: store.download_file(join_uri(uri, k), root / k), todo, workers)
     return root
