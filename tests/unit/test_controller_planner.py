@@ -82,6 +82,13 @@ def test_pod_contract_with_the_trainer() -> None:
     # Secrets by reference only: the name, never a value.
     assert container["envFrom"] == [{"secretRef": {"name": "graft-s3", "optional": False}}]
     assert not any("valueFrom" in e for e in container["env"])
+    # Status and Events hear only what the trainer wrote (redacted), never the raw log tail.
+    assert container["terminationMessagePolicy"] == "File"
+    # Every variable the operator sets is configuration the trainer does not redact, so what
+    # it reports still names its artifact prefix.
+    from graft_trainer.redaction import secret_values
+
+    assert secret_values(env) == []
     assert pod["restartPolicy"] == "Never"
     assert pod["serviceAccountName"] == "graft-trainer"
     assert pod["hostNetwork"] is True

@@ -32,9 +32,12 @@ log = logging.getLogger("graft_trainer")
 
 
 def write_termination_log(message: str, path: str | None = None) -> None:
+    """The message the operator reads (at most 4 KiB), with every secret value redacted."""
+    from graft_trainer.redaction import redact
+
     try:
         with open(path or TERMINATION_LOG, "w") as fh:
-            fh.write(message[:4000])
+            fh.write(redact(message)[:4000])
     except OSError:
         pass
 

@@ -124,7 +124,10 @@ class KubernetesStatusReporter:
                 delay *= 2
 
     def _send(self, body: dict[str, Any]) -> None:
-        """One merge patch of the resource's status subresource."""
+        """One merge patch of the resource's status subresource (secret values redacted)."""
+        from graft_trainer.redaction import redact_strings
+
+        body = redact_strings(body)  # type: ignore[assignment]
         if self._api is None:
             self._api = _default_api()
         self._api.patch_namespaced_custom_object_status(

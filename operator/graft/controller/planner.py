@@ -376,7 +376,9 @@ def build_trainer_job(
         "resources": container_resources(spec),
         "securityContext": container_security_context(),
         "terminationMessagePath": "/dev/termination-log",
-        "terminationMessagePolicy": "FallbackToLogsOnError",
+        # Only what the trainer wrote (redacted) reaches status and Events: the log tail that
+        # FallbackToLogsOnError would copy may hold anything the process printed.
+        "terminationMessagePolicy": "File",
         "volumeMounts": [
             {"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},

@@ -112,5 +112,7 @@ def failure_summary(outcome: PodOutcome, memory: str | None = None) -> tuple[str
     if outcome.exit_code == EXIT_INVALID_INPUT:
         text = outcome.message or "no reason given"
         return "InvalidInput", f"the trainer refused its input (exit code 2): {text}"
-    text = outcome.message or f"exit code {outcome.exit_code}"
+    text = outcome.message or (
+        f"exit code {outcome.exit_code}, no message (see kubectl logs pod/{outcome.name})"
+    )
     return "TrainerFailed", f"pod {outcome.name} failed: {text}"
