@@ -94,11 +94,11 @@ def build(work: Path, steps: int, shape: str = "full") -> dict[str, Path]:
 
 
 def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """The engine's own rule (native bf16, honouring ATEN/oneDNN ISA caps), so the stock
+    baseline and the engine pick the same precision."""
+    from graft_trainer.methods import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
 
 
 def run_trainer(model_dir: Path, data: Path, steps: int, stock: bool) -> dict[str, Any]:
@@ -189,7 +189,7 @@ def run_graft(model_dir: Path, data: Path, steps: int) -> dict[str, Any]:
                 "saveSteps": 10**6,
                 "seed": SEED,
                 "lrScheduler": "cosine",
-                "precision": "bf16" if cpu_has_bf16() else "fp32",
+                "precision": "auto",
             },
         }
     )
@@ -273,7 +273,12 @@ def main() -> int:
     }
     for key, value in summary.items():
         print(f"{key:36s} {value:+.3f}" if "diff" in key else f"{key:36s} {value:.2f}x")
-    report = {"summary": summary, "machine": machine_facts(), "steps": args.steps}
+    report = {
+        "summary": summary,
+        "machine": machine_facts(),
+        "steps": args.steps,
+        "bf16": cpu_has_bf16(),  # stock and graft both, by the same rule
+    }
     if args.smoke:
         report["smoke"] = True
     if args.json:
