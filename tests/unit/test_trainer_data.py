@@ -11,7 +11,7 @@ import pytest
 
 from graft_trainer import data as D
 from graft_trainer.errors import GraftInputError
-from graft_trainer.testkit import tone_records, write_tone_dataset
+from graft_trainer.testkit import VERDICTS, label_of, tone_records, write_tone_dataset
 
 
 class CharTokenizer:
@@ -28,6 +28,18 @@ def test_every_format_reads_the_same_records(tmp_path: Path, suffix: str) -> Non
     path = write_tone_dataset(tmp_path / f"d{suffix}", n=30, seed=3)
     splits = D.read_records(path, D.detect_format(path, "auto"))
     assert splits["train"] == tone_records(30, 3)
+
+
+def test_testkit_labels_follow_the_phrase_and_its_chat_prompt() -> None:
+    records = tone_records(90, 4)
+    assert Counter(r["tone"] for r in records) == {"positive": 30, "negative": 30, "neutral": 30}
+    for r in records:
+        assert r["verdict"] == VERDICTS[r["tone"]]
+        assert label_of(r["phrase"]) == r["tone"]
+        prompt = f"<|user|>\n{r['phrase']}<|end|>\n<|assistant|>\n"
+        assert label_of(prompt, "verdict") == r["verdict"]
+    # a phrase without a tone word of the kit has no right answer
+    assert label_of("<|user|>\nWhat a day<|end|>\n<|assistant|>\n") is None
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path: Path) -> None:
