@@ -48,11 +48,13 @@ def test_an_untouched_artifact_downloads_with_its_manifest(tmp_path: Path) -> No
     local, manifest = download_artifact(uri, tmp_path / "dl")
     assert manifest["kind"] == "adapter"
     assert (local / "weights.bin").read_bytes() == b"\x00" * 64
-    # only what the manifest lists is fetched
+    # only what the manifest lists is fetched, and the manifest itself
     assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) == [
+        "manifest.json",
         "sub/config.json",
         "weights.bin",
     ]
+    assert json.loads((local / "manifest.json").read_text()) == manifest
 
 
 def test_a_file_changed_after_its_manifest_is_refused(tmp_path: Path) -> None:

@@ -82,8 +82,8 @@ def read_manifest(uri: str, store: Store | None = None) -> dict[str, Any] | None
 
 
 def verify_artifact(local_dir: str | Path, manifest: dict[str, Any], uri: str = "") -> None:
-    """Check every file the manifest lists against its sha256 and size; IntegrityError naming
-    the first file that is missing or differs."""
+    """Check every file the manifest lists against its sha256; IntegrityError naming the first
+    file that is missing or differs."""
     root = Path(local_dir)
     files = manifest.get("files")
     where = uri or str(root)
@@ -107,7 +107,8 @@ def download_artifact(
     uri: str, local_dir: str | Path, store: Store | None = None
 ) -> tuple[Path, dict[str, Any]]:
     """Download the complete artifact at prefix `uri`: only the files its manifest lists, each
-    checked against its digest (IntegrityError on any difference). Returns (folder, manifest)."""
+    checked against its digest (IntegrityError on any difference), then the manifest itself
+    (readers of the folder find it there, as in the store). Returns (folder, manifest)."""
     store = store or open_store(uri)
     manifest = read_manifest(uri, store)
     if manifest is None:
@@ -117,6 +118,7 @@ def download_artifact(
         raise IntegrityError(f"{uri}: the manifest lists no files")
     root = download_dir(uri, local_dir, store=store, only=lambda key: key in files)
     verify_artifact(root, manifest, uri)
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     return root, manifest
 
 
