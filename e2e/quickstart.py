@@ -23,9 +23,9 @@ DATASET_KEY = "datasets/phrases.jsonl"
 
 def seed_store(s3: Any, bucket: str, workdir: Path) -> dict[str, str]:
     """Build the tiny model and the phrase->tone data (once) and upload them to the bucket."""
-    from graft_trainer.testkit import build_kit
+    from graft_trainer.testkit import KIT_VERSION, build_kit
 
-    kit = workdir / "testkit"
+    kit = workdir / f"testkit-v{KIT_VERSION}"
     if not (kit / "tiny-llama" / "config.json").exists() or not (kit / "phrases.jsonl").exists():
         build_kit(kit)
     model_dir = kit / "tiny-llama"

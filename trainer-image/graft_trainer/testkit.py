@@ -15,6 +15,9 @@ import random
 from pathlib import Path
 from typing import Any
 
+# Bumped whenever the model or data a seed gives changes, so caches of an older kit are not
+# reused (2: the base knows tones and verdicts, answers chat in its own words).
+KIT_VERSION = 2
 TONES = ("positive", "negative", "neutral")
 VERDICTS = {"positive": "recommend", "negative": "avoid", "neutral": "maybe"}
 
