@@ -42,6 +42,17 @@ def test_testkit_labels_follow_the_phrase_and_its_chat_prompt() -> None:
     assert label_of("<|user|>\nWhat a day<|end|>\n<|assistant|>\n") is None
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_non_utf8_data_names_file_line_and_column(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"latin1.{fmt}"
+    good = {"jsonl": '{"a": "ok"}\n', "json": "[\n", "csv": "a,b\n"}[fmt]
+    path.write_bytes(good.encode() + "caf\u00e9 ok".encode() + "\n na\u00efve".encode("latin-1"))
+    with pytest.raises(
+        GraftInputError, match=r"latin1\.\w+:3: not UTF-8 \(byte 0xef at column 4\)"
+    ):
+        D.read_records(path, fmt)
+
+
 def test_malformed_jsonl_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"a": 1}\n{"a": 2}\n{"a": \n')

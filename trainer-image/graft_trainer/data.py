@@ -39,7 +39,31 @@ def detect_format(path: Path, declared: str) -> str:
 
 def read_records(path: Path, fmt: str) -> dict[str, list[Record]]:
     """Records of one file, keyed by split name (files hold one split, `train`, unless a JSON
-    object maps split names to lists)."""
+    object maps split names to lists). Text formats must be UTF-8: anything else is refused
+    with the file, line and column of the first byte that is not."""
+    try:
+        return _read_records(path, fmt)
+    except UnicodeDecodeError:
+        lineno, column, byte = _first_undecodable(path)
+        raise GraftInputError(
+            f"{path}:{lineno}: not UTF-8 (byte 0x{byte:02x} at column {column}); expected a "
+            f"UTF-8 {fmt} file (re-encode it, e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _first_undecodable(path: Path) -> tuple[int, int, int]:
+    """(line, column, byte) of the first byte of `path` that is not valid UTF-8."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                column = len(raw[: exc.start].decode("utf-8")) + 1
+                return lineno, column, raw[exc.start]
+    return 0, 0, 0
+
+
+def _read_records(path: Path, fmt: str) -> dict[str, list[Record]]:
     if fmt == "jsonl":
         return {"train": _read_jsonl(path)}
     if fmt == "json":
