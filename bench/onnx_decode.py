@@ -13,8 +13,8 @@ Decode speed excludes the prompt (prefill); each figure is the median of interle
     .venv/bin/python bench/onnx_decode.py [--work-dir DIR] [--tokens 128] [--rounds 5] [--smoke]
 
 `--smoke` (a 2-layer, 64-wide model, 8 tokens, one round; seconds) is what `make test` runs, so
-the benchmark cannot rot; its figures mean nothing. Goals: int4 >= 10x PyTorch fp32; adapter overhead <= 5%; no cost
-when no adapter is active.
+the benchmark cannot rot; its figures mean nothing. Goals: int4 >= 10x PyTorch fp32; adapter
+overhead <= 5%; no cost when no adapter is active.
 """
 
 from __future__ import annotations
