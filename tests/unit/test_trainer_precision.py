@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from graft.api.finetune import FineTuneJobSpec
 from graft_trainer import methods
 
 BF16_CPU = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
@@ -39,20 +40,44 @@ def test_kernels_held_to_avx2_have_no_native_bf16(monkeypatch: pytest.MonkeyPatc
     assert not methods.cpu_has_native_bf16(BF16_CPU)
 
 
+def spec(**overrides: object) -> FineTuneJobSpec:
+    body: dict[str, object] = {
+        "model": {"uri": "file:///m"},
+        "dataset": {"uri": "file:///d.jsonl", "textTemplate": "{a}"},
+    }
+    body.update(overrides)
+    return FineTuneJobSpec.model_validate(body)
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_follows_the_cpu(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
     monkeypatch.setattr(methods, "cpu_has_native_bf16", lambda cpuinfo=None: native)
     assert methods.resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
     assert methods.resolve_precision("fp32", "cpu") == "fp32"
     assert methods.resolve_precision("bf16", "cpu") == "bf16"
-    warning = methods.precision_warning("bf16", "cpu")
+    warnings = methods.precision_warnings(spec(training={"precision": "bf16"}), "cpu")
     if native:
-        assert warning is None
+        assert warnings == []
     else:
-        assert warning is not None and "100x slower" in warning and "fp32" in warning
+        assert len(warnings) == 1 and "100x slower" in warnings[0] and "fp32" in warnings[0]
     # auto and fp32 never warn: they never pick emulated bf16
-    assert methods.precision_warning("auto", "cpu") is None
-    assert methods.precision_warning("fp32", "cpu") is None
+    for precision in ("auto", "fp32"):
+        assert methods.precision_warnings(spec(training={"precision": precision}), "cpu") == []
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_qlora_bf16_compute_dtype_warns_where_emulated(
+    monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    monkeypatch.setattr(methods, "cpu_has_native_bf16", lambda cpuinfo=None: native)
+    qlora = {"method": "qlora", "quantization": {"bits": 4, "computeDtype": "bfloat16"}}
+    warnings = methods.precision_warnings(spec(**qlora), "cpu")
+    if native:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warnings[0].startswith("quantization.computeDtype bfloat16")
+    qlora["quantization"] = {"bits": 4, "computeDtype": "float32"}
+    assert methods.precision_warnings(spec(**qlora), "cpu") == []
 
 
 def test_fp16_on_the_cpu_is_refused() -> None:

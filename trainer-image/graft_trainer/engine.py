@@ -36,7 +36,7 @@ from graft_trainer.methods import (
     autocast_dtype,
     load_model,
     load_trainable_state,
-    precision_warning,
+    precision_warnings,
     trainable_state,
 )
 from graft_trainer.preflight import Prepared, prepare
@@ -187,7 +187,7 @@ class Engine:
         prep = self.prepared or prepare(spec)
         for w in prep.warnings:
             self.warn("MemoryPressure" if "memory" in w else "Truncation", w)
-        if slow := precision_warning(spec.training.precision, prep.device):
+        for slow in precision_warnings(spec, prep.device):
             self.warn("SlowPrecision", slow)
         torch.manual_seed(t.seed)
         self.emit(

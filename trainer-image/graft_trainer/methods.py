@@ -160,12 +160,22 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
-def precision_warning(precision: str, device: str) -> str | None:
-    """A warning for an explicit bf16 the CPU can only emulate (it runs, slowly: a spec stays
-    portable across node pools, so it is not refused)."""
-    if device == "cpu" and precision == "bf16" and not cpu_has_native_bf16():
-        return SLOW_BF16_WARNING
-    return None
+def precision_warnings(spec: FineTuneJobSpec, device: str) -> list[str]:
+    """Warnings for bf16 the CPU can only emulate, asked for explicitly: `training.precision`,
+    or QLoRA's `quantization.computeDtype`. It runs, slowly: a spec stays portable across node
+    pools, so it is not refused."""
+    if device != "cpu" or cpu_has_native_bf16():
+        return []
+    out = []
+    if spec.training.precision == "bf16":
+        out.append(SLOW_BF16_WARNING)
+    q = spec.quantization
+    if spec.method == "qlora" and q is not None and q.compute_dtype == "bfloat16":
+        out.append(
+            "quantization.computeDtype bfloat16 on a CPU without native bf16: the 4-bit "
+            "matrix products are emulated, typically about 100x slower; use float32 on this node"
+        )
+    return out
 
 
 def autocast_dtype(precision: str) -> Any:

@@ -157,7 +157,11 @@ class QuantizationSpec(ApiModel):
     type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
     double_quant: bool = Field(default=True, description="Quantize the quantization constants too.")
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        default="bfloat16", description="Dtype of the matrix products."
+        default="bfloat16",
+        description=(
+            "Dtype of the matrix products. bfloat16 on a CPU without AVX-512 BF16 or AMX is "
+            "emulated, about 100x slower (a SlowPrecision warning says so): use float32 there."
+        ),
     )
 
 
