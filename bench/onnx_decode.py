@@ -23,13 +23,16 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from machine import machine_facts
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import machine_facts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -29,7 +29,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from machine import machine_facts
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import machine_facts
 
 REPO = Path(__file__).resolve().parents[1]
 NO_NODE = {"graft.dev/bench-no-node": "true"}

@@ -31,7 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from machine import machine_facts
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import machine_facts
 
 BATCH = 8
 SEED = 1234
