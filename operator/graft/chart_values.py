@@ -45,6 +45,22 @@ class TrainerValues(Values):
     extra_env: dict[str, str] = Field(
         default_factory=dict, description="Extra environment variables of trainer pods."
     )
+    scratch_size_limit: str = Field(
+        default="",
+        pattern=r"^$|^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$",
+        description=(
+            "sizeLimit of each trainer pod's scratch emptyDir (/tmp, and HOME where models are "
+            "downloaded), e.g. 200Gi; a pod that writes more is evicted. Empty: no limit."
+        ),
+    )
+    ephemeral_storage_request: str = Field(
+        default="",
+        pattern=r"^$|^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$",
+        description=(
+            "ephemeral-storage request of trainer pods, so they land on nodes with that much "
+            "local disk free (the base model and checkpoints are written there). Empty: none."
+        ),
+    )
 
 
 class OutputValues(Values):

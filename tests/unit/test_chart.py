@@ -95,6 +95,22 @@ def test_local_values_use_local_images_and_the_loopback_api() -> None:
     assert restricted_violations(pod, allow_host_network=True) == []
 
 
+def test_trainer_scratch_values_reach_the_operator() -> None:
+    def env_of(values: dict[str, Any]) -> dict[str, str]:
+        (deployment,) = by_kind(render(values), "Deployment")
+        return {
+            e["name"]: e["value"]
+            for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+
+    env = env_of({"trainer": {"scratchSizeLimit": "200Gi", "ephemeralStorageRequest": "50Gi"}})
+    assert env["GRAFT_TRAINER_SCRATCH_SIZE_LIMIT"] == "200Gi"
+    assert env["GRAFT_TRAINER_EPHEMERAL_STORAGE_REQUEST"] == "50Gi"
+    assert env_of({})["GRAFT_TRAINER_SCRATCH_SIZE_LIMIT"] == ""
+    with pytest.raises(Exception, match="scratchSizeLimit"):
+        render({"trainer": {"scratchSizeLimit": "lots"}})
+
+
 def test_crds_are_kept_on_uninstall_unless_told_otherwise() -> None:
     crds = by_kind(render({}), "CustomResourceDefinition")
     assert sorted(c["metadata"]["name"] for c in crds) == [

@@ -222,9 +222,44 @@ def test_config_from_env() -> None:
         {"GRAFT_LOG_FORMAT": "xml"},
         {"GRAFT_TRAINER_EXTRA_ENV": "[1]"},
         {"GRAFT_METRICS_PORT": "x"},
+        {"GRAFT_TRAINER_SCRATCH_SIZE_LIMIT": "lots"},
+        {"GRAFT_TRAINER_EPHEMERAL_STORAGE_REQUEST": "20 GB"},
     ):
         with pytest.raises(ConfigError):
             OperatorConfig.from_env(bad)
+
+
+def test_scratch_disk_is_bounded_when_the_platform_says_so() -> None:
+    import dataclasses
+
+    import kubernetes_validate
+
+    def scratch(config: OperatorConfig) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        job = job_for(resource(), config)
+        pod = job["spec"]["template"]["spec"]
+        kubernetes_validate.validate(job, "1.28.0", strict=True)
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        return volumes["tmp"]["emptyDir"], volumes["home"]["emptyDir"], pod["containers"][0]
+
+    tmp, home, container = scratch(CONFIG)
+    assert tmp == home == {}
+    assert "ephemeral-storage" not in container["resources"].get("requests", {})
+    bounded = OperatorConfig.from_env(
+        {
+            "GRAFT_TRAINER_SCRATCH_SIZE_LIMIT": "200Gi",
+            "GRAFT_TRAINER_EPHEMERAL_STORAGE_REQUEST": "50Gi",
+        }
+    )
+    config = dataclasses.replace(
+        CONFIG,
+        trainer_scratch_size_limit=bounded.trainer_scratch_size_limit,
+        trainer_ephemeral_storage_request=bounded.trainer_ephemeral_storage_request,
+    )
+    tmp, home, container = scratch(config)
+    assert tmp == home == {"sizeLimit": "200Gi"}
+    assert container["resources"]["requests"]["ephemeral-storage"] == "50Gi"
+    # the request sits beside the spec's own cpu and memory, which stay requests and limits
+    assert container["resources"]["limits"].keys() >= {"cpu", "memory"}
 
 
 def test_locations_with_different_secrets_get_per_bucket_credentials() -> None:

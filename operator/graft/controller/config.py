@@ -8,6 +8,8 @@
 | GRAFT_TRAINER_EXTRA_ENV | JSON object of extra env for trainer pods, e.g. KUBERNETES_SERVICE_HOST | {} |
 | GRAFT_TRAINER_CLUSTER_ROLE | ClusterRole bound to `graft-trainer` in each namespace; empty: a Role is created | "" |
 | GRAFT_TRAINER_RUN_AS_USER | uid (and gid) of trainer pods | 1000 |
+| GRAFT_TRAINER_SCRATCH_SIZE_LIMIT | sizeLimit of each trainer scratch emptyDir (quantity) | "" (none) |
+| GRAFT_TRAINER_EPHEMERAL_STORAGE_REQUEST | ephemeral-storage request of trainer pods | "" (none) |
 | GRAFT_OUTPUT_URI | default artifact store for resources without spec.output | "" |
 | GRAFT_OUTPUT_SECRET | Secret (in each resource's namespace) with the store's credentials | "" |
 | GRAFT_WATCH_NAMESPACES | comma-separated namespaces; empty watches all | "" |
@@ -23,9 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 
 TRUE = ("1", "true", "yes", "on")
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
 
 
 class ConfigError(ValueError):
@@ -41,6 +45,8 @@ class OperatorConfig:
     trainer_cluster_role: str = ""
     trainer_run_as_user: int = 1000
     trainer_service_account: str = "graft-trainer"
+    trainer_scratch_size_limit: str = ""
+    trainer_ephemeral_storage_request: str = ""
     output_uri: str = ""
     output_secret: str = ""
     watch_namespaces: tuple[str, ...] = ()
@@ -81,6 +87,13 @@ class OperatorConfig:
         pull = text("GRAFT_TRAINER_IMAGE_PULL_POLICY", "IfNotPresent")
         if pull not in ("Always", "IfNotPresent", "Never"):
             raise ConfigError(f"GRAFT_TRAINER_IMAGE_PULL_POLICY={pull!r}")
+
+        def quantity(name: str) -> str:
+            raw = env.get(name, "").strip()
+            if raw and not QUANTITY.match(raw):
+                raise ConfigError(f"{name}={raw!r} is not a quantity (expected e.g. 200Gi)")
+            return raw
+
         namespaces = tuple(
             n.strip() for n in env.get("GRAFT_WATCH_NAMESPACES", "").split(",") if n.strip()
         )
@@ -91,6 +104,8 @@ class OperatorConfig:
             trainer_extra_env={str(k): str(v) for k, v in extra.items()},
             trainer_cluster_role=env.get("GRAFT_TRAINER_CLUSTER_ROLE", "").strip(),
             trainer_run_as_user=int(number("GRAFT_TRAINER_RUN_AS_USER", 1000, 1)),
+            trainer_scratch_size_limit=quantity("GRAFT_TRAINER_SCRATCH_SIZE_LIMIT"),
+            trainer_ephemeral_storage_request=quantity("GRAFT_TRAINER_EPHEMERAL_STORAGE_REQUEST"),
             output_uri=env.get("GRAFT_OUTPUT_URI", "").strip(),
             output_secret=env.get("GRAFT_OUTPUT_SECRET", "").strip(),
             watch_namespaces=namespaces,

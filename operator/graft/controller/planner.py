@@ -303,13 +303,15 @@ def container_security_context() -> dict[str, Any]:
     }
 
 
-def container_resources(spec: dict[str, Any]) -> dict[str, Any]:
+def container_resources(spec: dict[str, Any], ephemeral_storage: str = "") -> dict[str, Any]:
     res = spec.get("resources") or {}
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
     for key in ("cpu", "memory"):
         if res.get(key) is not None:
             requests[key] = limits[key] = str(res[key])
+    if ephemeral_storage:
+        requests["ephemeral-storage"] = ephemeral_storage
     gpu = int(res.get("gpu") or 0)
     if gpu:
         name = res.get("gpuResourceName") or "nvidia.com/gpu"
@@ -363,6 +365,12 @@ def build_trainer_job(
     env += location_credentials_env(spec, references)
     env.extend({"name": k, "value": v} for k, v in sorted(config.trainer_extra_env.items()))
 
+    # Scratch disk: bounded when the platform says so (a pod over it is evicted, not the node).
+    scratch = (
+        {"sizeLimit": config.trainer_scratch_size_limit}
+        if config.trainer_scratch_size_limit
+        else {}
+    )
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
         "image": spec.get("image") or config.trainer_image,
@@ -373,7 +381,7 @@ def build_trainer_job(
             {"secretRef": {"name": secret, "optional": False}}
             for secret in credential_secrets(spec, references)
         ],
-        "resources": container_resources(spec),
+        "resources": container_resources(spec, config.trainer_ephemeral_storage_request),
         "securityContext": container_security_context(),
         "terminationMessagePath": "/dev/termination-log",
         # Only what the trainer wrote (redacted) reaches status and Events: the log tail that
@@ -394,8 +402,8 @@ def build_trainer_job(
         "containers": [container],
         "volumes": [
             {"name": "spec", "configMap": {"name": configmap_name(name, kind)}},
-            {"name": "tmp", "emptyDir": {}},
-            {"name": "home", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": scratch},
+            {"name": "home", "emptyDir": dict(scratch)},
         ],
     }
     if int((spec.get("resources") or {}).get("gpu") or 0) > 1:
