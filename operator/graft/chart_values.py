@@ -15,6 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from graft.policy import PlatformPolicy
+
 CHART_DIR = Path(__file__).resolve().parents[2] / "helm" / "graft"
 
 
@@ -168,6 +170,11 @@ class ChartValues(Values):
         default_factory=dict,
         description="Extra environment variables of the operator, e.g. KUBERNETES_SERVICE_HOST "
         "on clusters whose service network pods cannot reach.",
+    )
+    policy: PlatformPolicy = Field(
+        default_factory=PlatformPolicy,
+        description="What tenants may run, enforced by the operator before it creates anything "
+        "(reason PolicyDenied); see docs/security.md. Empty allows all.",
     )
 
 

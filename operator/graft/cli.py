@@ -52,14 +52,32 @@ def _cmd_docs(args: argparse.Namespace, out: Console) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace, out: Console) -> int:
-    from graft.manifests import check_file
+    import yaml
 
+    from graft.manifests import check_file
+    from graft.policy import PlatformPolicy, parse_policy, policy_issues
+
+    policy: PlatformPolicy | None = None
+    if args.policy:
+        try:
+            policy = parse_policy(yaml.safe_load(Path(args.policy).read_text()))
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            out.print(f"error: policy {args.policy}: {exc}", markup=False, highlight=False)
+            return 2
     failed = False
     for name in args.files:
         objects, problems = check_file(Path(name))
-        for problem in problems:
-            out.print(str(problem), markup=False, highlight=False)
-        if problems:
+        lines = [str(problem) for problem in problems]
+        if policy is not None and not problems:
+            for obj in objects:
+                namespace = args.namespace or obj.metadata.namespace
+                lines += [
+                    f"{name}: {obj.kind}/{obj.metadata.name}: {issue} [PolicyDenied]"
+                    for issue in policy_issues(obj.spec.to_api(), namespace, policy)
+                ]
+        for line in lines:
+            out.print(line, markup=False, highlight=False)
+        if lines:
             failed = True
         else:
             names = ", ".join(f"{o.kind}/{o.metadata.name}" for o in objects)
@@ -244,6 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="validate YAML files of Graft objects offline")
     validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument(
+        "--policy",
+        metavar="POLICY",
+        help="also check each object against a platform policy (YAML/JSON, the chart's `policy` "
+        "values)",
+    )
+    validate.add_argument(
+        "--namespace", help="the namespace the objects go to (for per-namespace policy rules)"
+    )
     validate.set_defaults(handler=_cmd_validate)
 
     operator = commands.add_parser(

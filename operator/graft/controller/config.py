@@ -19,6 +19,7 @@
 | GRAFT_RESYNC_SECONDS | period of the level-based resync of every resource | 60 |
 | GRAFT_DISRUPTION_ALLOWANCE | pod disruptions (evictions) retried beyond backoffLimit | 10 |
 | GRAFT_WORKERS | concurrent reconciles | 32 |
+| GRAFT_POLICY | platform policy as JSON (graft.policy.PlatformPolicy) | {} (allow all) |
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import dataclasses
 import json
 import re
 from collections.abc import Mapping
+
+from graft.policy import PlatformPolicy, policy_from_json
 
 TRUE = ("1", "true", "yes", "on")
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
@@ -56,6 +59,7 @@ class OperatorConfig:
     resync_seconds: float = 60.0
     disruption_allowance: int = 10
     workers: int = 32
+    policy: PlatformPolicy = dataclasses.field(default_factory=PlatformPolicy)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
@@ -94,6 +98,10 @@ class OperatorConfig:
                 raise ConfigError(f"{name}={raw!r} is not a quantity (expected e.g. 200Gi)")
             return raw
 
+        try:
+            policy = policy_from_json(env.get("GRAFT_POLICY", ""))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         namespaces = tuple(
             n.strip() for n in env.get("GRAFT_WATCH_NAMESPACES", "").split(",") if n.strip()
         )
@@ -115,4 +123,5 @@ class OperatorConfig:
             resync_seconds=number("GRAFT_RESYNC_SECONDS", 60.0, 1),
             disruption_allowance=int(number("GRAFT_DISRUPTION_ALLOWANCE", 10)),
             workers=int(number("GRAFT_WORKERS", 32, 1)),
+            policy=policy,
         )

@@ -18,6 +18,7 @@ from graft.api.errors import FieldIssue
 from graft.api.kinds import InvalidResource, parse_spec
 from graft.controller.config import OperatorConfig
 from graft.naming import artifact_prefix, child_name
+from graft.policy import policy_issues
 from graft.storage.store import BUCKET_CREDENTIALS_ENV, CREDENTIAL_KEYS, HF_TOKENS_ENV
 from graft.storage.uri import parse_uri
 
@@ -74,8 +75,11 @@ def kind_of(obj: dict[str, Any]) -> str:
     return str(obj.get("kind") or KIND)
 
 
-def resolve_spec(spec: Any, config: OperatorConfig, kind: str = KIND) -> Resolved:
-    """Validate the spec and apply defaults; raise InvalidResource naming the field."""
+def resolve_spec(
+    spec: Any, config: OperatorConfig, kind: str = KIND, namespace: str | None = None
+) -> Resolved:
+    """Validate the spec, apply defaults and check the platform policy; raise InvalidResource
+    naming each field (PolicyIssue for what the policy refuses)."""
     model = parse_spec(kind, spec)
     data = model.to_api()
     if "output" not in data:
@@ -92,6 +96,9 @@ def resolve_spec(spec: Any, config: OperatorConfig, kind: str = KIND) -> Resolve
         data["output"] = {"uri": config.output_uri}
         if config.output_secret:
             data["output"]["credentialsSecret"] = config.output_secret
+    denied = policy_issues(data, namespace, config.policy)
+    if denied:
+        raise InvalidResource(list(denied))
     return Resolved(spec=data, spec_hash=spec_hash(model.to_api()))
 
 

@@ -27,6 +27,7 @@ from graft.controller.pods import (
 )
 from graft.controller.sources import GATE_REASONS, SourceGate
 from graft.controller.study import TrialObserved, plan_study
+from graft.policy import PolicyIssue
 
 CONDITION_TYPES = ("Validated", "Running", "Succeeded", "Failed", "Suspended", "Ready")
 __all__ = [
@@ -54,7 +55,7 @@ OPERATOR_FIELDS = (
 # Fields the trainer writes for a single run, the operator for a search (trials cannot share).
 STUDY_FIELDS = ("search", "progress", "artifacts")
 # Failures that a change elsewhere (the spec, a referenced FineTuneJob) can still undo.
-RECOVERABLE_FAILURES = frozenset({"InvalidSpec", *GATE_REASONS.values()})
+RECOVERABLE_FAILURES = frozenset({"InvalidSpec", "PolicyDenied", *GATE_REASONS.values()})
 
 DONE_MESSAGES = {
     "FineTuneJob": "training finished",
@@ -245,9 +246,15 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
 
     # Validated: the current spec, and whether it still matches what was launched.
     issues_text = "; ".join(str(i) for i in observed.issues)
+    # The platform's rules refused it (a spec edit can still fix it), or the API's did.
+    refusal = (
+        "PolicyDenied"
+        if any(isinstance(i, PolicyIssue) for i in observed.issues)
+        else "InvalidSpec"
+    )
     if observed.issues:
         suffix = " (the launched spec keeps running)" if launched else ""
-        cond("Validated", "False", "InvalidSpec", issues_text + suffix)
+        cond("Validated", "False", refusal, issues_text + suffix)
     elif launched and observed.launched_hash not in (None, observed.current_hash):
         fields = ", ".join(observed.changed) or "the spec"
         cond(
@@ -262,9 +269,12 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
         cond("Validated", "True", "Valid", "the spec is valid")
 
     if not launched and observed.issues:
-        cond("Failed", "True", "InvalidSpec", issues_text)
-        cond("Running", "False", "InvalidSpec", "nothing is launched until the spec is valid")
-        cond("Succeeded", "False", "InvalidSpec", "nothing is launched until the spec is valid")
+        not_launched = "nothing is launched until the spec is valid"
+        if refusal == "PolicyDenied":
+            not_launched = "nothing is launched until the spec meets the platform's policy"
+        cond("Failed", "True", refusal, issues_text)
+        cond("Running", "False", refusal, not_launched)
+        cond("Succeeded", "False", refusal, not_launched)
         cond("Suspended", "False", "NotSuspended", "not suspended")
         return finish()
 

@@ -1,0 +1,166 @@
+"""Platform policy: what the platform lets tenants run, checked before anything is created.
+
+The platform team sets it in the chart's `policy` values (the operator reads it from
+GRAFT_POLICY as JSON); `graft validate --policy FILE` applies the same rules offline. A broken
+rule is a `PolicyIssue` naming the spec field and the rule: the resource shows reason
+`PolicyDenied` and nothing is launched. A policy changed later applies to resources launched
+after it; running ones keep their launched spec.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from graft.api.errors import FieldIssue, field_issues
+
+
+@dataclass(frozen=True)
+class PolicyIssue(FieldIssue):
+    """A spec field that a platform rule refuses; `rule` names the policy key."""
+
+    rule: str = ""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()} (policy {self.rule})"
+
+
+class PolicyModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class NamespacePolicy(PolicyModel):
+    """Rules for one namespace (a tenant)."""
+
+    output_prefixes: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Artifact URIs this namespace may write under (e.g. s3://graft/team-a/); a "
+            "spec.output.uri outside them is denied. Empty: any."
+        ),
+    )
+
+
+class PlatformPolicy(PolicyModel):
+    """What tenants may run. Every rule is off by default (an empty policy allows all)."""
+
+    allowed_images: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Prefixes a spec.image must start with (a registry, a repository, or a whole "
+            "image@sha256:digest). Empty: any image."
+        ),
+    )
+    allow_trust_remote_code: bool = Field(
+        default=True,
+        description="Whether trustRemoteCode (code shipped with a model) may be set.",
+    )
+    max_gpus_per_job: int | None = Field(
+        default=None, ge=0, description="The most GPUs one resource may ask for. Empty: no cap."
+    )
+    allowed_priority_classes: list[str] | None = Field(
+        default=None,
+        description=(
+            "PriorityClasses spec.scheduling.priorityClassName may name. Empty list: none; "
+            "unset: any."
+        ),
+    )
+    namespaces: dict[str, NamespacePolicy] = Field(
+        default_factory=dict, description="Rules per namespace, by namespace name."
+    )
+
+
+def parse_policy(data: Any) -> PlatformPolicy:
+    """A policy from parsed JSON/YAML; ValueError naming each wrong field."""
+    if data in (None, ""):
+        return PlatformPolicy()
+    try:
+        return PlatformPolicy.model_validate(data)
+    except ValidationError as exc:
+        known = [f.alias or n for n, f in PlatformPolicy.model_fields.items()]
+        raise ValueError("; ".join(str(i) for i in field_issues(exc, (), known))) from None
+
+
+def policy_from_json(text: str, where: str = "GRAFT_POLICY") -> PlatformPolicy:
+    try:
+        return parse_policy(json.loads(text) if text.strip() else None)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where} is not JSON: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _trusted_code_paths(node: Any, path: tuple[str | int, ...]) -> list[tuple[str | int, ...]]:
+    """Paths of every `trustRemoteCode: true` in a spec (model, baseModel, ...)."""
+    found: list[tuple[str | int, ...]] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "trustRemoteCode" and value is True:
+                found.append((*path, key))
+            else:
+                found += _trusted_code_paths(value, (*path, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += _trusted_code_paths(value, (*path, i))
+    return found
+
+
+def policy_issues(
+    spec: dict[str, Any], namespace: str | None, policy: PlatformPolicy
+) -> list[PolicyIssue]:
+    """What `policy` refuses in a resolved spec (API field names), each with its field path."""
+    issues: list[PolicyIssue] = []
+    image = spec.get("image")
+    if image and policy.allowed_images and not image.startswith(tuple(policy.allowed_images)):
+        issues.append(
+            PolicyIssue(
+                ("spec", "image"),
+                f"{image!r} is not an allowed image; allowed prefixes: "
+                f"{', '.join(policy.allowed_images)}",
+                "allowedImages",
+            )
+        )
+    if not policy.allow_trust_remote_code:
+        for path in _trusted_code_paths(spec, ("spec",)):
+            issues.append(
+                PolicyIssue(
+                    path,
+                    "running code shipped with a model is not allowed on this platform",
+                    "allowTrustRemoteCode",
+                )
+            )
+    gpu = int((spec.get("resources") or {}).get("gpu") or 0)
+    if policy.max_gpus_per_job is not None and gpu > policy.max_gpus_per_job:
+        issues.append(
+            PolicyIssue(
+                ("spec", "resources", "gpu"),
+                f"{gpu} GPUs asked, at most {policy.max_gpus_per_job} per job allowed",
+                "maxGpusPerJob",
+            )
+        )
+    priority = (spec.get("scheduling") or {}).get("priorityClassName")
+    allowed = policy.allowed_priority_classes
+    if priority and allowed is not None and priority not in allowed:
+        issues.append(
+            PolicyIssue(
+                ("spec", "scheduling", "priorityClassName"),
+                f"{priority!r} is not allowed; allowed: {', '.join(allowed) or 'none'}",
+                "allowedPriorityClasses",
+            )
+        )
+    rules = policy.namespaces.get(namespace or "")
+    output = str((spec.get("output") or {}).get("uri") or "")
+    if rules and rules.output_prefixes and not output.startswith(tuple(rules.output_prefixes)):
+        issues.append(
+            PolicyIssue(
+                ("spec", "output", "uri"),
+                f"{output!r} is outside what namespace {namespace} may write: "
+                f"{', '.join(rules.output_prefixes)}",
+                f"namespaces.{namespace}.outputPrefixes",
+            )
+        )
+    return issues
