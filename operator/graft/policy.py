@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from graft.api.base import Toleration
 from graft.api.errors import FieldIssue, field_issues
 
 
@@ -36,6 +37,17 @@ class PolicyModel(BaseModel):
 class NamespacePolicy(PolicyModel):
     """Rules for one namespace (a tenant)."""
 
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Node labels forced on this namespace's trainer pods (over the spec's own, key by "
+            "key): the tenant's node pool."
+        ),
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        description="Tolerations added to this namespace's trainer pods (for its node pool's taints).",
+    )
     output_prefixes: list[str] = Field(
         default_factory=list,
         description=(
@@ -67,6 +79,14 @@ class PlatformPolicy(PolicyModel):
         description=(
             "PriorityClasses spec.scheduling.priorityClassName may name. Empty list: none; "
             "unset: any."
+        ),
+    )
+    default_active_deadline_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Wall-clock limit of one attempt for resources that set no "
+            "spec.activeDeadlineSeconds. Empty: none."
         ),
     )
     namespaces: dict[str, NamespacePolicy] = Field(
@@ -164,3 +184,16 @@ def policy_issues(
             )
         )
     return issues
+
+
+def place_trainer_pod(pod_spec: dict[str, Any], namespace: str, policy: PlatformPolicy) -> None:
+    """Force the namespace's node selector and tolerations onto a trainer pod spec. Applied when
+    a Job is built, so a changed policy reaches new Jobs only."""
+    rules = policy.namespaces.get(namespace)
+    if rules is None:
+        return
+    if rules.node_selector:
+        pod_spec["nodeSelector"] = {**pod_spec.get("nodeSelector", {}), **rules.node_selector}
+    if rules.tolerations:
+        forced = [t.to_api() for t in rules.tolerations]
+        pod_spec["tolerations"] = [*pod_spec.get("tolerations", []), *forced]

@@ -169,3 +169,49 @@ def test_the_chart_hands_the_policy_to_the_operator() -> None:
     assert json.loads(env["GRAFT_POLICY"])["allowTrustRemoteCode"] is True
     with pytest.raises(Exception, match="maxGpus"):
         render({"policy": {"maxGpus": 4}})
+
+
+def test_a_namespace_pool_and_a_default_deadline_reach_new_jobs() -> None:
+    import kubernetes_validate
+
+    obj = yaml.safe_load((REPO / "examples" / "finetunejob.yaml").read_text())
+    obj["metadata"].update(namespace="team-a", uid="0123abcd-0000-0000-0000-000000000000")
+    obj["spec"]["scheduling"] = {
+        "nodeSelector": {"pool": "shared", "disk": "ssd"},
+        "tolerations": [{"key": "spot", "operator": "Exists"}],
+    }
+    policy = parse_policy(
+        {
+            "defaultActiveDeadlineSeconds": 86400,
+            "namespaces": {
+                "team-a": {
+                    "nodeSelector": {"pool": "tenant-a"},
+                    "tolerations": [{"key": "tenant", "value": "a", "effect": "NoSchedule"}],
+                }
+            },
+        }
+    )
+    config = OperatorConfig(trainer_image="graft/trainer:test", policy=policy)
+
+    def job_of(document: dict[str, Any]) -> dict[str, Any]:
+        resolved = planner.resolve_spec(document["spec"], config, "FineTuneJob", "team-a")
+        job = planner.build_trainer_job(document, resolved.spec, config, spec_hash_="h")
+        kubernetes_validate.validate(job, "1.28.0", strict=True)
+        return job
+
+    job = job_of(obj)
+    pod = job["spec"]["template"]["spec"]
+    # the platform's pool wins key by key; the spec's other labels stay
+    assert pod["nodeSelector"] == {"pool": "tenant-a", "disk": "ssd"}
+    assert pod["tolerations"] == [
+        {"key": "spot", "operator": "Exists"},
+        {"key": "tenant", "operator": "Equal", "value": "a", "effect": "NoSchedule"},
+    ]
+    assert job["spec"]["activeDeadlineSeconds"] == 86400
+    # a spec's own deadline is kept; another namespace gets no pool
+    obj["spec"]["activeDeadlineSeconds"] = 3600
+    assert job_of(obj)["spec"]["activeDeadlineSeconds"] == 3600
+    obj["metadata"]["namespace"] = "team-b"
+    resolved = planner.resolve_spec(obj["spec"], config, "FineTuneJob", "team-b")
+    other = planner.build_trainer_job(obj, resolved.spec, config, spec_hash_="h")
+    assert other["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "shared", "disk": "ssd"}

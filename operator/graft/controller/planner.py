@@ -18,7 +18,7 @@ from graft.api.errors import FieldIssue
 from graft.api.kinds import InvalidResource, parse_spec
 from graft.controller.config import OperatorConfig
 from graft.naming import artifact_prefix, child_name
-from graft.policy import policy_issues
+from graft.policy import place_trainer_pod, policy_issues
 from graft.storage.store import BUCKET_CREDENTIALS_ENV, CREDENTIAL_KEYS, HF_TOKENS_ENV
 from graft.storage.uri import parse_uri
 
@@ -429,6 +429,7 @@ def build_trainer_job(
         pod_spec["affinity"] = copy.deepcopy(scheduling["affinity"])
     if scheduling.get("priorityClassName"):
         pod_spec["priorityClassName"] = scheduling["priorityClassName"]
+    place_trainer_pod(pod_spec, namespace, config.policy)
 
     job_spec: dict[str, Any] = {
         # The operator enforces spec.backoffLimit itself, counting only the trainer's own
@@ -438,8 +439,9 @@ def build_trainer_job(
         "parallelism": 1,
         "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
     }
-    if spec.get("activeDeadlineSeconds"):
-        job_spec["activeDeadlineSeconds"] = int(spec["activeDeadlineSeconds"])
+    deadline = spec.get("activeDeadlineSeconds") or config.policy.default_active_deadline_seconds
+    if deadline:
+        job_spec["activeDeadlineSeconds"] = int(deadline)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -377,7 +377,11 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
     if job_failed is not None:
         job_reason = str(job_failed.get("reason") or "JobFailed")
         if job_reason == "DeadlineExceeded":
-            message = "the attempt ran longer than spec.activeDeadlineSeconds"
+            deadline = (job.get("spec") or {}).get("activeDeadlineSeconds")
+            message = (
+                f"the attempt ran longer than its deadline ({deadline} s: "
+                "spec.activeDeadlineSeconds, or the platform's default)"
+            )
         elif job_reason == "BackoffLimitExceeded":
             job_reason = "TooManyDisruptions"
             message = "the pod was lost too often (evictions or node failures)"
