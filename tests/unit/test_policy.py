@@ -109,15 +109,16 @@ def test_the_planner_refuses_with_policy_issues_after_defaults() -> None:
     obj = yaml.safe_load((REPO / "examples" / "finetunejob.yaml").read_text())
     obj["spec"].pop("output", None)
     config = OperatorConfig(output_uri="s3://graft/shared/", policy=POLICY)
+    resolved = planner.resolve_spec(obj["spec"], config, "FineTuneJob")
     with pytest.raises(InvalidResource) as caught:
-        planner.resolve_spec(obj["spec"], config, "FineTuneJob", "team-a")
+        planner.admit(resolved, config, "team-a")
     # the operator's default output is checked like one the spec names
     assert [str(i) for i in caught.value.issues] == [
         "spec.output.uri: 's3://graft/shared/' is outside what namespace team-a may write: "
         "s3://graft/team-a/ (policy namespaces.team-a.outputPrefixes)"
     ]
     allowed = dataclasses.replace(config, output_uri="s3://graft/team-a/")
-    assert planner.resolve_spec(obj["spec"], allowed, "FineTuneJob", "team-a").spec
+    assert planner.admit(planner.resolve_spec(obj["spec"], allowed), allowed, "team-a").spec
 
 
 def test_status_says_policy_denied_and_nothing_launches() -> None:
@@ -194,7 +195,7 @@ def test_a_namespace_pool_and_a_default_deadline_reach_new_jobs() -> None:
     config = OperatorConfig(trainer_image="graft/trainer:test", policy=policy)
 
     def job_of(document: dict[str, Any]) -> dict[str, Any]:
-        resolved = planner.resolve_spec(document["spec"], config, "FineTuneJob", "team-a")
+        resolved = planner.resolve_spec(document["spec"], config, "FineTuneJob")
         job = planner.build_trainer_job(document, resolved.spec, config, spec_hash_="h")
         kubernetes_validate.validate(job, "1.28.0", strict=True)
         return job
@@ -212,6 +213,20 @@ def test_a_namespace_pool_and_a_default_deadline_reach_new_jobs() -> None:
     obj["spec"]["activeDeadlineSeconds"] = 3600
     assert job_of(obj)["spec"]["activeDeadlineSeconds"] == 3600
     obj["metadata"]["namespace"] = "team-b"
-    resolved = planner.resolve_spec(obj["spec"], config, "FineTuneJob", "team-b")
+    resolved = planner.resolve_spec(obj["spec"], config, "FineTuneJob")
     other = planner.build_trainer_job(obj, resolved.spec, config, spec_hash_="h")
     assert other["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "shared", "disk": "ssd"}
+
+
+def test_a_finetunejob_that_already_ran_is_not_judged_again_when_referenced() -> None:
+    # The policy tightened after tone-classifier ran: an OptimizeJob may still export it (the
+    # OptimizeJob itself is admitted on its own spec).
+    from graft.controller.sources import gate
+    from tests.unit.test_controller_sources import CONFIG, finetune, optimize_spec
+
+    strict = dataclasses.replace(
+        CONFIG, policy=parse_policy({"allowedImages": ["registry.example/"]})
+    )
+    source = finetune("tone", image="docker.io/old/trainer:1")
+    assert policy_issues(source["spec"], "team", strict.policy)  # it would be denied today
+    assert gate("OptimizeJob", "team", optimize_spec(), {"tone": source}, strict).state == "ready"

@@ -75,11 +75,8 @@ def kind_of(obj: dict[str, Any]) -> str:
     return str(obj.get("kind") or KIND)
 
 
-def resolve_spec(
-    spec: Any, config: OperatorConfig, kind: str = KIND, namespace: str | None = None
-) -> Resolved:
-    """Validate the spec, apply defaults and check the platform policy; raise InvalidResource
-    naming each field (PolicyIssue for what the policy refuses)."""
+def resolve_spec(spec: Any, config: OperatorConfig, kind: str = KIND) -> Resolved:
+    """Validate the spec and apply defaults; raise InvalidResource naming the field."""
     model = parse_spec(kind, spec)
     data = model.to_api()
     if "output" not in data:
@@ -96,10 +93,17 @@ def resolve_spec(
         data["output"] = {"uri": config.output_uri}
         if config.output_secret:
             data["output"]["credentialsSecret"] = config.output_secret
-    denied = policy_issues(data, namespace, config.policy)
+    return Resolved(spec=data, spec_hash=spec_hash(model.to_api()))
+
+
+def admit(resolved: Resolved, config: OperatorConfig, namespace: str) -> Resolved:
+    """The resolved spec if the platform policy allows launching it; InvalidResource with a
+    PolicyIssue per broken rule otherwise. Only what is about to be launched is admitted: a
+    FineTuneJob that already ran is not judged again when something references it."""
+    denied = policy_issues(resolved.spec, namespace, config.policy)
     if denied:
         raise InvalidResource(list(denied))
-    return Resolved(spec=data, spec_hash=spec_hash(model.to_api()))
+    return resolved
 
 
 def changed_fields(launched: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -262,7 +262,9 @@ class Reconciler:
         resolved: planner.Resolved | None = None
         issues: tuple[FieldIssue, ...] = ()
         try:
-            resolved = planner.resolve_spec(obj.get("spec"), self.config, key[0], key[1])
+            resolved = planner.admit(
+                planner.resolve_spec(obj.get("spec"), self.config, key[0]), self.config, key[1]
+            )
         except InvalidResource as exc:
             issues = tuple(exc.issues)
         self._resolved[key] = (version, resolved, issues)
