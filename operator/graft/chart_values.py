@@ -91,8 +91,9 @@ class RbacValues(Values):
     create: bool = Field(default=True, description="Create the operator's (Cluster)Roles.")
     scope: Literal["cluster", "namespaced"] = Field(
         default="cluster",
-        description="cluster: watch all (or watchNamespaces) with ClusterRoles; namespaced: "
-        "Roles in the release namespace only.",
+        description="cluster: watch all (or watchNamespaces) with ClusterRoles; namespaced: a "
+        "Role and RoleBinding in each of watchNamespaces (default: the release namespace), "
+        "and no rights anywhere else.",
     )
 
 

@@ -3,6 +3,7 @@ binds it, can do what the operator needs and nothing more (no Secret data, no es
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -175,3 +176,30 @@ def test_namespaced_scope_stays_in_its_namespace(
     assert allowed(api, user, "patch", "finetunejobs", namespace, "graft.dev", "status")
     assert not allowed(api, user, "create", "jobs", "team-a", "batch")
     assert not allowed(api, user, "get", "secrets", namespace)
+
+
+def test_namespaced_scope_over_two_namespaces_reaches_those_only(
+    control_plane: ClusterInfo,
+) -> None:
+    from kubernetes import client as k8s
+
+    core = k8s.CoreV1Api(control_plane.api_client())
+    tenants = [f"tenant-{uuid.uuid4().hex[:6]}" for _ in range(2)]
+    for tenant in tenants:
+        core.create_namespace({"metadata": {"name": tenant}})
+    try:
+        values = {"rbac": {"scope": "namespaced"}, "watchNamespaces": tenants}
+        with contextlib.contextmanager(_release)(control_plane, values) as (name, namespace, api):
+            user = f"system:serviceaccount:{namespace}:{name}"
+            for tenant in tenants:
+                for verb, resource, group, sub in NEEDED:
+                    assert allowed(api, user, verb, resource, tenant, group, sub), (tenant, verb)
+                assert not allowed(api, user, "get", "secrets", tenant)
+            # neither a third namespace nor its own: it serves the two it was given
+            for other in ("team-c", namespace):
+                assert not allowed(api, user, "create", "jobs", other, "batch"), other
+                assert not allowed(api, user, "list", "pods", other), other
+            assert not allowed(api, user, "get", "secrets", "team-c")
+    finally:
+        for tenant in tenants:
+            core.delete_namespace(tenant)

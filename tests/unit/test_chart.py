@@ -138,6 +138,34 @@ def test_operator_rbac_never_touches_secrets() -> None:
         assert all("*" not in rule["verbs"] for rule in rules)
 
 
+def test_namespaced_scope_over_several_namespaces_has_a_role_in_each() -> None:
+    values = {**NAMESPACED, "watchNamespaces": ["team-a", "team-b"]}
+    documents = render(values, namespace="graft-system")
+    (deployment,) = by_kind(documents, "Deployment")
+    env = {
+        e["name"]: e["value"]
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["GRAFT_WATCH_NAMESPACES"] == "team-a,team-b"
+    roles = {r["metadata"]["namespace"]: r for r in by_kind(documents, "Role")}
+    bindings = {b["metadata"]["namespace"]: b for b in by_kind(documents, "RoleBinding")}
+    assert set(roles) == set(bindings) == {"team-a", "team-b"}
+    for namespace, binding in bindings.items():
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": "graft",
+        }
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "graft", "namespace": "graft-system"}
+        ]
+        assert roles[namespace]["rules"] == roles["team-a"]["rules"]
+    # the only cluster-wide binding is kopf's discovery (CRDs, namespaces): no work rights
+    assert [b["roleRef"]["name"] for b in by_kind(documents, "ClusterRoleBinding")] == [
+        "graft-discovery"
+    ]
+
+
 def test_namespaced_scope_watches_only_the_release_namespace() -> None:
     documents = render(NAMESPACED, namespace="team-a")
     (deployment,) = by_kind(documents, "Deployment")
