@@ -35,6 +35,13 @@ def by_kind(documents: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in documents if d["kind"] == kind]
 
 
+def operator_env(documents: list[dict[str, Any]]) -> dict[str, str]:
+    """The environment of the operator container in rendered manifests."""
+    (deployment,) = by_kind(documents, "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in container["env"]}
+
+
 def test_generated_values_and_schema_are_current() -> None:
     assert (CHART_DIR / "values.yaml").read_text() == values_yaml(), "run `make crds`"
     assert (CHART_DIR / "values.schema.json").read_text() == values_schema(), "run `make crds`"
@@ -96,17 +103,12 @@ def test_local_values_use_local_images_and_the_loopback_api() -> None:
 
 
 def test_trainer_scratch_values_reach_the_operator() -> None:
-    def env_of(values: dict[str, Any]) -> dict[str, str]:
-        (deployment,) = by_kind(render(values), "Deployment")
-        return {
-            e["name"]: e["value"]
-            for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-        }
-
-    env = env_of({"trainer": {"scratchSizeLimit": "200Gi", "ephemeralStorageRequest": "50Gi"}})
+    env = operator_env(
+        render({"trainer": {"scratchSizeLimit": "200Gi", "ephemeralStorageRequest": "50Gi"}})
+    )
     assert env["GRAFT_TRAINER_SCRATCH_SIZE_LIMIT"] == "200Gi"
     assert env["GRAFT_TRAINER_EPHEMERAL_STORAGE_REQUEST"] == "50Gi"
-    assert env_of({})["GRAFT_TRAINER_SCRATCH_SIZE_LIMIT"] == ""
+    assert operator_env(render({}))["GRAFT_TRAINER_SCRATCH_SIZE_LIMIT"] == ""
     with pytest.raises(Exception, match="scratchSizeLimit"):
         render({"trainer": {"scratchSizeLimit": "lots"}})
 
@@ -141,11 +143,7 @@ def test_operator_rbac_never_touches_secrets() -> None:
 def test_namespaced_scope_over_several_namespaces_has_a_role_in_each() -> None:
     values = {**NAMESPACED, "watchNamespaces": ["team-a", "team-b"]}
     documents = render(values, namespace="graft-system")
-    (deployment,) = by_kind(documents, "Deployment")
-    env = {
-        e["name"]: e["value"]
-        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-    }
+    env = operator_env(documents)
     assert env["GRAFT_WATCH_NAMESPACES"] == "team-a,team-b"
     roles = {r["metadata"]["namespace"]: r for r in by_kind(documents, "Role")}
     bindings = {b["metadata"]["namespace"]: b for b in by_kind(documents, "RoleBinding")}
@@ -168,11 +166,7 @@ def test_namespaced_scope_over_several_namespaces_has_a_role_in_each() -> None:
 
 def test_namespaced_scope_watches_only_the_release_namespace() -> None:
     documents = render(NAMESPACED, namespace="team-a")
-    (deployment,) = by_kind(documents, "Deployment")
-    env = {
-        e["name"]: e["value"]
-        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-    }
+    env = operator_env(documents)
     assert env["GRAFT_WATCH_NAMESPACES"] == "team-a"
     (role,) = by_kind(documents, "Role")
     assert role["metadata"]["namespace"] == "team-a"

@@ -156,14 +156,10 @@ def test_graft_validate_applies_a_policy_file(
 def test_the_chart_hands_the_policy_to_the_operator() -> None:
     import json
 
-    from tests.unit.test_chart import by_kind, render
+    from tests.unit.test_chart import operator_env, render
 
     values = {"policy": {"allowedImages": ["registry.example/"], "maxGpusPerJob": 4}}
-    (deployment,) = by_kind(render(values), "Deployment")
-    env = {
-        e["name"]: e["value"]
-        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-    }
+    env = operator_env(render(values))
     config = OperatorConfig.from_env({"GRAFT_POLICY": env["GRAFT_POLICY"]})
     assert config.policy.allowed_images == ["registry.example/"]
     assert config.policy.max_gpus_per_job == 4
