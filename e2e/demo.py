@@ -176,9 +176,8 @@ def print_bundle(obj: dict[str, Any]) -> None:
     console.print("onnxruntime-genai, one base, per-request adapter:")
     answers = Table("prompt", "adapter", "generates", "expected", "")
     for row in quickstart.adapter_answers(status):
-        phrase = row["prompt"].split("<|user|>\n")[-1].split("<|end|>")[0]
         answers.add_row(
-            phrase,
+            row["phrase"],
             row["adapter"],
             repr(row["output"]),
             str(row["expected"]),

@@ -44,7 +44,7 @@ def adapter_answers(bundle_status: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per adapter and validation prompt of a Ready quickstart bundle: what the adapter
     generated through onnxruntime-genai, what its task's right answer is, and whether they agree."""
     from graft_trainer.evaluation import normalize
-    from graft_trainer.testkit import label_of
+    from graft_trainer.testkit import label_of, phrase_of
 
     rows = []
     for report in bundle_status.get("adapters") or []:
@@ -55,6 +55,7 @@ def adapter_answers(bundle_status: dict[str, Any]) -> list[dict[str, Any]]:
                 {
                     "adapter": report["name"],
                     "prompt": gen["prompt"],
+                    "phrase": phrase_of(gen["prompt"]),
                     "output": gen["output"],
                     "expected": expected,
                     "correct": normalize(gen["output"]) == expected,

@@ -122,10 +122,15 @@ def tone_records(n: int = 300, seed: int = 0) -> list[dict[str, str]]:
     return records
 
 
+def phrase_of(text: str) -> str:
+    """The user's phrase of a chat prompt in the kit's format (a plain phrase stays as it is)."""
+    return text.split("<|user|>\n")[-1].split("<|end|>")[0].strip()
+
+
 def label_of(text: str, field: str = "tone") -> str | None:
     """The right `field` ("tone" or "verdict") for a kit phrase, or for a chat prompt that
     holds one: its tone is that of the tone word it ends with. None for any other text."""
-    phrase = text.split("<|user|>\n")[-1].split("<|end|>")[0].strip().rstrip(".!")
+    phrase = phrase_of(text).rstrip(".!")
     for tone in TONES:
         if any(phrase.endswith(" " + word) for word in _WORDS[tone]):
             return tone if field == "tone" else VERDICTS[tone]
