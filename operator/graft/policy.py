@@ -34,6 +34,38 @@ class PolicyModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
 
+class TrainerServiceAccount(PolicyModel):
+    """The identity trainer pods of one namespace run as."""
+
+    name: str = Field(
+        default="",
+        pattern=r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        max_length=253,
+        description=(
+            "ServiceAccount name (the operator creates it if missing). Empty: the operator's "
+            "default (graft-trainer). A cloud role can trust it by this predictable name."
+        ),
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Annotations set when the operator creates the ServiceAccount, e.g. "
+            "eks.amazonaws.com/role-arn (IRSA) or iam.gke.io/gcp-service-account (Workload "
+            "Identity): the tenant's own cloud role. An existing ServiceAccount is not changed."
+        ),
+    )
+
+
+class DefaultOutput(PolicyModel):
+    """Where a namespace's resources without spec.output write."""
+
+    uri: str = Field(description="Artifact store URI, e.g. s3://graft/team-a/.")
+    credentials_secret: str = Field(
+        default="",
+        description="Secret in the namespace with the store's credentials (named, never read).",
+    )
+
+
 class NamespacePolicy(PolicyModel):
     """Rules for one namespace (a tenant)."""
 
@@ -47,6 +79,36 @@ class NamespacePolicy(PolicyModel):
     tolerations: list[Toleration] = Field(
         default_factory=list,
         description="Tolerations added to this namespace's trainer pods (for its node pool's taints).",
+    )
+    default_node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Node labels given to trainer pods whose spec does not set that label itself "
+            "(a default the tenant may override, unlike nodeSelector)."
+        ),
+    )
+    default_tolerations: list[Toleration] = Field(
+        default_factory=list,
+        description="Tolerations given to trainer pods whose spec sets no tolerations.",
+    )
+    max_gpus: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "GPUs this namespace's running Jobs may hold at once (overrides maxGpusPerNamespace); "
+            "a launch that would go over waits. Empty: the platform-wide value."
+        ),
+    )
+    trainer_service_account: TrainerServiceAccount = Field(
+        default_factory=TrainerServiceAccount,
+        description="The ServiceAccount this namespace's trainer pods run as.",
+    )
+    output: DefaultOutput | None = Field(
+        default=None,
+        description=(
+            "Artifact store (and credentials Secret) for this namespace's resources that set no "
+            "spec.output; over the operator-wide default."
+        ),
     )
     output_prefixes: list[str] = Field(
         default_factory=list,
@@ -73,6 +135,14 @@ class PlatformPolicy(PolicyModel):
     )
     max_gpus_per_job: int | None = Field(
         default=None, ge=0, description="The most GPUs one resource may ask for. Empty: no cap."
+    )
+    max_gpus_per_namespace: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "GPUs the running Jobs of one namespace may hold at once; a launch that would go "
+            "over waits (reason WaitingForGpuBudget) until GPUs are released. Empty: no cap."
+        ),
     )
     allowed_priority_classes: list[str] | None = Field(
         default=None,
@@ -162,6 +232,15 @@ def policy_issues(
                 "maxGpusPerJob",
             )
         )
+    budget = gpu_budget(policy, namespace or "")
+    if budget is not None and gpu > budget:
+        issues.append(
+            PolicyIssue(
+                ("spec", "resources", "gpu"),
+                f"{gpu} GPUs asked, more than namespace {namespace} may ever hold ({budget})",
+                _budget_rule(policy, namespace or ""),
+            )
+        )
     priority = (spec.get("scheduling") or {}).get("priorityClassName")
     allowed = policy.allowed_priority_classes
     if priority and allowed is not None and priority not in allowed:
@@ -187,13 +266,79 @@ def policy_issues(
 
 
 def place_trainer_pod(pod_spec: dict[str, Any], namespace: str, policy: PlatformPolicy) -> None:
-    """Force the namespace's node selector and tolerations onto a trainer pod spec. Applied when
-    a Job is built, so a changed policy reaches new Jobs only."""
+    """Default, then force, the namespace's node selector and tolerations onto a trainer pod
+    spec. Applied when a Job is built, so a changed policy reaches new Jobs only."""
     rules = policy.namespaces.get(namespace)
     if rules is None:
         return
+    if rules.default_node_selector:
+        pod_spec["nodeSelector"] = {
+            **rules.default_node_selector,
+            **pod_spec.get("nodeSelector", {}),
+        }
+    if rules.default_tolerations and not pod_spec.get("tolerations"):
+        pod_spec["tolerations"] = [t.to_api() for t in rules.default_tolerations]
     if rules.node_selector:
         pod_spec["nodeSelector"] = {**pod_spec.get("nodeSelector", {}), **rules.node_selector}
     if rules.tolerations:
         forced = [t.to_api() for t in rules.tolerations]
         pod_spec["tolerations"] = [*pod_spec.get("tolerations", []), *forced]
+
+
+def gpu_budget(policy: PlatformPolicy, namespace: str) -> int | None:
+    """GPUs the namespace's running Jobs may hold at once; None: no cap."""
+    rules = policy.namespaces.get(namespace)
+    if rules is not None and rules.max_gpus is not None:
+        return rules.max_gpus
+    return policy.max_gpus_per_namespace
+
+
+def _budget_rule(policy: PlatformPolicy, namespace: str) -> str:
+    rules = policy.namespaces.get(namespace)
+    if rules is not None and rules.max_gpus is not None:
+        return f"namespaces.{namespace}.maxGpus"
+    return "maxGpusPerNamespace"
+
+
+@dataclass(frozen=True)
+class GpuBudget:
+    """A namespace's GPU cap and what its running Jobs hold now."""
+
+    namespace: str
+    limit: int
+    in_use: int
+    rule: str
+
+    @property
+    def free(self) -> int:
+        return max(0, self.limit - self.in_use)
+
+    def wait_message(self, asked: int) -> str:
+        """Why a launch of `asked` GPUs waits; names the numbers so the tenant sees what to free."""
+        return (
+            f"waiting for GPUs: this launch asks for {asked}; namespace {self.namespace} holds "
+            f"{self.in_use} of its {self.limit} (policy {self.rule}); it starts when running "
+            "jobs there finish"
+        )
+
+
+def namespace_gpu_budget(policy: PlatformPolicy, namespace: str, in_use: int) -> GpuBudget | None:
+    limit = gpu_budget(policy, namespace)
+    if limit is None:
+        return None
+    return GpuBudget(namespace, limit, in_use, _budget_rule(policy, namespace))
+
+
+def trainer_service_account(
+    policy: PlatformPolicy, namespace: str, default: str
+) -> TrainerServiceAccount:
+    """The ServiceAccount (name and creation annotations) of a namespace's trainer pods."""
+    rules = policy.namespaces.get(namespace)
+    chosen = rules.trainer_service_account if rules is not None else TrainerServiceAccount()
+    return chosen.model_copy(update={"name": chosen.name or default})
+
+
+def default_output(policy: PlatformPolicy, namespace: str) -> DefaultOutput | None:
+    """The namespace's artifact store for resources without spec.output; None: the operator's."""
+    rules = policy.namespaces.get(namespace)
+    return rules.output if rules is not None else None

@@ -55,8 +55,9 @@ def format_path(path: Iterable[str | int]) -> str:
 
 def _plain_loc(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
     # Union members and tagged choices add their type name to the location; users never
-    # wrote those, so they are dropped (they contain characters no field name has).
-    return tuple(p for p in loc if isinstance(p, int) or not any(c in p for c in "[]()-,"))
+    # wrote those, so they are dropped (they hold brackets, parentheses or commas, which no
+    # field name has). Map keys stay, dashes and all: `namespaces.team-a.maxGpus`.
+    return tuple(p for p in loc if isinstance(p, int) or not any(c in p for c in "[](),"))
 
 
 def field_issues(

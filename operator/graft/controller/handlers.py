@@ -78,6 +78,17 @@ def _lookup(index: Any) -> Any:
     return lookup
 
 
+def _namespace_lookup(index: Any) -> Any:
+    """Every item of a (namespace, name)-keyed index in one namespace."""
+
+    def lookup(namespace: str) -> Iterable[dict[str, Any]]:
+        if index is None:
+            return []
+        return [item for key, store in list(index.items()) if key[0] == namespace for item in store]
+
+    return lookup
+
+
 class Runtime:
     """Everything one operator process shares: config, client, queue, caches, metrics."""
 
@@ -107,6 +118,7 @@ class Runtime:
         self.caches.jobs = _lookup(indices.get("graft_jobs"))
         self.caches.pods = _lookup(indices.get("graft_pods"))
         self.caches.configmaps = _lookup(indices.get("graft_configmaps"))
+        self.caches.namespace_jobs = _namespace_lookup(indices.get("graft_jobs"))
         self.resources = [indices.get(f"graft_resources_{k.lower()}") for k in planner.KINDS]
         self.kube = await Kube.connect(self.kubeconfig, self.metrics.count_api_response)
         self.reconciler = Reconciler(self.kube, self.config, self.caches, self.metrics)

@@ -18,7 +18,12 @@ from graft.api.errors import FieldIssue
 from graft.api.kinds import InvalidResource, parse_spec
 from graft.controller.config import OperatorConfig
 from graft.naming import artifact_prefix, child_name
-from graft.policy import place_trainer_pod, policy_issues
+from graft.policy import (
+    default_output,
+    place_trainer_pod,
+    policy_issues,
+    trainer_service_account,
+)
 from graft.storage.store import BUCKET_CREDENTIALS_ENV, CREDENTIAL_KEYS, HF_TOKENS_ENV
 from graft.storage.uri import parse_uri
 
@@ -41,6 +46,7 @@ KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 
 ANNOTATION_SPEC_HASH = "graft.dev/spec-hash"
 ANNOTATION_ATTEMPTS_BEFORE = "graft.dev/attempts-before"
+ANNOTATION_GPUS = "graft.dev/gpus"  # GPUs the Job's pod holds: the namespace's budget counts it
 REFERENCES = "references"  # resource.json: the referenced FineTuneJobs as resolved at launch
 
 TRAINER_CONTAINER = "trainer"
@@ -75,24 +81,30 @@ def kind_of(obj: dict[str, Any]) -> str:
     return str(obj.get("kind") or KIND)
 
 
-def resolve_spec(spec: Any, config: OperatorConfig, kind: str = KIND) -> Resolved:
-    """Validate the spec and apply defaults; raise InvalidResource naming the field."""
+def resolve_spec(
+    spec: Any, config: OperatorConfig, kind: str = KIND, namespace: str = ""
+) -> Resolved:
+    """Validate the spec and apply defaults (the namespace's artifact store, else the
+    operator's); raise InvalidResource naming the field."""
     model = parse_spec(kind, spec)
     data = model.to_api()
     if "output" not in data:
-        if not config.output_uri:
+        tenant = default_output(config.policy, namespace)
+        uri = tenant.uri if tenant is not None else config.output_uri
+        secret = tenant.credentials_secret if tenant is not None else config.output_secret
+        if not uri:
             raise InvalidResource(
                 [
                     FieldIssue(
                         ("spec", "output"),
                         "no artifact store: set spec.output.uri or configure the operator's "
-                        "default (GRAFT_OUTPUT_URI)",
+                        "default (GRAFT_OUTPUT_URI, or the policy's namespaces.<ns>.output)",
                     )
                 ]
             )
-        data["output"] = {"uri": config.output_uri}
-        if config.output_secret:
-            data["output"]["credentialsSecret"] = config.output_secret
+        data["output"] = {"uri": uri}
+        if secret:
+            data["output"]["credentialsSecret"] = secret
     return Resolved(spec=data, spec_hash=spec_hash(model.to_api()))
 
 
@@ -406,7 +418,9 @@ def build_trainer_job(
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "serviceAccountName": config.trainer_service_account,
+        "serviceAccountName": trainer_service_account(
+            config.policy, namespace, config.trainer_service_account
+        ).name,
         "automountServiceAccountToken": True,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(config),
@@ -417,7 +431,7 @@ def build_trainer_job(
             {"name": "home", "emptyDir": dict(scratch)},
         ],
     }
-    if int((spec.get("resources") or {}).get("gpu") or 0) > 1:
+    if spec_gpus(spec) > 1:
         # One training process per GPU (data parallel): NCCL passes tensors through shared
         # memory, and a container's default /dev/shm (64 MiB) is too small for it.
         pod_spec["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
@@ -456,6 +470,7 @@ def build_trainer_job(
             "annotations": {
                 ANNOTATION_SPEC_HASH: spec_hash_,
                 ANNOTATION_ATTEMPTS_BEFORE: str(attempts_before),
+                ANNOTATION_GPUS: str(spec_gpus(spec)),
             },
             "ownerReferences": [owner_reference(obj)],
         },
@@ -464,15 +479,16 @@ def build_trainer_job(
 
 
 def trainer_identity(namespace: str, config: OperatorConfig) -> list[dict[str, Any]]:
-    """ServiceAccount + (Role +) RoleBinding letting trainer pods patch only resource status."""
-    sa = config.trainer_service_account
+    """ServiceAccount + (Role +) RoleBinding letting trainer pods patch only resource status.
+    The ServiceAccount's name and annotations (a cloud role per tenant) come from the policy."""
+    account = trainer_service_account(config.policy, namespace, config.trainer_service_account)
+    sa = account.name
     labels = {LABEL_MANAGED_BY: "graft-operator", LABEL_APP: "graft-trainer"}
+    sa_meta: dict[str, Any] = {"name": sa, "namespace": namespace, "labels": labels}
+    if account.annotations:
+        sa_meta["annotations"] = dict(account.annotations)
     objects: list[dict[str, Any]] = [
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": {"name": sa, "namespace": namespace, "labels": labels},
-        }
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": sa_meta}
     ]
     if config.trainer_cluster_role:
         role_ref = {
@@ -510,3 +526,14 @@ def trainer_identity(namespace: str, config: OperatorConfig) -> list[dict[str, A
         }
     )
     return objects
+
+
+def spec_gpus(spec: dict[str, Any]) -> int:
+    return int((spec.get("resources") or {}).get("gpu") or 0)
+
+
+def job_gpus(job: dict[str, Any]) -> int:
+    """GPUs a Job's pod holds, from its annotation (the watch cache keeps metadata and status
+    only). A Job created before the annotation existed counts as none."""
+    annotation = str((job["metadata"].get("annotations") or {}).get(ANNOTATION_GPUS, ""))
+    return int(annotation) if annotation.isdigit() else 0

@@ -35,6 +35,7 @@ from graft.controller.status import (
 )
 from graft.controller.study import FINISHED, TrialObserved, observe_trial
 from graft.naming import artifact_prefix
+from graft.policy import gpu_budget, namespace_gpu_budget
 
 logger = logging.getLogger("graft.controller")
 
@@ -43,6 +44,7 @@ Lookup = Callable[[tuple[str, str]], Iterable[dict[str, Any]]]
 Key = tuple[str, str, str]  # (kind, namespace, name)
 
 EVENT_DELAY_MAX = 5.0
+CLAIM_TTL = 120.0  # seconds a created Job counts against the GPU budget before the cache shows it
 
 
 def _empty(_: tuple[str, str]) -> Iterable[dict[str, Any]]:
@@ -53,9 +55,14 @@ class Caches:
     """Read access to the watched children (kopf indexes), filtered by owner."""
 
     def __init__(
-        self, jobs: Lookup = _empty, pods: Lookup = _empty, configmaps: Lookup = _empty
+        self,
+        jobs: Lookup = _empty,
+        pods: Lookup = _empty,
+        configmaps: Lookup = _empty,
+        namespace_jobs: Callable[[str], Iterable[dict[str, Any]]] = lambda _: (),
     ) -> None:
         self.jobs, self.pods, self.configmaps = jobs, pods, configmaps
+        self.namespace_jobs = namespace_jobs  # every Graft Job of one namespace
 
     @staticmethod
     def _owned(items: Iterable[dict[str, Any]], uid: str) -> list[dict[str, Any]]:
@@ -121,6 +128,10 @@ class Reconciler:
         self._pods_seen: dict[Key, tuple[str, int, set[str]]] = {}
         # (namespace, FineTuneJob name) -> resources waiting on it; its events wake them.
         self.dependents: dict[tuple[str, str], set[Key]] = {}
+        self._budget_locks: dict[str, asyncio.Lock] = {}
+        # Jobs this process created that the watch cache may not show yet:
+        # namespace -> {Job name: (GPUs, when created)}.
+        self._gpu_claims: dict[str, dict[str, tuple[int, float]]] = {}
 
     async def __call__(self, key: Hashable) -> float | None:
         assert isinstance(key, tuple)
@@ -196,32 +207,55 @@ class Reconciler:
                 launched_hash = (first["metadata"].get("annotations") or {}).get(
                     planner.ANNOTATION_SPEC_HASH
                 )
-        changed: tuple[str, ...] = ()
-        if resolved and launched_spec and launched_hash != resolved.spec_hash:
-            changed = tuple(planner.changed_fields(launched_spec, resolved.spec))
-        observed = Observed(
-            issues=issues,
-            launched_hash=launched_hash,
-            current_hash=resolved.spec_hash if resolved else None,
-            changed=changed,
-            job=job,
-            pods=tuple(pods),
-            backoff_limit=int(effective.get("backoffLimit", 2)),
-            memory=(effective.get("resources") or {}).get("memory"),
-            source=gate,
-            study=study,
-            pods_seen=self._count_pods(key, obj, job, pods),
-        )
-        plan = compute_status(obj, observed, datetime.now(UTC))
+        gpus = planner.spec_gpus(effective)
+        budget_lock: asyncio.Lock | None = None
+        if (
+            gpus
+            and (job is None or study is not None)
+            and gpu_budget(self.config.policy, namespace) is not None
+        ):
+            # Counting the namespace's GPUs and launching are one step: two launches at once
+            # must not both see the same free GPUs.
+            budget_lock = self._budget_locks.setdefault(namespace, asyncio.Lock())
+            await budget_lock.acquire()
+        try:
+            changed: tuple[str, ...] = ()
+            if resolved and launched_spec and launched_hash != resolved.spec_hash:
+                changed = tuple(planner.changed_fields(launched_spec, resolved.spec))
+            observed = Observed(
+                issues=issues,
+                launched_hash=launched_hash,
+                current_hash=resolved.spec_hash if resolved else None,
+                changed=changed,
+                job=job,
+                pods=tuple(pods),
+                backoff_limit=int(effective.get("backoffLimit", 2)),
+                memory=(effective.get("resources") or {}).get("memory"),
+                source=gate,
+                study=study,
+                pods_seen=self._count_pods(key, obj, job, pods),
+                gpus=gpus,
+                gpu_budget=(
+                    namespace_gpu_budget(
+                        self.config.policy, namespace, self._gpus_in_use(namespace)
+                    )
+                    if budget_lock is not None
+                    else None
+                ),
+            )
+            plan = compute_status(obj, observed, datetime.now(UTC))
 
-        requeue = plan.requeue_after
-        if plan.create_job:
-            references = gate.references if gate is not None else None
-            created = await self._launch(obj, resolved, configmap, plan.status, references)
-            if created is None:
-                requeue = 1.0  # a previous incarnation's children are still being collected
-        if plan.create_trials:
-            await self._launch_trials(obj, resolved, configmap, plan.create_trials)
+            requeue = plan.requeue_after
+            if plan.create_job:
+                references = gate.references if gate is not None else None
+                created = await self._launch(obj, resolved, configmap, plan.status, references)
+                if created is None:
+                    requeue = 1.0  # a previous incarnation's children are still being collected
+            if plan.create_trials:
+                await self._launch_trials(obj, resolved, configmap, plan.create_trials)
+        finally:
+            if budget_lock is not None:
+                budget_lock.release()
         if plan.delete_job and job is not None:
             await self.kube.delete(object_path(job))
             plan.events.append(Event("Normal", "JobDeleted", f"deleted Job {job_name(job)}"))
@@ -263,7 +297,9 @@ class Reconciler:
         issues: tuple[FieldIssue, ...] = ()
         try:
             resolved = planner.admit(
-                planner.resolve_spec(obj.get("spec"), self.config, key[0]), self.config, key[1]
+                planner.resolve_spec(obj.get("spec"), self.config, key[0], key[1]),
+                self.config,
+                key[1],
             )
         except InvalidResource as exc:
             issues = tuple(exc.issues)
@@ -311,6 +347,31 @@ class Reconciler:
             self._pods_seen[key] = entry
         entry[2].update(uids)
         return entry[1] + len(entry[2])
+
+    def _gpus_in_use(self, namespace: str) -> int:
+        """GPUs held by the namespace's unfinished Graft Jobs, with the ones just created."""
+        held: dict[str, int] = {}
+        for job in self.caches.namespace_jobs(namespace):
+            meta = job["metadata"]
+            if meta.get("deletionTimestamp") or _job_finished(job):
+                held[meta["name"]] = 0
+            else:
+                held[meta["name"]] = planner.job_gpus(job)
+        claims = self._gpu_claims.get(namespace, {})
+        now = time.monotonic()
+        for name, (gpus, when) in list(claims.items()):
+            if name in held or now - when > CLAIM_TTL:
+                del claims[name]  # the cache shows it now (or it never appeared)
+            else:
+                held[name] = gpus
+        return sum(held.values())
+
+    def _claim_gpus(self, job: dict[str, Any]) -> None:
+        gpus = planner.job_gpus(job)
+        if gpus:
+            meta = job["metadata"]
+            claims = self._gpu_claims.setdefault(meta["namespace"], {})
+            claims[meta["name"]] = (gpus, time.monotonic())
 
     async def _source_gate(self, key: Key, resolved: planner.Resolved) -> sources.SourceGate | None:
         """Look up the FineTuneJobs a not-yet-launched resource references."""
@@ -392,6 +453,7 @@ class Reconciler:
             logger.info("created Job %s/%s", namespace, name)
             self._post(obj, Event("Normal", "JobCreated", f"created Job {name}"))
         status["jobName"] = name
+        self._claim_gpus(created)
         return created
 
     async def _launch_trials(
@@ -418,6 +480,7 @@ class Reconciler:
         created = await asyncio.gather(*(self.kube.create(job) for job in jobs))
         for job, made in zip(jobs, created, strict=True):
             if made is not None:  # None: 409, it exists already
+                self._claim_gpus(made)
                 self.metrics.jobs_created.labels(planner.kind_of(obj)).inc()
                 self._post(obj, Event("Normal", "TrialCreated", f"created Job {job_name(job)}"))
 
@@ -486,6 +549,13 @@ def job_name(job: dict[str, Any]) -> str:
 def _trial_of(job: dict[str, Any]) -> int | None:
     value = (job["metadata"].get("labels") or {}).get(planner.LABEL_TRIAL)
     return int(value) if value is not None and str(value).isdigit() else None
+
+
+def _job_finished(job: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+        for c in (job.get("status") or {}).get("conditions") or []
+    )
 
 
 def _owned_by(obj: dict[str, Any], uid: str) -> bool:

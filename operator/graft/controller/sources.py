@@ -116,7 +116,7 @@ def gate(
             waiting.append(f"{label} ({_progress(obj)})")
             continue
         try:
-            run = resolve_spec(obj.get("spec"), config, FINETUNE)
+            run = resolve_spec(obj.get("spec"), config, FINETUNE, namespace)
         except InvalidResource as exc:
             problems["unusable"].append(f"{ref.field}: {label} has an invalid spec now: {exc}")
             continue

@@ -26,8 +26,8 @@ from graft.controller.pods import (
     failure_summary,
 )
 from graft.controller.sources import GATE_REASONS, SourceGate
-from graft.controller.study import TrialObserved, plan_study
-from graft.policy import PolicyIssue
+from graft.controller.study import FINISHED, TrialObserved, observe_trial, plan_study
+from graft.policy import GpuBudget, PolicyIssue
 
 CONDITION_TYPES = ("Validated", "Running", "Succeeded", "Failed", "Suspended", "Ready")
 __all__ = [
@@ -56,6 +56,11 @@ OPERATOR_FIELDS = (
 STUDY_FIELDS = ("search", "progress", "artifacts")
 # Failures that a change elsewhere (the spec, a referenced FineTuneJob) can still undo.
 RECOVERABLE_FAILURES = frozenset({"InvalidSpec", "PolicyDenied", *GATE_REASONS.values()})
+
+# A launch over the namespace's GPU budget waits (Pending) and is looked at again this often;
+# a finishing Job's own events usually wake it sooner.
+GPU_WAIT_REASON = "WaitingForGpuBudget"
+GPU_WAIT_REQUEUE = 15.0
 
 DONE_MESSAGES = {
     "FineTuneJob": "training finished",
@@ -120,6 +125,9 @@ class Observed:
     pods_seen: int | None = None
     source: SourceGate | None = None  # referenced FineTuneJobs, before launch; None: none
     study: StudyObserved | None = None  # a FineTuneJob with spec.search
+    # The namespace's GPU cap and use (this resource's own Jobs excluded); None: no cap.
+    gpu_budget: GpuBudget | None = None
+    gpus: int = 0  # GPUs one Job of the launched (or to be launched) spec holds
 
 
 def find_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
@@ -340,6 +348,11 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
         return finish()
 
     if job is None:
+        budget = observed.gpu_budget
+        if budget is not None and observed.gpus > budget.free:
+            cond("Running", "False", GPU_WAIT_REASON, budget.wait_message(observed.gpus))
+            plan.requeue_after = GPU_WAIT_REQUEUE
+            return finish()
         plan.create_job = True
         cond("Running", "False", "Launching", "creating the trainer Job")
         return finish()
@@ -448,6 +461,14 @@ def _study(
         status["artifacts"] = study.artifacts
     status["attempts"] = max(int(status.get("attempts") or 0), study.pods)
     plan.create_trials = study.launch
+    budget = observed.gpu_budget
+    held_back = 0
+    if budget is not None and observed.gpus and study.launch:
+        fits = budget.free // observed.gpus
+        held_back = max(0, len(study.launch) - fits)
+        plan.create_trials = study.launch[:fits]
+        if held_back:
+            plan.requeue_after = GPU_WAIT_REQUEUE
     if observed.study.trials and not status.get("startTime"):
         status["startTime"] = rfc3339(now)
     if study.outcome == "succeeded":
@@ -458,8 +479,15 @@ def _study(
         cond("Failed", "True", "AllTrialsFailed", f"the search failed: {study.message}")
         cond("Running", "False", "Failed", f"the search failed: {study.message}")
         status["completionTime"] = rfc3339(now)
+    elif held_back and not plan.create_trials and not any(
+        observe_trial(t, observed.backoff_limit)["state"] not in FINISHED
+        for t in observed.study.trials
+    ):
+        assert budget is not None
+        cond("Running", "False", GPU_WAIT_REASON, budget.wait_message(observed.gpus))
     else:
-        cond("Running", "True", "TrialsRunning", study.message)
+        waiting = f"; {held_back} trials wait for GPUs" if held_back else ""
+        cond("Running", "True", "TrialsRunning", study.message + waiting)
 
 
 def _set_ready(cond: Any, conds: list[dict[str, Any]]) -> None:
