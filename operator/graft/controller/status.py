@@ -479,9 +479,13 @@ def _study(
         cond("Failed", "True", "AllTrialsFailed", f"the search failed: {study.message}")
         cond("Running", "False", "Failed", f"the search failed: {study.message}")
         status["completionTime"] = rfc3339(now)
-    elif held_back and not plan.create_trials and not any(
-        observe_trial(t, observed.backoff_limit)["state"] not in FINISHED
-        for t in observed.study.trials
+    elif (
+        held_back
+        and not plan.create_trials
+        and not any(
+            observe_trial(t, observed.backoff_limit)["state"] not in FINISHED
+            for t in observed.study.trials
+        )
     ):
         assert budget is not None
         cond("Running", "False", GPU_WAIT_REASON, budget.wait_message(observed.gpus))
