@@ -157,6 +157,20 @@ def test_exit_code_2_fails_at_once_with_termination_message() -> None:
     assert after.status["phase"] == "Failed" and not after.create_job
 
 
+def test_untrusted_storage_fails_at_once_with_its_own_reason() -> None:
+    message = "checkpoint-40/state.pt: sha256 differs from the manifest's"
+    bad = {"exitCode": 3, "reason": "Error", "message": message}
+    plan = compute_status(ftj(), observed(job(), pod("p1", "Failed", terminated=bad)), NOW)
+    failed = cond(plan.status, "Failed")
+    assert failed["reason"] == "IntegrityCheckFailed"
+    assert message in failed["message"] and "nothing from it was loaded" in failed["message"]
+    assert plan.delete_job and plan.status["phase"] == "Failed"
+    # a plain crash (exit 1) is retried instead
+    crash = {"exitCode": 1, "reason": "Error", "message": "boom"}
+    retried = compute_status(ftj(), observed(job(), pod("p1", "Failed", terminated=crash)), NOW)
+    assert cond(retried.status, "Running")["reason"] == "Restarting"
+
+
 def test_eviction_does_not_count_toward_backoff_limit() -> None:
     evicted = pod("p1", "Failed", reason="Evicted", message="The node was low on memory.")
     evicted2 = pod("p2", "Failed", reason="Evicted", message="again")

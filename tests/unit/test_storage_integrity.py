@@ -138,13 +138,11 @@ def test_a_checkpoint_round_trips_through_safe_loading(tmp_path: Path) -> None:
 
 
 def test_a_tampered_checkpoint_is_refused_and_runs_nothing(tmp_path: Path) -> None:
-    from graft_trainer.errors import GraftInputError
-
     manager, uri, stored = _checkpoint(tmp_path)
     marker = tmp_path / "marker"
     payload = pickle.dumps({"weight": _Marker(str(marker))})
     (stored / "trainable.pt").write_bytes(payload)
-    with pytest.raises(GraftInputError, match=r"trainable\.pt does not match its manifest"):
+    with pytest.raises(IntegrityError, match=r"trainable\.pt does not match its manifest"):
         manager.load(uri)  # type: ignore[attr-defined]
     assert not marker.exists()
 
@@ -158,6 +156,6 @@ def test_a_tampered_checkpoint_is_refused_and_runs_nothing(tmp_path: Path) -> No
         "size": len(payload),
     }
     (stored / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(GraftInputError, match="more than tensors and plain containers"):
+    with pytest.raises(IntegrityError, match="more than tensors and plain containers"):
         manager.load(uri)  # type: ignore[attr-defined]
     assert not marker.exists()

@@ -30,7 +30,6 @@ from graft.storage import (
 )
 from graft.storage.artifacts import MANIFEST, checkpoint_uri
 from graft.storage.uri import join_uri
-from graft_trainer.errors import GraftInputError
 
 KEEP = 2
 FAULT_ENV = "GRAFT_FAULT_KILL_AFTER_CHECKPOINT"  # tests: SIGKILL after the Nth checkpoint
@@ -124,7 +123,7 @@ class CheckpointManager:
         return latest_complete_checkpoint(self.prefix, self.store)
 
     def load(self, uri: str) -> dict[str, Any]:
-        """The checkpoint's contents; GraftInputError when its files do not match its manifest
+        """The checkpoint's contents; IntegrityError when its files do not match its manifest
         or do not load as plain tensors and containers (nothing in it is executed)."""
         import pickle
 
@@ -135,13 +134,13 @@ class CheckpointManager:
         try:
             local, _ = download_artifact(uri, target, store=self.store)
         except IntegrityError as exc:
-            raise GraftInputError(f"checkpoint refused: {exc}") from None
+            raise IntegrityError(f"checkpoint refused: {exc}") from None
 
         def tensors(name: str) -> Any:
             try:
                 return torch.load(local / name, weights_only=True)
             except pickle.UnpicklingError as exc:
-                raise GraftInputError(
+                raise IntegrityError(
                     f"checkpoint {uri}{name} holds more than tensors and plain containers "
                     f"(refused, nothing in it was run): {str(exc).splitlines()[0]}"
                 ) from None

@@ -1,20 +1,23 @@
-"""Errors the trainer turns into exit codes: bad input (2, not worth retrying) or other (1)."""
+"""Errors the trainer turns into exit codes (graft.exit_codes): bad input (2) and untrusted
+storage (3) are not worth retrying; anything else (1) is."""
 
 from __future__ import annotations
+
+from graft.exit_codes import EXIT_FAILURE, EXIT_INVALID_INPUT, EXIT_OK, EXIT_UNTRUSTED_STORAGE
+
+__all__ = ["EXIT_FAILURE", "EXIT_INVALID", "EXIT_OK", "EXIT_UNTRUSTED_STORAGE", "GraftInputError"]
 
 
 class GraftInputError(ValueError):
     """Bad data or spec: a one-line message saying what was expected. Exit code 2."""
 
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_INVALID = 2
+EXIT_INVALID = EXIT_INVALID_INPUT
 
 
 def store_exit_code(exc: Exception) -> int:
     """A store fault is transient (1, retried) unless what is stored cannot be trusted: a file
-    that differs from its manifest, or a key that escapes its folder (2: a retry reads the same)."""
+    that differs from its manifest, or a key that escapes its folder (3: a retry reads the same)."""
     from graft.storage import IntegrityError
 
-    return EXIT_INVALID if isinstance(exc, IntegrityError) else EXIT_FAILURE
+    return EXIT_UNTRUSTED_STORAGE if isinstance(exc, IntegrityError) else EXIT_FAILURE

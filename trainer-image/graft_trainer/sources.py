@@ -40,12 +40,12 @@ def fetch_model(location: Location) -> Path:
     """A local directory holding the model (config, weights, tokenizer).
 
     A folder with a manifest (what Graft wrote: adapters, merged models, exports) is read only
-    when every file matches the manifest's digest; a mismatch is GraftInputError, not retried.
-    A folder without one (a base model a person uploaded) is taken as it is."""
+    when every file matches the manifest's digest; a mismatch is IntegrityError (exit code 3,
+    not retried). A folder without one (a base model a person uploaded) is taken as it is."""
     try:
         return _fetch_model(location)
     except IntegrityError as exc:
-        raise GraftInputError(f"model {location.uri} refused: {exc}") from None
+        raise IntegrityError(f"model {location.uri} refused: {exc}") from None
 
 
 def _fetch_model(location: Location) -> Path:

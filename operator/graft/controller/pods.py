@@ -7,8 +7,7 @@ import dataclasses
 from typing import Any, Literal
 
 from graft.controller.planner import TRAINER_CONTAINER
-
-EXIT_INVALID_INPUT = 2
+from graft.exit_codes import EXIT_INVALID_INPUT, EXIT_UNTRUSTED_STORAGE
 
 # Pod-level reasons that mean the pod was lost, not that the trainer failed: retried without
 # counting toward backoffLimit, and the new pod resumes from the last checkpoint.
@@ -112,6 +111,12 @@ def failure_summary(outcome: PodOutcome, memory: str | None = None) -> tuple[str
     if outcome.exit_code == EXIT_INVALID_INPUT:
         text = outcome.message or "no reason given"
         return "InvalidInput", f"the trainer refused its input (exit code 2): {text}"
+    if outcome.exit_code == EXIT_UNTRUSTED_STORAGE:
+        text = outcome.message or "no reason given"
+        return (
+            "IntegrityCheckFailed",
+            f"a stored file cannot be trusted, nothing from it was loaded (exit code 3): {text}",
+        )
     text = outcome.message or (
         f"exit code {outcome.exit_code}, no message (see kubectl logs pod/{outcome.name})"
     )

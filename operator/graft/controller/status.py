@@ -19,7 +19,6 @@ from graft.api.errors import FieldIssue
 from graft.controller.planner import attempts_before, kind_of
 from graft.controller.pods import (
     DISRUPTION_REASONS,
-    EXIT_INVALID_INPUT,
     OOM_ADVICE,
     PodOutcome,
     classify_pod,
@@ -27,6 +26,7 @@ from graft.controller.pods import (
 )
 from graft.controller.sources import GATE_REASONS, SourceGate
 from graft.controller.study import FINISHED, TrialObserved, observe_trial, plan_study
+from graft.exit_codes import NOT_RETRIED
 from graft.policy import GpuBudget, PolicyIssue
 
 CONDITION_TYPES = ("Validated", "Running", "Succeeded", "Failed", "Suspended", "Ready")
@@ -368,7 +368,7 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
             status["startTime"] = started or rfc3339(now)
 
     failures = sorted((o for o in outcomes if o.kind == "failed"), key=lambda o: o.name)
-    invalid = [o for o in failures if o.exit_code == EXIT_INVALID_INPUT]
+    invalid = [o for o in failures if o.exit_code in NOT_RETRIED]
     complete = _job_condition(job, "Complete")
     job_failed = _job_condition(job, "Failed")
     if invalid:

@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 from graft import search_plan
 from graft.api.search import SearchSpec
-from graft.controller.pods import EXIT_INVALID_INPUT, classify_pod, failure_summary
+from graft.controller.pods import classify_pod, failure_summary
+from graft.exit_codes import NOT_RETRIED
 
 FINISHED = ("Complete", "Pruned", "Failed")
 
@@ -79,7 +80,7 @@ def observe_trial(trial: TrialObserved, backoff_limit: int) -> dict[str, Any]:
     if succeeded is not None:
         return _from_message(trial.number, succeeded.message)
     failures = sorted((o for o in outcomes if o.kind == "failed"), key=lambda o: o.name)
-    invalid = [o for o in failures if o.exit_code == EXIT_INVALID_INPUT]
+    invalid = [o for o in failures if o.exit_code in NOT_RETRIED]
     if invalid or len(failures) > backoff_limit:
         _, message = failure_summary((invalid or failures)[-1])
         return {"number": trial.number, "state": "Failed", "message": message}
