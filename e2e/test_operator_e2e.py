@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import uuid
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -19,7 +18,7 @@ import pytest
 import yaml
 
 from e2e.quickstart import copy_secret, seed_store
-from tests.integration.operator_kit import REPO, Cluster, Operator, wait_for
+from tests.integration.operator_kit import REPO, Cluster, host_operator, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
@@ -45,25 +44,7 @@ def env(
     cluster = Cluster(api, ns)
     cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
     copy_secret(api, "graft-s3", "default", ns)
-    server = urlparse(
-        yaml.safe_load(Path(full_cluster.kubeconfig).read_text())["clusters"][0]["cluster"][
-            "server"
-        ]
-    )
-    op = Operator(
-        Path(full_cluster.kubeconfig),
-        ns,
-        work / "operator.log",
-        GRAFT_TRAINER_IMAGE=trainer_image,
-        GRAFT_TRAINER_IMAGE_PULL_POLICY="IfNotPresent",
-        GRAFT_TRAINER_HOST_NETWORK="true",
-        GRAFT_TRAINER_EXTRA_ENV=json.dumps(
-            {
-                "KUBERNETES_SERVICE_HOST": server.hostname,
-                "KUBERNETES_SERVICE_PORT": str(server.port),
-            }
-        ),
-    )
+    op = host_operator(full_cluster, [ns], work / "operator.log", trainer_image)
     op.start()
     try:
         yield full_cluster, cluster, s3, op

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "graft.dev", "v1alpha1", "finetunejobs"
@@ -39,6 +40,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def host_operator(
+    full_cluster: Any, namespaces: list[str], log: Path, trainer_image: str, **env: str
+) -> Operator:
+    """The operator as a host process serving `namespaces` of the full local cluster, its
+    trainer pods (the real image) in the host network, reaching the API server as the host does."""
+    import json
+
+    import yaml
+
+    kubeconfig = Path(full_cluster.kubeconfig)
+    cluster = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]
+    server = urlparse(cluster["server"])
+    return Operator(
+        kubeconfig,
+        ",".join(namespaces),
+        log,
+        GRAFT_TRAINER_IMAGE=trainer_image,
+        GRAFT_TRAINER_IMAGE_PULL_POLICY="IfNotPresent",
+        GRAFT_TRAINER_HOST_NETWORK="true",
+        GRAFT_TRAINER_EXTRA_ENV=json.dumps(
+            {
+                "KUBERNETES_SERVICE_HOST": str(server.hostname),
+                "KUBERNETES_SERVICE_PORT": str(server.port),
+            }
+        ),
+        **env,
+    )
 
 
 class Operator:

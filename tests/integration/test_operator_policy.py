@@ -67,3 +67,35 @@ def test_denied_resources_launch_nothing_until_fixed(
         # Fixing the spec launches it.
         cluster.patch_ftj("image", {"image": ALLOWED_IMAGE})
         wait_for("the fixed resource's Job", lambda: cluster.jobs("image"), 30)
+
+
+def test_a_namespace_over_its_gpu_budget_waits_and_launches_when_gpus_free(
+    control_plane: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    policy = {"maxGpusPerNamespace": 2}
+    with operator_namespace(
+        control_plane, tmp_path_factory.mktemp("budget"), GRAFT_POLICY=json.dumps(policy)
+    ) as (_, cluster):
+        cluster.create_ftj("first", resources={"gpu": 2})
+        wait_for("the first resource's Job", lambda: cluster.jobs("first"), 30)
+        cluster.create_ftj("second", resources={"gpu": 1})
+        cluster.create_ftj("cpu-only")  # needs no GPU: never waits
+        wait_for("the CPU resource's Job", lambda: cluster.jobs("cpu-only"), 30)
+        waiting = wait_for(
+            "second waits for GPUs",
+            lambda: (
+                (c := cluster.condition("second", "Running"))
+                and c["reason"] == "WaitingForGpuBudget"
+                and c
+            ),
+        )
+        assert "holds 2 of its 2 (policy maxGpusPerNamespace)" in waiting["message"], waiting
+        assert cluster.phase("second") == "Pending"
+        time.sleep(6)  # a resync later: still waiting, nothing launched
+        assert cluster.jobs("second") == []
+        # The first trainer finishes (acting as the kubelet): its GPUs are free again.
+        cluster.pod_terminated(cluster.wait_pod("first"), 0, reason="Completed")
+        cluster.wait_phase("first", "Succeeded", 60)
+        wait_for("second launches once GPUs are free", lambda: cluster.jobs("second"), 60)
+        job = cluster.jobs("second")[0]
+        assert job.metadata.annotations["graft.dev/gpus"] == "1"

@@ -276,3 +276,29 @@ def test_a_wrong_service_account_name_is_refused_naming_the_field() -> None:
     with pytest.raises(InvalidResource):
         # and a namespace without any store is still told what to set
         planner.resolve_spec(resource("team-b")["spec"], OperatorConfig(), "FineTuneJob", "team-b")
+
+
+def test_a_namespace_identity_is_ensured_again_after_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A namespace deleted and made anew (or a ServiceAccount deleted by hand) gets its trainer
+    identity again without an operator restart."""
+    from graft.controller import reconciler as module
+
+    made: list[str] = []
+
+    class Kube:
+        async def create(self, manifest: dict[str, Any]) -> None:
+            made.append(manifest["kind"])
+
+    reconciler = Reconciler(Kube(), CONFIG)  # type: ignore[arg-type]
+
+    async def twice() -> None:
+        await reconciler._ensure_identity("team-a")
+        await reconciler._ensure_identity("team-a")
+
+    asyncio.run(twice())
+    assert made == ["ServiceAccount", "Role", "RoleBinding"]  # once per namespace...
+    monkeypatch.setattr(module, "IDENTITY_TTL", 0.0)
+    asyncio.run(twice())
+    assert made.count("ServiceAccount") == 3  # ...until it is due again

@@ -44,6 +44,7 @@ Lookup = Callable[[tuple[str, str]], Iterable[dict[str, Any]]]
 Key = tuple[str, str, str]  # (kind, namespace, name)
 
 EVENT_DELAY_MAX = 5.0
+IDENTITY_TTL = 300.0  # seconds before a namespace's trainer identity is ensured again
 CLAIM_TTL = 120.0  # seconds a created Job counts against the GPU budget before the cache shows it
 
 
@@ -108,7 +109,7 @@ class Reconciler:
         self.config = config
         self.caches = caches or Caches()
         self.metrics = metrics or Metrics()
-        self._identities: dict[str, asyncio.Future[None]] = {}
+        self._identities: dict[str, tuple[asyncio.Future[None], float]] = {}
         # Events wait while launches are pending (`busy`), at most EVENT_DELAY_MAX seconds:
         # under a burst the API server's writes go to the Jobs first.
         self.busy: Callable[[], bool] = lambda: False
@@ -485,13 +486,16 @@ class Reconciler:
                 self._post(obj, Event("Normal", "TrialCreated", f"created Job {job_name(job)}"))
 
     async def _ensure_identity(self, namespace: str) -> None:
-        """ServiceAccount and RoleBinding for trainer pods, once per namespace and process."""
-        task = self._identities.get(namespace)
-        if task is None:
-            task = asyncio.ensure_future(self._create_identity(namespace))
-            self._identities[namespace] = task
+        """ServiceAccount and RoleBinding for trainer pods: created once per namespace, and
+        again (409 when they exist) after IDENTITY_TTL, so a namespace deleted and made anew,
+        or an identity deleted by hand, is set up again without an operator restart."""
+        held = self._identities.get(namespace)
+        now = time.monotonic()
+        if held is None or now - held[1] > IDENTITY_TTL:
+            held = (asyncio.ensure_future(self._create_identity(namespace)), now)
+            self._identities[namespace] = held
         try:
-            await asyncio.shield(task)
+            await asyncio.shield(held[0])
         except Exception:
             self._identities.pop(namespace, None)
             raise
