@@ -66,6 +66,15 @@ class ApiError(Exception):
         super().__init__(f"{status} {reason}: {body[:500]}")
         self.status, self.reason, self.body = status, reason, body
 
+    @property
+    def message(self) -> str:
+        """The API server's own words (its Status object's message), else the HTTP reason."""
+        try:
+            text = json.loads(self.body).get("message")
+        except (ValueError, AttributeError):
+            text = None
+        return str(text or self.reason)
+
 
 def connection_info(kubeconfig: str | None = None) -> kopf.ConnectionInfo:
     """The credentials kopf would use: the kubeconfig (`kubeconfig`, KUBECONFIG or

@@ -27,10 +27,12 @@ from graft.controller.config import OperatorConfig
 from graft.controller.kube import ApiError, Kube, object_path, resource_path
 from graft.controller.metrics import Metrics
 from graft.controller.status import (
+    LAUNCH_RETRY,
     Event,
     Observed,
     StudyObserved,
     compute_status,
+    launch_refused,
     status_patch,
 )
 from graft.controller.study import FINISHED, TrialObserved, observe_trial
@@ -44,6 +46,9 @@ Lookup = Callable[[tuple[str, str]], Iterable[dict[str, Any]]]
 Key = tuple[str, str, str]  # (kind, namespace, name)
 
 EVENT_DELAY_MAX = 5.0
+# Refusals of a create that a retry in a second will not change: bad request, forbidden (a
+# quota, RBAC, an admission webhook), invalid. Shown on the resource as LaunchRefused.
+REFUSED = frozenset({400, 403, 422})
 IDENTITY_TTL = 300.0  # seconds before a namespace's trainer identity is ensured again
 CLAIM_TTL = 120.0  # seconds a created Job counts against the GPU budget before the cache shows it
 
@@ -178,6 +183,10 @@ class Reconciler:
         configmap = self.caches.configmap(cache_key, uid)
         job = self.caches.job(cache_key, uid)
         pods = self.caches.job_pods(cache_key, job["metadata"]["uid"]) if job else []
+        if configmap is not None and job is None and not _ever_launched(obj):
+            # The spec ConfigMap of a launch whose Job the API server refused: nothing ran, so
+            # the current spec launches (the ConfigMap is brought up to date first).
+            configmap = None
         gate: sources.SourceGate | None = None
         if resolved is not None and configmap is None and job is None:
             gate = await self._source_gate(key, resolved)
@@ -249,9 +258,17 @@ class Reconciler:
             requeue = plan.requeue_after
             if plan.create_job:
                 references = gate.references if gate is not None else None
-                created = await self._launch(obj, resolved, configmap, plan.status, references)
-                if created is None:
-                    requeue = 1.0  # a previous incarnation's children are still being collected
+                try:
+                    created = await self._launch(obj, resolved, configmap, plan.status, references)
+                except ApiError as exc:
+                    if exc.status not in REFUSED:
+                        raise  # 5xx, 429, a timeout: the queue retries with backoff
+                    event = launch_refused(obj, plan.status, exc.message, datetime.now(UTC))
+                    plan.create_job, requeue = False, LAUNCH_RETRY
+                    plan.events += [event] if event else []
+                else:
+                    if created is None:
+                        requeue = 1.0  # a previous incarnation's children are being collected
             if plan.create_trials:
                 await self._launch_trials(obj, resolved, configmap, plan.create_trials)
         finally:
@@ -425,22 +442,30 @@ class Reconciler:
                     references=planner.launched_references(configmap),
                 )
             )
-        elif resolved is not None:  # first launch: ConfigMap and Job together
+        elif resolved is not None:  # first launch: the spec ConfigMap, then the Job
             wanted = planner.build_spec_configmap(obj, resolved, references)
-            job = planner.build_trainer_job(
-                obj,
-                resolved.spec,
-                self.config,
-                spec_hash_=resolved.spec_hash,
-                references=references,
-            )
-            cm_created, created = await asyncio.gather(
-                self.kube.create(wanted), self.kube.create(job)
-            )
-            if cm_created is None:  # exists: ours (cache lag) or an old incarnation's
+            # The ConfigMap first: a Job whose pod mounts a missing ConfigMap (its create refused
+            # by a quota) or an old incarnation's (a resource deleted and applied again while
+            # that one is still being collected) would hang or run the old spec.
+            if await self.kube.create(wanted) is None:  # exists: ours, or an old incarnation's
                 existing_cm = await self.kube.get(object_path(wanted))
                 if existing_cm is None or not _owned_by(existing_cm, uid):
                     return None
+                if planner.launched_spec(existing_cm)[1] != resolved.spec_hash:
+                    # Ours, from a launch the API server refused: the spec was fixed since.
+                    await self.kube.merge_patch(
+                        object_path(wanted),
+                        {"metadata": wanted["metadata"], "data": wanted["data"]},
+                    )
+            created = await self.kube.create(
+                planner.build_trainer_job(
+                    obj,
+                    resolved.spec,
+                    self.config,
+                    spec_hash_=resolved.spec_hash,
+                    references=references,
+                )
+            )
         else:
             return None
         name = planner.job_name(obj["metadata"]["name"], kind)
@@ -553,6 +578,12 @@ def job_name(job: dict[str, Any]) -> str:
 def _trial_of(job: dict[str, Any]) -> int | None:
     value = (job["metadata"].get("labels") or {}).get(planner.LABEL_TRIAL)
     return int(value) if value is not None and str(value).isdigit() else None
+
+
+def _ever_launched(obj: dict[str, Any]) -> bool:
+    """Whether a Job of this resource has been seen (its status names one or counts pods)."""
+    status = obj.get("status") or {}
+    return bool(status.get("jobName") or status.get("attempts") or status.get("search"))
 
 
 def _job_finished(job: dict[str, Any]) -> bool:

@@ -62,6 +62,11 @@ RECOVERABLE_FAILURES = frozenset({"InvalidSpec", "PolicyDenied", *GATE_REASONS.v
 GPU_WAIT_REASON = "WaitingForGpuBudget"
 GPU_WAIT_REQUEUE = 15.0
 
+# The API server refused to create the Job (quota, an admission webhook, an invalid field): the
+# resource says so, and the launch is tried again this often (a quota may free up).
+LAUNCH_REFUSED = "LaunchRefused"
+LAUNCH_RETRY = 30.0
+
 DONE_MESSAGES = {
     "FineTuneJob": "training finished",
     "OptimizeJob": "the ONNX model is exported and passed validation",
@@ -435,6 +440,29 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
     else:
         cond("Running", "False", "PodPending", "waiting for the trainer pod to start")
     return finish()
+
+
+def launch_refused(
+    obj: dict[str, Any], status: dict[str, Any], message: str, now: datetime
+) -> Event | None:
+    """Record in `status` that the API server refused the launch; the Warning Event to post,
+    unless the resource already said exactly this."""
+    before = find_condition((obj.get("status") or {}).get("conditions") or [], "Running")
+    text = f"the API server refused to create the trainer Job: {message}"
+    generation = int(obj["metadata"].get("generation") or 1)
+    status["conditions"] = set_condition(
+        status.get("conditions") or [],
+        "Running",
+        "False",
+        LAUNCH_REFUSED,
+        text,
+        generation=generation,
+        now=now,
+    )
+    status["phase"] = derive_phase(status["conditions"])
+    if before and before.get("reason") == LAUNCH_REFUSED and before.get("message") == text:
+        return None
+    return Event("Warning", LAUNCH_REFUSED, text)
 
 
 def _study(
