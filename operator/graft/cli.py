@@ -1,18 +1,18 @@
-"""The `graft` command line: CRDs, validation, docs, local runs and pre-flight checks."""
+"""The `graft` command line: CRDs, validation, docs and the operator; local runs and pre-flight
+checks come from the trainer package (graft_trainer.cli) where it is installed."""
 
 from __future__ import annotations
 
 import argparse
-import functools
-import logging
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+COMMANDS_GROUP = "graft.commands"  # entry points: callables adding subcommands to the parser
 
 
 def _cmd_crds(args: argparse.Namespace, out: Console) -> int:
@@ -91,158 +91,6 @@ def _cmd_operator(args: argparse.Namespace, out: Console) -> int:
     return operator_main(args.operator_args)
 
 
-def _local_uri(value: object, base: Path) -> object:
-    """A plain relative or absolute path in a local spec becomes a file:// URI."""
-    if isinstance(value, str) and "://" not in value:
-        slash = "/" if value.endswith("/") else ""
-        return "file://" + str((base / value).resolve()) + slash
-    return value
-
-
-def resolve_local_paths(document: Any, base: Path) -> Any:
-    """Resolve the plain paths of model, dataset, output, baseModel, source.model/adapter and
-    adapters[].uri against the YAML file's folder."""
-    if not isinstance(document, dict) or not isinstance(document.get("spec"), dict):
-        return document
-    spec = document["spec"]
-    source = spec.get("source") if isinstance(spec.get("source"), dict) else {}
-    locations = [spec.get(k) for k in ("model", "dataset", "output", "baseModel")]
-    locations += [source.get("model"), source.get("adapter")]
-    adapters = spec.get("adapters")
-    locations += adapters if isinstance(adapters, list) else []
-    for loc in locations:
-        if isinstance(loc, dict) and "uri" in loc:
-            loc["uri"] = _local_uri(loc["uri"], base)
-    return document
-
-
-def _load_documents(path: Path, out: Console) -> list[Any] | None:
-    import yaml
-
-    try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-    except (OSError, yaml.YAMLError) as exc:
-        out.print(f"error: cannot read {path}: {str(exc).splitlines()[0]}", markup=False)
-        return None
-    if not docs:
-        out.print(f"error: {path} holds no YAML document", markup=False)
-        return None
-    return [resolve_local_paths(d, path.resolve().parent) for d in docs]
-
-
-def _artifacts_uri(document: dict[str, Any], override: str | None) -> str:
-    name = str(document.get("metadata", {}).get("name", "run"))
-    if override:
-        return str(_local_uri(override.rstrip("/") + "/", Path.cwd()))
-    output = document.get("spec", {}).get("output") or {}
-    if isinstance(output, dict) and output.get("uri"):
-        return str(output["uri"]).rstrip("/") + f"/{name}/"
-    return str(_local_uri(f"graft-runs/{name}/", Path.cwd()))
-
-
-RUN_KINDS = ("FineTuneJob", "OptimizeJob", "AdapterBundle")
-
-
-def _cmd_run(args: argparse.Namespace, out: Console) -> int:
-    docs = _load_documents(Path(args.file), out)
-    if docs is None:
-        return 2
-    for doc in docs:
-        kind = doc.get("kind") if isinstance(doc, dict) else None
-        if kind not in RUN_KINDS:
-            out.print(
-                f"error: {kind or 'a document without kind'} is not yet supported by graft run "
-                f"(expected {', '.join(RUN_KINDS)})",
-                markup=False,
-            )
-            return 2
-    from graft_trainer.reporting import setup_logging
-
-    setup_logging(json_lines=args.log_format == "json", level=logging.WARNING)
-    say = functools.partial(out.print, markup=False, highlight=False)
-    if len(docs) == 1 and docs[0].get("kind") == "FineTuneJob":
-        from graft_trainer.__main__ import run_object
-
-        code, message = run_object(docs[0], _artifacts_uri(docs[0], args.out), args.reporter)
-        say(f"error: {message}" if code else message)
-        return int(code)
-    from graft.storage import read_manifest
-    from graft_trainer.chain import run_documents
-
-    # several documents: --out is the parent of one folder per resource
-    override = args.out.rstrip("/") + "/" if args.out and len(docs) > 1 else None
-
-    def uri_for(doc: dict[str, Any]) -> str:
-        if override:
-            name = str(doc.get("metadata", {}).get("name", "run"))
-            return str(_local_uri(override + name + "/", Path.cwd()))
-        return _artifacts_uri(doc, args.out)
-
-    def prior(name: str) -> str | None:
-        uri = uri_for({"metadata": {"name": name}})
-        manifest = read_manifest(uri)
-        return uri if manifest and manifest.get("kind") == "finetune-output" else None
-
-    code, message = run_documents(
-        docs, source=args.file, uri_for=uri_for, prior=prior, reporter=args.reporter, say=say
-    )
-    say(f"error: {message}" if code else message)
-    return int(code)
-
-
-def _cmd_preflight(args: argparse.Namespace, out: Console) -> int:
-    docs = _load_documents(Path(args.file), out)
-    if docs is None:
-        return 2
-    from graft.api.kinds import FineTuneJob, InvalidResource, parse_object
-    from graft.storage import StoreError
-    from graft_trainer.errors import GraftInputError
-    from graft_trainer.preflight import prepare
-
-    failed = 0
-    for doc in docs:
-        try:
-            obj = parse_object(doc)
-        except InvalidResource as exc:
-            out.print(f"error: invalid resource: {exc}", markup=False)
-            return 2
-        if not isinstance(obj, FineTuneJob):
-            out.print(f"error: {obj.kind} is not yet supported by graft preflight", markup=False)
-            return 2
-        try:
-            prep = prepare(obj.spec)
-        except GraftInputError as exc:
-            out.print(f"error: {obj.metadata.name}: {exc}", markup=False, highlight=False)
-            failed = failed or 2
-            continue
-        except StoreError as exc:
-            out.print(f"error: {obj.metadata.name}: {exc}", markup=False, highlight=False)
-            failed = failed or 1
-            continue
-        mem = prep.memory
-        out.print(
-            f"{obj.metadata.name}: ok: {len(prep.train_records)} train / "
-            f"{len(prep.eval_records)} eval records; {prep.config.model_type} with "
-            f"{mem['parameters']:,} parameters on {prep.device} ({prep.precision}); "
-            f"targets {', '.join(prep.targets) or 'all weights'}; estimated peak memory "
-            f"{mem['estimatedBytes'] / 2**30:.2f} GiB",
-            markup=False,
-            highlight=False,
-        )
-        for warning in prep.warnings:
-            out.print(f"warning: {warning}", markup=False, highlight=False)
-    return failed
-
-
-def _cmd_testkit(args: argparse.Namespace, out: Console) -> int:
-    from graft_trainer.testkit import build_kit
-
-    paths = build_kit(Path(args.dir), n=args.records, seed=args.seed)
-    for name, path in paths.items():
-        out.print(f"{name}: {path}", markup=False, highlight=False)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graft", description="Fine-tuning of small language models on Kubernetes."
@@ -281,30 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("operator_args", nargs=argparse.REMAINDER)
     operator.set_defaults(handler=_cmd_operator)
 
-    run = commands.add_parser(
-        "run",
-        help="run a FineTuneJob, or a chain of FineTuneJobs, OptimizeJobs and AdapterBundles "
-        "that reference each other, locally (no cluster needed)",
-    )
-    run.add_argument("file", metavar="FILE")
-    run.add_argument(
-        "--out",
-        help="artifact directory or URI (default: spec.output.uri/<name>/ or ./graft-runs/<name>/);"
-        " with several documents, the parent of one <name>/ folder each",
-    )
-    run.add_argument("--reporter", choices=["rich", "jsonl", "none"], default="rich")
-    run.add_argument("--log-format", choices=["text", "json"], default="text")
-    run.set_defaults(handler=_cmd_run)
-
-    preflight = commands.add_parser("preflight", help="check data, model and memory of a job")
-    preflight.add_argument("file", metavar="FILE")
-    preflight.set_defaults(handler=_cmd_preflight)
-
-    testkit = commands.add_parser("testkit", help="build the tiny model and phrase->tone data")
-    testkit.add_argument("dir", metavar="DIR")
-    testkit.add_argument("--records", type=int, default=300)
-    testkit.add_argument("--seed", type=int, default=0)
-    testkit.set_defaults(handler=_cmd_testkit)
+    # `run`, `preflight` and `testkit` need the ML stack: the trainer package adds them where it
+    # is installed (entry point group graft.commands); the operator image has neither.
+    for entry in entry_points(group=COMMANDS_GROUP):
+        try:
+            register = entry.load()
+        except ImportError:
+            continue
+        register(commands)
     return parser
 
 
