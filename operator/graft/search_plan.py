@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from graft.api.finetune import GENERATION_METRICS
-from graft.api.search import SearchBest, SearchParam, SearchSpec, SearchStatus, TrialRecord
+from graft.api.search import SearchBest, SearchSpec, SearchStatus, TrialRecord
 from graft.api.search import apply_params as _apply_params
 from graft.storage.uri import join_uri
 
@@ -488,8 +488,3 @@ def summary(study: Study, job_name: str | None = None) -> SearchStatus:
             for t in study.trials
         ],
     )
-
-
-def param_is_log(search: SearchSpec, path: str) -> bool:
-    param: SearchParam | None = search.space.get(path)
-    return bool(param is not None and param.log)

@@ -171,10 +171,6 @@ class SplitPart:
     stop: str | None
     rounding: str = "closest"
 
-    @property
-    def is_percent(self) -> bool:
-        return any(b is not None and b.endswith("%") for b in (self.start, self.stop))
-
 
 def parse_split(expr: str) -> list[SplitPart]:
     parts = []

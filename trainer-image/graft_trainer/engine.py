@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import resource
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -599,15 +598,6 @@ def quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
-
-
-def clean_local_output(uri: str) -> None:
-    """Remove a local output directory (tests)."""
-    from graft.storage import local_path
-
-    path = local_path(uri)
-    if path is not None and path.exists():
-        shutil.rmtree(path)
 
 
 def environment_summary() -> dict[str, str]:

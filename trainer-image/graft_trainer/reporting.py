@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict
 from typing import IO, Any
 
 from graft.progress import ProgressEvent, Reporter
@@ -205,10 +204,3 @@ def setup_logging(json_lines: bool = False, level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
-
-
-def as_plain(obj: Any) -> Any:
-    try:
-        return asdict(obj)
-    except TypeError:
-        return obj

@@ -43,7 +43,7 @@ def plain(value: Any) -> Any:
     return value
 
 
-def _slim(body: Mapping[str, Any], keep_spec: bool = False, keep_data: bool = False) -> Any:
+def _slim(body: Mapping[str, Any], keep_data: bool = False) -> Any:
     meta = body.get("metadata") or {}
     out: dict[str, Any] = {
         "metadata": {

@@ -565,11 +565,6 @@ class Reconciler:
             self._phases[key] = phase
             self.metrics.phases.labels(key[0], phase).inc()
 
-    async def resync(self, keys: Iterable[Key], enqueue: Callable[[Any], None]) -> None:
-        for key in list(keys):
-            enqueue(key)
-            await asyncio.sleep(0)
-
 
 def job_name(job: dict[str, Any]) -> str:
     return str(job["metadata"]["name"])

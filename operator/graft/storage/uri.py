@@ -65,10 +65,3 @@ def local_path(uri: str) -> Path | None:
         root = Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT))
         return root / parsed.netloc / parsed.path
     return None
-
-
-def to_uri(path: str | Path) -> str:
-    """A local path as a file:// URI (directories keep a trailing slash if given one)."""
-    text = str(path)
-    slash = "/" if text.endswith("/") else ""
-    return "file://" + str(Path(text).resolve()) + slash

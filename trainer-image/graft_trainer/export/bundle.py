@@ -35,7 +35,6 @@ from graft_trainer.export.merge import read_adapter_config
 PEFT_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$"
 )
-RANK_AXIS = {"A": 1, "B": 0}
 
 
 def graph_module(peft_module: str) -> str:
@@ -66,10 +65,6 @@ class AdapterInput:
     fixed_dim: int  # `in` for A, `out` (sum of the parts) for B
     dtype: str  # numpy dtype name
     parts: tuple[tuple[str, int], ...] = ()
-
-    @property
-    def rank_axis(self) -> int:
-        return RANK_AXIS[self.ab]
 
     def shape(self, rank: int) -> tuple[int, int]:
         return (self.fixed_dim, rank) if self.ab == "A" else (rank, self.fixed_dim)
