@@ -16,8 +16,13 @@ EXIT_INVALID = EXIT_INVALID_INPUT
 
 
 def store_exit_code(exc: Exception) -> int:
-    """A store fault is transient (1, retried) unless what is stored cannot be trusted: a file
-    that differs from its manifest, or a key that escapes its folder (3: a retry reads the same)."""
-    from graft.storage import IntegrityError
+    """A store fault is transient (1, retried) unless a retry must end the same way: what is
+    stored cannot be trusted (3: a file differs from its manifest, a key escapes its folder), or
+    the store refused us (2: no such bucket, wrong credentials, not allowed to write)."""
+    from graft.storage import IntegrityError, StoreAccessError
 
-    return EXIT_UNTRUSTED_STORAGE if isinstance(exc, IntegrityError) else EXIT_FAILURE
+    if isinstance(exc, IntegrityError):
+        return EXIT_UNTRUSTED_STORAGE
+    if isinstance(exc, StoreAccessError):
+        return EXIT_INVALID_INPUT
+    return EXIT_FAILURE

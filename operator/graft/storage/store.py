@@ -28,6 +28,27 @@ class StoreError(RuntimeError):
     """A store could not be reached or an object could not be read or written (one line)."""
 
 
+class StoreAccessError(StoreError):
+    """The store answered and refused: no such bucket, unknown or wrong credentials, or not
+    allowed to read or write there. Never transient: a retry gets the same answer."""
+
+
+# S3 error codes that mean StoreAccessError (the request reached the store and was refused).
+REFUSED_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AllAccessDisabled",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "NoSuchBucket",
+        "InvalidBucketName",
+        "AccountProblem",
+        "403",
+        "404",
+    }
+)
+
+
 class IntegrityError(StoreError):
     """What is stored cannot be trusted: a file differs from its manifest's digest, or an object
     key would land outside the folder it is downloaded into. Never transient: a retry reads the
@@ -256,7 +277,9 @@ class S3Store(Store):
         try:
             return fn()
         except ClientError as exc:
-            raise StoreError(f"{what} {uri} failed: {_s3_reason(exc)}") from None
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            kind = StoreAccessError if code in REFUSED_CODES else StoreError
+            raise kind(f"{what} {uri} failed: {_s3_reason(exc)}") from None
         except BotoCoreError as exc:
             endpoint = self.client_for(self._split(uri)[0]).meta.endpoint_url
             raise StoreError(
@@ -333,12 +356,19 @@ class S3Store(Store):
                 )
 
     def check(self, uri: str, write: bool = False) -> None:
-        bucket, _ = self._split(uri)
-        self._call(
-            "reaching",
-            f"s3://{bucket}/",
-            lambda: self.client_for(bucket).head_bucket(Bucket=bucket),
-        )
+        """The bucket exists and answers; with `write`, an object can be written under `uri`
+        (and is removed again): read-only credentials fail here, not at the first checkpoint."""
+        bucket, key = self._split(uri)
+        client = self.client_for(bucket)
+        self._call("reaching", f"s3://{bucket}/", lambda: client.head_bucket(Bucket=bucket))
+        if write:
+            probe = key.rstrip("/") + "/.graft-write-check" if key else ".graft-write-check"
+            self._call(
+                "writing to",
+                uri,
+                lambda: client.put_object(Bucket=bucket, Key=probe, Body=b"graft"),
+            )
+            self._call("deleting in", uri, lambda: client.delete_object(Bucket=bucket, Key=probe))
 
 
 def open_store(uri: str, client: Any | None = None) -> Store:
