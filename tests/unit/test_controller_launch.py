@@ -154,3 +154,24 @@ def test_an_old_incarnations_configmap_is_never_mounted() -> None:
     (configmap,) = kube.of_kind("ConfigMap")
     assert configmap["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
     assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+def test_a_pod_the_job_controller_cannot_create_is_named() -> None:
+    from graft.controller.status import Observed, compute_status
+    from tests.unit.test_controller_status import NOW, ftj, job
+
+    quota = 'pods "tune-train-x" is forbidden: exceeded quota: team-a, requested: pods=1'
+    plan = compute_status(ftj(), Observed(current_hash="h", job=job(), pod_refused=quota), NOW)
+    running = cond(plan.status, "Running")
+    assert running["reason"] == "PodCreateRefused"
+    assert running["message"] == f"the Job controller cannot create the trainer pod: {quota}"
+    assert plan.requeue_after is not None and not plan.delete_job
+    # once a pod exists, its own state is what counts
+    from tests.unit.test_controller_status import pod
+
+    pending = compute_status(
+        ftj(plan.status),
+        Observed(current_hash="h", job=job(), pods=(pod("p1", "Pending"),), pod_refused=quota),
+        NOW,
+    )
+    assert cond(pending.status, "Running")["reason"] == "PodPending"

@@ -239,9 +239,12 @@ class Kube:
     async def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
         return await self.request("PATCH", path, patch, content_type="application/merge-patch+json")
 
-    async def list(self, path: str, selector: str | None = None) -> list[dict[str, Any]]:
-        query = [("labelSelector", selector)] if selector else None
-        items = (await self.request("GET", path, query=query)).get("items") or []
+    async def list(
+        self, path: str, selector: str | None = None, fields: str | None = None
+    ) -> list[dict[str, Any]]:
+        query = [("labelSelector", selector)] if selector else []
+        query += [("fieldSelector", fields)] if fields else []
+        items = (await self.request("GET", path, query=query or None)).get("items") or []
         return [dict(i) for i in items]
 
     async def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:

@@ -33,6 +33,7 @@ from graft.controller.status import (
     StudyObserved,
     compute_status,
     launch_refused,
+    parse_time,
     status_patch,
 )
 from graft.controller.study import FINISHED, TrialObserved, observe_trial
@@ -49,6 +50,8 @@ EVENT_DELAY_MAX = 5.0
 # Refusals of a create that a retry in a second will not change: bad request, forbidden (a
 # quota, RBAC, an admission webhook), invalid. Shown on the resource as LaunchRefused.
 REFUSED = frozenset({400, 403, 422})
+# A Job whose controller made no pod this long after its creation: its Events say why.
+POD_REFUSAL_GRACE = 20.0
 IDENTITY_TTL = 300.0  # seconds before a namespace's trainer identity is ensured again
 CLAIM_TTL = 120.0  # seconds a created Job counts against the GPU budget before the cache shows it
 
@@ -232,6 +235,9 @@ class Reconciler:
             changed: tuple[str, ...] = ()
             if resolved and launched_spec and launched_hash != resolved.spec_hash:
                 changed = tuple(planner.changed_fields(launched_spec, resolved.spec))
+            pod_refused = None
+            if job is not None and not pods and not _job_finished(job):
+                pod_refused = await self._pod_refusal(job)
             observed = Observed(
                 issues=issues,
                 launched_hash=launched_hash,
@@ -245,6 +251,7 @@ class Reconciler:
                 study=study,
                 pods_seen=self._count_pods(key, obj, job, pods),
                 gpus=gpus,
+                pod_refused=pod_refused,
                 gpu_budget=(
                     namespace_gpu_budget(
                         self.config.policy, namespace, self._gpus_in_use(namespace)
@@ -365,6 +372,22 @@ class Reconciler:
             self._pods_seen[key] = entry
         entry[2].update(uids)
         return entry[1] + len(entry[2])
+
+    async def _pod_refusal(self, job: dict[str, Any]) -> str | None:
+        """Why the Job controller cannot create the pod of a Job that has none after a while:
+        its newest FailedCreate Event (a pod quota, a missing PriorityClass, a webhook)."""
+        meta = job["metadata"]
+        created = parse_time(meta.get("creationTimestamp"))
+        if created is None or (datetime.now(UTC) - created).total_seconds() < POD_REFUSAL_GRACE:
+            return None
+        events = await self.kube.list(
+            f"/api/v1/namespaces/{meta['namespace']}/events",
+            fields=f"involvedObject.uid={meta['uid']},reason=FailedCreate",
+        )
+        if not events:
+            return None
+        newest = max(events, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+        return str(newest.get("message") or "no message")[:500]
 
     def _gpus_in_use(self, namespace: str) -> int:
         """GPUs held by the namespace's unfinished Graft Jobs, with the ones just created."""

@@ -67,6 +67,11 @@ GPU_WAIT_REQUEUE = 15.0
 LAUNCH_REFUSED = "LaunchRefused"
 LAUNCH_RETRY = 30.0
 
+# A Job without a pod whose controller says why (FailedCreate): looked at again this often, so
+# the resource moves on once the quota is raised.
+POD_REFUSED = "PodCreateRefused"
+POD_REFUSED_RECHECK = 30.0
+
 DONE_MESSAGES = {
     "FineTuneJob": "training finished",
     "OptimizeJob": "the ONNX model is exported and passed validation",
@@ -133,6 +138,9 @@ class Observed:
     # The namespace's GPU cap and use (this resource's own Jobs excluded); None: no cap.
     gpu_budget: GpuBudget | None = None
     gpus: int = 0  # GPUs one Job of the launched (or to be launched) spec holds
+    # Why the Job controller could not create the Job's pod (its newest FailedCreate Event: a
+    # pod quota, a missing PriorityClass, an admission webhook); None: no such Event.
+    pod_refused: str | None = None
 
 
 def find_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
@@ -435,7 +443,15 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
         return finish()
     pending = [o for o in outcomes if o.kind == "pending"]
     waiting = next((o for o in pending if o.reason), None)
-    if waiting is not None:
+    if not outcomes and observed.pod_refused:
+        cond(
+            "Running",
+            "False",
+            POD_REFUSED,
+            f"the Job controller cannot create the trainer pod: {observed.pod_refused}",
+        )
+        plan.requeue_after = POD_REFUSED_RECHECK
+    elif waiting is not None:
         cond("Running", "False", "PodPending", f"{waiting.reason}: {waiting.message}".rstrip(": "))
     else:
         cond("Running", "False", "PodPending", "waiting for the trainer pod to start")

@@ -1,0 +1,55 @@
+"""Refusals reach the user, on the real control plane: a Job that a ResourceQuota refuses shows
+LaunchRefused in the API server's words and launches once the quota allows it; a pod that the Job
+controller cannot create (a pod quota) shows PodCreateRefused, and the pod comes once the quota
+is gone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.integration.operator_kit import Cluster, operator_namespace, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+
+
+def quota(cluster: Cluster, name: str, hard: dict[str, str]) -> None:
+    cluster.core.create_namespaced_resource_quota(
+        cluster.ns, {"metadata": {"name": name}, "spec": {"hard": hard}}
+    )
+
+
+def running_reason(cluster: Cluster, name: str, reason: str) -> Any:
+    def probe() -> Any:
+        cond = cluster.condition(name, "Running")
+        return cond if cond and cond["reason"] == reason else None
+
+    return probe
+
+
+def test_a_refused_job_and_a_refused_pod_are_named_and_recover(
+    control_plane: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    with operator_namespace(control_plane, tmp_path_factory.mktemp("refusals")) as (_, cluster):
+        quota(cluster, "no-jobs", {"count/jobs.batch": "0"})
+        cluster.create_ftj("refused")
+        cond = wait_for("LaunchRefused", running_reason(cluster, "refused", "LaunchRefused"), 60)
+        assert "exceeded quota: no-jobs" in cond["message"], cond
+        assert cluster.phase("refused") == "Pending"
+        assert ("Warning", "LaunchRefused") in cluster.events("refused")
+        assert cluster.jobs("refused") == []
+        cluster.core.delete_namespaced_resource_quota("no-jobs", cluster.ns)
+        wait_for("the Job once the quota allows it", lambda: cluster.jobs("refused"), 90)
+
+        quota(cluster, "no-pods", {"pods": "0"})
+        cluster.create_ftj("podless")
+        wait_for("podless's Job", lambda: cluster.jobs("podless"), 30)
+        cond = wait_for(
+            "PodCreateRefused", running_reason(cluster, "podless", "PodCreateRefused"), 120
+        )
+        assert "exceeded quota: no-pods" in cond["message"], cond
+        assert cluster.pods("podless") == []
+        cluster.core.delete_namespaced_resource_quota("no-pods", cluster.ns)
+        wait_for("the pod once the quota is gone", lambda: cluster.pods("podless"), 180)
+        wait_for("PodPending", running_reason(cluster, "podless", "PodPending"), 60)
