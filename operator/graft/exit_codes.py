@@ -13,6 +13,9 @@ EXIT_INVALID_INPUT = 2
 # A stored file differs from its manifest's digest, or an object key escapes its folder: the
 # store cannot be trusted, and a retry reads the same bytes. Not retried; IntegrityCheckFailed.
 EXIT_UNTRUSTED_STORAGE = 3
+# Stopped on SIGTERM (the pod is being deleted) after saving a checkpoint: 128 + 15, as a shell
+# reports it. Retried like any failure when the pod was not being deleted.
+EXIT_PREEMPTED = 143
 
 # Exit codes that end the resource at once instead of starting another pod.
 NOT_RETRIED = frozenset({EXIT_INVALID_INPUT, EXIT_UNTRUSTED_STORAGE})

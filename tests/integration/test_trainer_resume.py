@@ -3,7 +3,12 @@ with the local store and with the S3 server."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -73,3 +78,51 @@ def test_resume_after_kill_s3(
     keys = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=uri.split("/", 3)[3])
     names = {o["Key"].rsplit("/", 1)[-1] for o in keys.get("Contents", [])}
     assert {"manifest.json", "report.html", "metrics.json", "adapter_model.safetensors"} <= names
+
+
+def test_sigterm_checkpoints_the_current_step_and_the_next_run_redoes_nothing(
+    kit: dict[str, Path], tmp_path: Path
+) -> None:
+    """A pod deleted mid-training (suspend, eviction, spot reclaim): SIGTERM, then the trainer
+    finishes its step, saves a checkpoint of it and exits 143 well within the grace period."""
+    training = {"maxSteps": 200, "saveSteps": 1000, "evalSteps": 1000, "loggingSteps": 1}
+    doc = job_document(kit, name="sigterm", training=training)
+    uri = f"file://{tmp_path}/out/"
+    spec_file = tmp_path / "sigterm.json"
+    spec_file.write_text(json.dumps(doc))
+    env = {
+        **os.environ,
+        "GRAFT_ARTIFACTS_URI": uri,
+        "GRAFT_REPORTER": "jsonl",
+        "HF_HUB_OFFLINE": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "graft_trainer", "run-resource", str(spec_file)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    seen = 0
+    for line in proc.stdout:  # progress events, one JSON object per line
+        record = json.loads(line) if line.startswith("{") else {}
+        seen = int((record.get("progress") or {}).get("step") or 0)
+        if seen >= 5:
+            break
+    assert seen >= 5, "training never reported step 5"
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    took = time.monotonic() - sent
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "stopped on SIGTERM at step" in stderr
+    found = latest_complete_checkpoint(uri + "checkpoints/")
+    assert found is not None, "no checkpoint saved on SIGTERM"
+    saved = int(found[1]["step"])
+    # the step it was in when the signal came, or the one after: nothing earlier is lost
+    assert seen <= saved <= seen + 2, (seen, saved)
+    assert took < 60, f"took {took:.1f} s to stop"
+    assert read_manifest(uri) is None  # stopped, not finished: no output manifest
+    resumed = run_in_process(doc, uri)
+    assert resumed.resumed_from == saved and resumed.final_step == 200

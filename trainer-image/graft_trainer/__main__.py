@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from graft.exit_codes import EXIT_PREEMPTED
 from graft_trainer.errors import (
     EXIT_FAILURE,
     EXIT_INVALID,
@@ -79,6 +80,7 @@ def run_object(
             document, artifacts_uri, reporter_name, count, work_dir=work_dir
         )
     from graft_trainer.engine import Engine, JobIdentity
+    from graft_trainer.preemption import Preempted
     from graft_trainer.reporting import make_reporter
 
     meta = obj.metadata
@@ -87,6 +89,8 @@ def run_object(
     reporter = make_reporter(reporter_name)
     try:
         result = Engine(obj.spec, identity, artifacts_uri, reporter, work_dir=work_dir).run()
+    except Preempted as exc:
+        return EXIT_PREEMPTED, str(exc)
     except GraftInputError as exc:
         return EXIT_INVALID, one_line(exc)
     except StoreError as exc:

@@ -38,6 +38,7 @@ from graft_trainer.methods import (
     precision_warnings,
     trainable_state,
 )
+from graft_trainer.preemption import Preempted, TerminationRequest
 from graft_trainer.preflight import Prepared, prepare
 
 log = logging.getLogger("graft_trainer.engine")
@@ -110,6 +111,7 @@ class Engine:
         self.reporter = reporter
         self.store = open_store(self.prefix)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._termination: TerminationRequest | None = None
         if work_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="graft-")
             work_dir = Path(self._tmp.name)
@@ -173,6 +175,8 @@ class Engine:
         try:
             return self._run()
         finally:
+            if self._termination is not None:
+                self._termination.restore()
             if self._tmp is not None:
                 self._tmp.cleanup()
 
@@ -363,6 +367,7 @@ class Engine:
         # DDP averages the gradients of the processes' shares of each step.
         train_model = acc.prepare_model(model) if acc is not None else model
         self.emit("training", f"training {total} steps ({per_epoch} per epoch)")
+        termination = self._termination = TerminationRequest().install()
         while step < total:
             t0 = time.perf_counter()
             step_batches = [next(batches)[1] for _ in range(per_step)]
@@ -437,6 +442,10 @@ class Engine:
                 window_start = time.perf_counter()
                 self.emit("training")
 
+            if termination.requested and acc is None and step < total:
+                save_checkpoint()
+                self.emit("training", f"checkpoint at step {step}: stopping on SIGTERM")
+                raise Preempted(step, total)
             evaluate = bool(data.eval) and (step % t.eval_steps == 0 or step == total)
             stop_now = False
             if evaluate and self.main_process:
@@ -482,6 +491,7 @@ class Engine:
                 save_checkpoint()
                 self.emit("training", f"checkpoint at step {step}")
 
+        termination.restore()  # past the loop, the run finishes what it started
         if not self.main_process:  # the main process evaluates and writes the outputs
             return RunResult(
                 step, total, resumed_from, stopped_early, None, {}, {}, [], {}, [], None

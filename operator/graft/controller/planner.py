@@ -50,6 +50,7 @@ ANNOTATION_GPUS = "graft.dev/gpus"  # GPUs the Job's pod holds: the namespace's 
 REFERENCES = "references"  # resource.json: the referenced FineTuneJobs as resolved at launch
 
 TRAINER_CONTAINER = "trainer"
+TERMINATION_GRACE_SECONDS = 120
 RESOURCE_FILE = "resource.json"
 SPEC_MOUNT = "/etc/graft"
 HOME = "/home/graft"
@@ -418,6 +419,8 @@ def build_trainer_job(
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # On SIGTERM the trainer finishes its step and uploads a checkpoint before it exits.
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "serviceAccountName": trainer_service_account(
             config.policy, namespace, config.trainer_service_account
         ).name,
