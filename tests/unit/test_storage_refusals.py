@@ -56,10 +56,30 @@ def test_the_write_check_leaves_nothing_behind() -> None:
         ("SlowDown", 503, False),
     ],
 )
-def test_refusals_are_not_retried_and_outages_are(code: str, status: int, refusal: bool) -> None:
+def test_refusals_are_not_retried_and_outages_are(
+    code: str, status: int, refusal: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GRAFT_STORE_RETRY_SECONDS", "0")  # no waiting: the class is the point
     store, stub = stubbed()
     stub.add_client_error("head_bucket", code, code, status)
     with stub, pytest.raises(StoreError) as failed:
         store.check(PREFIX)
     assert isinstance(failed.value, StoreAccessError) is refusal
     assert store_exit_code(failed.value) == (EXIT_INVALID if refusal else EXIT_FAILURE)
+
+
+def test_an_outage_is_waited_out_within_the_retry_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store answers 503 twice, then works: the call succeeds; a refusal is never retried."""
+    monkeypatch.setenv("GRAFT_STORE_RETRY_SECONDS", "30")
+    monkeypatch.setattr("graft.storage.store.time.sleep", lambda seconds: None)
+    store, stub = stubbed()
+    stub.add_client_error("head_bucket", "SlowDown", "Please reduce your request rate", 503)
+    stub.add_client_error("head_bucket", "InternalError", "We encountered an internal error", 500)
+    stub.add_response("head_bucket", {}, {"Bucket": "graft"})
+    with stub:
+        store.check(PREFIX)
+        stub.assert_no_pending_responses()
+    store, stub = stubbed()
+    stub.add_client_error("head_bucket", "InvalidAccessKeyId", "no such key", 403)
+    with stub, pytest.raises(StoreAccessError):
+        store.check(PREFIX)  # one answer, no retry (a second call would find no stub)

@@ -11,8 +11,10 @@ skipped, and each download lands in a `.part` file renamed into place only when 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,23 @@ from typing import Any
 from graft.storage.uri import join_uri, local_path, parse_uri
 
 DEFAULT_WORKERS = 8
+# How long one store operation keeps retrying while the store is down (seconds).
+DEFAULT_STORE_RETRY_SECONDS = 180.0
+# S3 error codes that mean "try again shortly" whatever their HTTP status.
+TRANSIENT_CODES = frozenset(
+    {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "Throttling", "ServiceUnavailable"}
+)
+
+logger = logging.getLogger("graft.storage")
+
+
+def store_retry_seconds() -> float:
+    """GRAFT_STORE_RETRY_SECONDS: the time budget of one store operation's retries."""
+    raw = os.environ.get("GRAFT_STORE_RETRY_SECONDS", "").strip()
+    try:
+        return max(0.0, float(raw)) if raw else DEFAULT_STORE_RETRY_SECONDS
+    except ValueError:
+        return DEFAULT_STORE_RETRY_SECONDS
 
 
 class StoreError(RuntimeError):
@@ -272,19 +291,37 @@ class S3Store(Store):
         return parsed.netloc, parsed.path
 
     def _call(self, what: str, uri: str, fn: Callable[[], Any]) -> Any:
+        """`fn()`, retried while the store is down or overloaded (connection refused, timeouts,
+        5xx, SlowDown) for up to GRAFT_STORE_RETRY_SECONDS in all: an S3 outage of a few
+        minutes costs a wait, not a pod (botocore's own attempts are spent in seconds on a
+        refused connection). A refusal or any other answer fails at once."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        try:
-            return fn()
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            kind = StoreAccessError if code in REFUSED_CODES else StoreError
-            raise kind(f"{what} {uri} failed: {_s3_reason(exc)}") from None
-        except BotoCoreError as exc:
-            endpoint = self.client_for(self._split(uri)[0]).meta.endpoint_url
-            raise StoreError(
-                f"{what} {uri} failed: cannot reach the S3 store at {endpoint} ({_s3_reason(exc)})"
-            ) from None
+        deadline = time.monotonic() + store_retry_seconds()
+        delay = 0.5
+        while True:
+            try:
+                return fn()
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+                failure: StoreError = (StoreAccessError if code in REFUSED_CODES else StoreError)(
+                    f"{what} {uri} failed: {_s3_reason(exc)}"
+                )
+                transient = status >= 500 or code in TRANSIENT_CODES
+            except BotoCoreError as exc:
+                endpoint = self.client_for(self._split(uri)[0]).meta.endpoint_url
+                failure = StoreError(
+                    f"{what} {uri} failed: cannot reach the S3 store at {endpoint} "
+                    f"({_s3_reason(exc)})"
+                )
+                transient = True
+            left = deadline - time.monotonic()
+            if not transient or left <= 0:
+                raise failure from None
+            logger.warning("%s; retrying for up to %.0f s more", failure, left)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 15.0)
 
     def list(self, prefix: str) -> dict[str, int]:
         bucket, key = self._split(prefix)
@@ -305,16 +342,19 @@ class S3Store(Store):
         from botocore.exceptions import ClientError
 
         bucket, key = self._split(uri)
-        try:
-            body = self.client_for(bucket).get_object(Bucket=bucket, Key=key)["Body"]
+
+        def get() -> bytes | None:
+            try:
+                body = self.client_for(bucket).get_object(Bucket=bucket, Key=key)["Body"]
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                    return None
+                raise
             data: bytes = body.read()
             return data
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                return None
-            raise StoreError(f"reading {uri} failed: {_s3_reason(exc)}") from None
-        except Exception as exc:
-            raise StoreError(f"reading {uri} failed: {_s3_reason(exc)}") from None
+
+        result: bytes | None = self._call("reading", uri, get)
+        return result
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         bucket, key = self._split(uri)
