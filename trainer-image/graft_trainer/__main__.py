@@ -104,11 +104,15 @@ def run_export(
     document: dict[str, Any], obj: Any, artifacts_uri: str, reporter_name: str | None
 ) -> tuple[int, str]:
     """An OptimizeJob or AdapterBundle: export, validate, publish, then record the status."""
+    from graft.outcome import failure_text
     from graft.storage import StoreError
     from graft_trainer.chain import run_referencing_document
+    from graft_trainer.export.errors import ExportError
 
     try:
         lines, status = run_referencing_document(document, obj, artifacts_uri, log.info)
+    except ExportError as exc:  # its reason becomes the resource's (ParityExceeded, ...)
+        return EXIT_INVALID, failure_text(exc.reason, one_line(exc))
     except GraftInputError as exc:
         return EXIT_INVALID, one_line(exc)
     except StoreError as exc:

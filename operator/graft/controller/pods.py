@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from graft.controller.planner import TRAINER_CONTAINER
 from graft.exit_codes import EXIT_INVALID_INPUT, EXIT_UNTRUSTED_STORAGE
+from graft.outcome import parse_failure
 
 # Pod-level reasons that mean the pod was lost, not that the trainer failed: retried without
 # counting toward backoffLimit, and the new pod resumes from the last checkpoint.
@@ -109,7 +110,9 @@ def failure_summary(outcome: PodOutcome, memory: str | None = None) -> tuple[str
             OOM_ADVICE
         )
     if outcome.exit_code == EXIT_INVALID_INPUT:
-        text = outcome.message or "no reason given"
+        reason, text = parse_failure(outcome.message or "no reason given")
+        if reason is not None and reason != "InvalidInput":  # an export check that failed
+            return reason, f"{text} (exit code 2)"
         return "InvalidInput", f"the trainer refused its input (exit code 2): {text}"
     if outcome.exit_code == EXIT_UNTRUSTED_STORAGE:
         text = outcome.message or "no reason given"
