@@ -60,6 +60,13 @@ S3_REGION = "us-east-1"
 # Marker put into the environment of every process we start; `down` and the tests use it to
 # prove nothing is left behind.
 MARKER_ENV = "GRAFT_LOCALCLUSTER_STATE_DIR"
+# The apiserver's audit log (JSON lines, audit.k8s.io/v1 Events) in the state dir: every request
+# made with a ServiceAccount's token outside kube-system, at level Metadata (who, verb, resource,
+# response code; no bodies). The tests read it to see which API calls the operator really makes.
+AUDIT_LOG = "audit.log"
+AUDIT_POLICY = "audit-policy.json"
+AUDIT_LOG_MAX_MB = 50  # rotated at this size ...
+AUDIT_LOG_MAX_BACKUPS = 1  # ... keeping one old file (audit-<time>.log beside it)
 
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "s3")
 FULL_EXTRA = ("kube-scheduler", "dockerd", "kubelet")
@@ -159,6 +166,14 @@ class ClusterConfig:
         return self.state_dir / "docker.sock"
 
     @property
+    def audit_log(self) -> Path:
+        return self.state_dir / AUDIT_LOG
+
+    @property
+    def audit_policy(self) -> Path:
+        return self.state_dir / AUDIT_POLICY
+
+    @property
     def docker_host(self) -> str:
         return f"unix://{self.docker_sock}"
 
@@ -202,6 +217,23 @@ contexts:
     namespace: default
 current-context: graft-local
 """
+
+
+def render_audit_policy() -> str:
+    """The apiserver's audit policy (JSON is YAML): requests made as a ServiceAccount, except the
+    controller-manager's own (kube-system, one account per controller), at level Metadata;
+    nothing else. Only the ResponseStarted (watches) and ResponseComplete stages are written."""
+    policy = {
+        "apiVersion": "audit.k8s.io/v1",
+        "kind": "Policy",
+        "omitStages": ["RequestReceived"],
+        "rules": [
+            {"level": "None", "userGroups": ["system:serviceaccounts:kube-system"]},
+            {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+            {"level": "None"},
+        ],
+    }
+    return json.dumps(policy, indent=2) + "\n"
 
 
 def render_kubelet_config(cfg: ClusterConfig) -> str:
@@ -305,6 +337,10 @@ def component_commands(cfg: ClusterConfig, bin_dir: Path, wrapper: Path) -> dict
             "--allow-privileged=true",
             "--kubelet-preferred-address-types=Hostname",
             "--endpoint-reconciler-type=none",
+            f"--audit-policy-file={cfg.audit_policy}",
+            f"--audit-log-path={cfg.audit_log}",
+            f"--audit-log-maxsize={AUDIT_LOG_MAX_MB}",
+            f"--audit-log-maxbackup={AUDIT_LOG_MAX_BACKUPS}",
         ],
         "kube-controller-manager": [
             str(bin_dir / "kube-controller-manager"),
@@ -837,6 +873,7 @@ class LocalCluster:
             wait_for("S3 server", self.s3_ready, 30, pidfile=self.pidfile("s3"))
             self._create_bucket()
         with step("start kube-apiserver", self.logfile("kube-apiserver")):
+            self.cfg.audit_policy.write_text(render_audit_policy())
             self.start_process("kube-apiserver", cmds["kube-apiserver"])
             wait_for(
                 "apiserver /readyz",

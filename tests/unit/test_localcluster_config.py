@@ -112,3 +112,21 @@ def test_free_offsets_never_collide() -> None:
             assert port not in seen, (port, off, seen.get(port))
             seen[port] = off
     assert 1000 <= lc.find_free_offset() < 2000
+
+
+def test_the_apiserver_audits_service_accounts_outside_kube_system(tmp_path: Path) -> None:
+    import json
+
+    cfg = _cfg(tmp_path)
+    apiserver = lc.component_commands(cfg, Path("/bins"), tmp_path / "wrapper")["kube-apiserver"]
+    assert f"--audit-policy-file={cfg.audit_policy}" in apiserver
+    assert f"--audit-log-path={cfg.audit_log}" in apiserver
+    policy = json.loads(lc.render_audit_policy())
+    assert policy["apiVersion"] == "audit.k8s.io/v1"
+    levels = [(r["level"], r.get("userGroups")) for r in policy["rules"]]
+    # first match wins: the controller-manager's accounts are left out before all accounts
+    assert levels == [
+        ("None", ["system:serviceaccounts:kube-system"]),
+        ("Metadata", ["system:serviceaccounts"]),
+        ("None", None),
+    ]
