@@ -91,9 +91,10 @@ NEEDED = [
     ("create", "jobs", "batch", ""),
     ("delete", "jobs", "batch", ""),
     ("list", "pods", "", ""),
-    ("delete", "pods", "", ""),
     ("create", "configmaps", "", ""),
+    ("patch", "configmaps", "", ""),
     ("create", "events", "", ""),
+    ("list", "events", "", ""),
     ("create", "serviceaccounts", "", ""),
     ("create", "rolebindings", "rbac.authorization.k8s.io", ""),
 ]
@@ -105,6 +106,17 @@ REFUSED = [
     ("create", "roles", "rbac.authorization.k8s.io", ""),
     ("update", "finetunejobs", "graft.dev", ""),
     ("delete", "namespaces", "", ""),
+    # Verbs the operator's code never uses (test_operator_least_privilege.py shows which it does).
+    ("patch", "finetunejobs", "graft.dev", ""),
+    ("get", "finetunejobs", "graft.dev", "status"),
+    ("update", "optimizejobs", "graft.dev", "status"),
+    ("get", "pods", "", ""),
+    ("delete", "pods", "", ""),
+    ("delete", "configmaps", "", ""),
+    ("patch", "events", "", ""),
+    ("create", "events", "events.k8s.io", ""),
+    ("get", "serviceaccounts", "", ""),
+    ("get", "rolebindings", "rbac.authorization.k8s.io", ""),
 ]
 
 
@@ -114,6 +126,8 @@ def test_operator_can_do_its_work_in_any_namespace(cluster_release: tuple[str, s
     for verb, resource, group, sub in NEEDED:
         assert allowed(api, user, verb, resource, "team-a", group, sub), (verb, resource, sub)
     assert allowed(api, user, "list", "customresourcedefinitions", group="apiextensions.k8s.io")
+    # Serving all namespaces, kopf never reads namespaces: the chart does not grant it.
+    assert not allowed(api, user, "list", "namespaces")
 
 
 def test_operator_is_refused_secrets_and_escalation(cluster_release: tuple[str, str, Any]) -> None:
@@ -176,6 +190,8 @@ def test_namespaced_scope_stays_in_its_namespace(
     assert allowed(api, user, "patch", "finetunejobs", namespace, "graft.dev", "status")
     assert not allowed(api, user, "create", "jobs", "team-a", "batch")
     assert not allowed(api, user, "get", "secrets", namespace)
+    # Serving named namespaces, kopf lists and watches namespaces to find them.
+    assert allowed(api, user, "watch", "namespaces")
 
 
 def test_namespaced_scope_over_two_namespaces_reaches_those_only(
