@@ -186,6 +186,17 @@ class Cluster:
                 return dict(cond)
         return None
 
+    def wait_reason(
+        self, name: str, type_: str, reason: str, timeout: float = 60
+    ) -> dict[str, Any]:
+        """The condition `type_` of FineTuneJob `name` once its reason is `reason`."""
+
+        def probe() -> dict[str, Any] | None:
+            cond = self.condition(name, type_)
+            return cond if cond and cond["reason"] == reason else None
+
+        return wait_for(f"{name} {type_} reason {reason}", probe, timeout)
+
     def phase(self, name: str) -> str | None:
         return ((self.ftj(name) or {}).get("status") or {}).get("phase")
 

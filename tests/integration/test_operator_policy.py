@@ -81,14 +81,7 @@ def test_a_namespace_over_its_gpu_budget_waits_and_launches_when_gpus_free(
         cluster.create_ftj("second", resources={"gpu": 1})
         cluster.create_ftj("cpu-only")  # needs no GPU: never waits
         wait_for("the CPU resource's Job", lambda: cluster.jobs("cpu-only"), 30)
-        waiting = wait_for(
-            "second waits for GPUs",
-            lambda: (
-                (c := cluster.condition("second", "Running"))
-                and c["reason"] == "WaitingForGpuBudget"
-                and c
-            ),
-        )
+        waiting = cluster.wait_reason("second", "Running", "WaitingForGpuBudget")
         assert "holds 2 of its 2 (policy maxGpusPerNamespace)" in waiting["message"], waiting
         assert cluster.phase("second") == "Pending"
         time.sleep(6)  # a resync later: still waiting, nothing launched

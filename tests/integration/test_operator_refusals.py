@@ -20,21 +20,13 @@ def quota(cluster: Cluster, name: str, hard: dict[str, str]) -> None:
     )
 
 
-def running_reason(cluster: Cluster, name: str, reason: str) -> Any:
-    def probe() -> Any:
-        cond = cluster.condition(name, "Running")
-        return cond if cond and cond["reason"] == reason else None
-
-    return probe
-
-
 def test_a_refused_job_and_a_refused_pod_are_named_and_recover(
     control_plane: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     with operator_namespace(control_plane, tmp_path_factory.mktemp("refusals")) as (_, cluster):
         quota(cluster, "no-jobs", {"count/jobs.batch": "0"})
         cluster.create_ftj("refused")
-        cond = wait_for("LaunchRefused", running_reason(cluster, "refused", "LaunchRefused"), 60)
+        cond = cluster.wait_reason("refused", "Running", "LaunchRefused")
         assert "exceeded quota: no-jobs" in cond["message"], cond
         assert cluster.phase("refused") == "Pending"
         assert ("Warning", "LaunchRefused") in cluster.events("refused")
@@ -45,11 +37,9 @@ def test_a_refused_job_and_a_refused_pod_are_named_and_recover(
         quota(cluster, "no-pods", {"pods": "0"})
         cluster.create_ftj("podless")
         wait_for("podless's Job", lambda: cluster.jobs("podless"), 30)
-        cond = wait_for(
-            "PodCreateRefused", running_reason(cluster, "podless", "PodCreateRefused"), 120
-        )
+        cond = cluster.wait_reason("podless", "Running", "PodCreateRefused", 120)
         assert "exceeded quota: no-pods" in cond["message"], cond
         assert cluster.pods("podless") == []
         cluster.core.delete_namespaced_resource_quota("no-pods", cluster.ns)
         wait_for("the pod once the quota is gone", lambda: cluster.pods("podless"), 180)
-        wait_for("PodPending", running_reason(cluster, "podless", "PodPending"), 60)
+        cluster.wait_reason("podless", "Running", "PodPending")
