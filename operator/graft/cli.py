@@ -55,7 +55,7 @@ def _cmd_validate(args: argparse.Namespace, out: Console) -> int:
     import yaml
 
     from graft.manifests import check_file
-    from graft.policy import PlatformPolicy, parse_policy, policy_issues
+    from graft.policy import PlatformPolicy, default_output, parse_policy, policy_issues
 
     policy: PlatformPolicy | None = None
     if args.policy:
@@ -71,9 +71,13 @@ def _cmd_validate(args: argparse.Namespace, out: Console) -> int:
         if policy is not None and not problems:
             for obj in objects:
                 namespace = args.namespace or obj.metadata.namespace
+                spec = obj.spec.to_api()
+                tenant = default_output(policy, namespace or "")
+                if "output" not in spec and tenant is not None:
+                    spec["output"] = {"uri": tenant.uri}
                 lines += [
                     f"{name}: {obj.kind}/{obj.metadata.name}: {issue} [PolicyDenied]"
-                    for issue in policy_issues(obj.spec.to_api(), namespace, policy)
+                    for issue in policy_issues(spec, namespace, policy)
                 ]
         for line in lines:
             out.print(line, markup=False, highlight=False)

@@ -253,7 +253,14 @@ def policy_issues(
         )
     rules = policy.namespaces.get(namespace or "")
     output = str((spec.get("output") or {}).get("uri") or "")
-    if rules and rules.output_prefixes and not output.startswith(tuple(rules.output_prefixes)):
+    # No output yet (a file checked offline): the operator's or the namespace's default comes
+    # in at launch, and is judged then.
+    if (
+        output
+        and rules
+        and rules.output_prefixes
+        and not output.startswith(tuple(rules.output_prefixes))
+    ):
         issues.append(
             PolicyIssue(
                 ("spec", "output", "uri"),

@@ -302,3 +302,34 @@ def test_a_namespace_identity_is_ensured_again_after_a_while(
     monkeypatch.setattr(module, "IDENTITY_TTL", 0.0)
     asyncio.run(twice())
     assert made.count("ServiceAccount") == 3  # ...until it is due again
+
+
+def test_graft_validate_judges_a_file_without_output_by_the_namespace_default(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from graft.cli import main
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        yaml.safe_dump(
+            {
+                "namespaces": {
+                    "team-a": {
+                        "outputPrefixes": ["s3://graft/team-a/"],
+                        "output": {"uri": "s3://graft/team-a/", "credentialsSecret": "a-s3"},
+                    }
+                }
+            }
+        )
+    )
+    document = resource("team-a")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(document))
+    args = ["validate", "--policy", str(policy), "--namespace", "team-a", str(path)]
+    assert main(args) == 0, capsys.readouterr().out
+    document["spec"]["output"] = {"uri": "s3://graft/team-b/steal/"}
+    path.write_text(yaml.safe_dump(document))
+    assert main(args) == 1
+    assert "spec.output.uri" in capsys.readouterr().out

@@ -135,7 +135,8 @@ class Observed:
     pods_seen: int | None = None
     source: SourceGate | None = None  # referenced FineTuneJobs, before launch; None: none
     study: StudyObserved | None = None  # a FineTuneJob with spec.search
-    # The namespace's GPU cap and use (this resource's own Jobs excluded); None: no cap.
+    # The namespace's GPU cap and what its unfinished Jobs (this resource's trials too) hold;
+    # None: no cap.
     gpu_budget: GpuBudget | None = None
     gpus: int = 0  # GPUs one Job of the launched (or to be launched) spec holds
     # Why the Job controller could not create the Job's pod (its newest FailedCreate Event: a
