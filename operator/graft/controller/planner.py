@@ -25,7 +25,7 @@ from graft.policy import (
     trainer_service_account,
 )
 from graft.storage.store import BUCKET_CREDENTIALS_ENV, CREDENTIAL_KEYS, HF_TOKENS_ENV
-from graft.storage.uri import parse_uri
+from graft.storage.uri import DEFAULT_PVC_ROOT, parse_uri
 
 KIND = "FineTuneJob"  # the kind a resource without `kind` (a bare spec in a test) is taken as
 KINDS = ("FineTuneJob", "OptimizeJob", "AdapterBundle")
@@ -113,6 +113,9 @@ def admit(resolved: Resolved, config: OperatorConfig, namespace: str) -> Resolve
     """The resolved spec if the platform policy allows launching it; InvalidResource with a
     PolicyIssue per broken rule otherwise. Only what is about to be launched is admitted: a
     FineTuneJob that already ran is not judged again when something references it."""
+    unreachable = cluster_location_issues(resolved.spec)
+    if unreachable:
+        raise InvalidResource(unreachable)
     denied = policy_issues(resolved.spec, namespace, config.policy)
     if denied:
         raise InvalidResource(list(denied))
@@ -237,13 +240,34 @@ def launched_references(configmap: dict[str, Any]) -> dict[str, Any]:
     return dict(document.get(REFERENCES) or {})
 
 
+def _located(spec: dict[str, Any]) -> list[tuple[tuple[str | int, ...], dict[str, Any]]]:
+    """Every location of a spec of any kind with its field path, the output store last."""
+    source = spec.get("source") or {}
+    found: list[tuple[tuple[str | int, ...], dict[str, Any]]] = [
+        (("spec", k), spec.get(k) or {}) for k in ("model", "dataset", "baseModel")
+    ]
+    found += [(("spec", "source", k), source.get(k) or {}) for k in ("model", "adapter")]
+    found += [(("spec", "adapters", i), a) for i, a in enumerate(spec.get("adapters") or [])]
+    return [*found, (("spec", "output"), spec.get("output") or {})]
+
+
 def _locations(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Every location of a spec of any kind, the output store last."""
-    source = spec.get("source") or {}
-    found = [spec.get(k) or {} for k in ("model", "dataset", "baseModel")]
-    found += [source.get("model") or {}, source.get("adapter") or {}]
-    found += list(spec.get("adapters") or [])
-    return [*found, spec.get("output") or {}]
+    return [location for _, location in _located(spec)]
+
+
+def cluster_location_issues(spec: dict[str, Any]) -> list[FieldIssue]:
+    """Locations a trainer pod cannot reach: file:// names a folder of the machine `graft run`
+    runs on, which a pod does not have."""
+    return [
+        FieldIssue(
+            (*path, "uri"),
+            f"{location['uri']!r} is a local path, usable with `graft run` only; on a cluster "
+            "use s3://, hf:// or pvc://claim/path",
+        )
+        for path, location in _located(spec)
+        if str(location.get("uri") or "").startswith("file://")
+    ]
 
 
 def _all_locations(spec: dict[str, Any], references: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -253,6 +277,24 @@ def _all_locations(spec: dict[str, Any], references: dict[str, Any] | None) -> l
     for ref in (references or {}).values():
         locations += _locations(ref.get("spec") or {})
     return locations + _locations(spec)
+
+
+def pvc_claims(spec: dict[str, Any], references: dict[str, Any] | None = None) -> dict[str, bool]:
+    """The PersistentVolumeClaims that pvc:// locations name, each with whether the pod writes
+    to it: only the resource's own output is written; inputs and everything a referenced
+    FineTuneJob wrote are read."""
+    claims: dict[str, bool] = {}
+    own_output = spec.get("output") or {}
+    for location in _all_locations(spec, references):
+        uri = str(location.get("uri") or "")
+        if uri.startswith("pvc://"):
+            claim = parse_uri(uri).netloc
+            claims[claim] = claims.get(claim, False) or location is own_output
+    for ref in (references or {}).values():
+        uri = str(ref.get("uri") or "")
+        if uri.startswith("pvc://"):
+            claims.setdefault(parse_uri(uri).netloc, False)
+    return claims
 
 
 def credential_secrets(spec: dict[str, Any], references: dict[str, Any] | None = None) -> list[str]:
@@ -434,6 +476,19 @@ def build_trainer_job(
             {"name": "home", "emptyDir": dict(scratch)},
         ],
     }
+    # Claims named by pvc:// locations, at the path the URI maps to (graft.storage.uri):
+    # read-only unless the resource writes its output there.
+    for claim, writable in sorted(pvc_claims(spec, references).items()):
+        volume = f"pvc-{hashlib.sha256(claim.encode()).hexdigest()[:10]}"
+        pod_spec["volumes"].append(
+            {
+                "name": volume,
+                "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable},
+            }
+        )
+        container["volumeMounts"].append(
+            {"name": volume, "mountPath": f"{DEFAULT_PVC_ROOT}/{claim}", "readOnly": not writable}
+        )
     if spec_gpus(spec) > 1:
         # One training process per GPU (data parallel): NCCL passes tensors through shared
         # memory, and a container's default /dev/shm (64 MiB) is too small for it.
