@@ -117,6 +117,72 @@ def test_deleted_trainer_pod_resumes_from_checkpoint(env: Any) -> None:
     assert (metrics["run"]["resumedFrom"] or 0) > 0, metrics["run"]
 
 
+def test_pvc_input_and_output(env: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """examples/finetunejob-pvc.yaml: model, data and artifacts on a PersistentVolumeClaim (a
+    hostPath PersistentVolume bound by the controller manager). The claim is mounted where
+    pvc:// maps to, and the run's artifacts land on the volume with their manifest."""
+    import shutil
+
+    _, cluster, s3, _ = env
+    volume = tmp_path_factory.mktemp("pvc")
+    client = s3.client()
+    for key in ("models/tiny-llama/", "datasets/phrases.jsonl"):
+        for obj in client.list_objects_v2(Bucket=s3.bucket, Prefix=key).get("Contents", []):
+            target = volume / obj["Key"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(s3.bucket, obj["Key"], str(target))
+    volume.chmod(0o777)  # hostPath ignores fsGroup: the trainer (uid 1000) writes out/ here
+    claim, storage_class = f"data-{uuid.uuid4().hex[:6]}", f"graft-e2e-{uuid.uuid4().hex[:6]}"
+    persistent_volume = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": storage_class},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": storage_class,
+            "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": {"path": str(volume), "type": "Directory"},
+        },
+    }
+    cluster.core.create_persistent_volume(persistent_volume)
+    try:
+        cluster.core.create_namespaced_persistent_volume_claim(
+            cluster.ns,
+            {
+                "metadata": {"name": claim},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": storage_class,
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            },
+        )
+        wait_for(
+            "the claim bound",
+            lambda: (
+                cluster.core.read_namespaced_persistent_volume_claim(claim, cluster.ns).status.phase
+                == "Bound"
+            ),
+            60,
+        )
+        text = (REPO / "examples" / "finetunejob-pvc.yaml").read_text()
+        doc = yaml.safe_load(text.replace("pvc://training-data/", f"pvc://{claim}/"))
+        doc["metadata"] = {"name": "on-pvc", "namespace": cluster.ns}
+        cluster.custom.create_namespaced_custom_object(
+            "graft.dev", "v1alpha1", cluster.ns, "finetunejobs", doc
+        )
+        obj, _ = finish(cluster, "on-pvc")
+        adapter = obj["status"]["artifacts"]["adapter"]
+        assert adapter.startswith(f"pvc://{claim}/out/"), adapter
+        written = volume / adapter.removeprefix(f"pvc://{claim}/")
+        assert (written / "adapter_model.safetensors").is_file(), sorted(volume.rglob("*"))
+        assert any(p.name == "manifest.json" for p in (volume / "out").rglob("*"))
+    finally:
+        cluster.core.delete_persistent_volume(storage_class)
+        shutil.rmtree(volume / "out", ignore_errors=True)
+
+
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 
 
