@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from graft.api.base import Toleration
 from graft.policy import PlatformPolicy
 
 CHART_DIR = Path(__file__).resolve().parents[2] / "helm" / "graft"
@@ -29,6 +30,35 @@ class ImageValues(Values):
     tag: str = Field(default="0.1.0", description="Image tag.")
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         default="IfNotPresent", description="When the kubelet pulls the image."
+    )
+
+
+class TrainerPodValues(Values):
+    """Platform-wide settings of every trainer pod (a namespace's policy adds its own pool)."""
+
+    image_pull_secrets: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Secrets (by name) the kubelet pulls trainer images with; each must exist in every "
+            "namespace that runs jobs."
+        ),
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Node labels for every trainer pod (the spec's own labels win key by key).",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Tolerations added to every trainer pod."
+    )
+    runtime_class_name: str = Field(
+        default="", description="RuntimeClass of trainer pods (e.g. nvidia). Empty: the default."
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="Annotations of every trainer pod."
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels of every trainer pod (Graft's own labels cannot be overridden).",
     )
 
 
@@ -62,6 +92,10 @@ class TrainerValues(Values):
             "ephemeral-storage request of trainer pods, so they land on nodes with that much "
             "local disk free (the base model and checkpoints are written there). Empty: none."
         ),
+    )
+    pod: TrainerPodValues = Field(
+        default_factory=TrainerPodValues,
+        description="Platform-wide settings of every trainer pod.",
     )
 
 
@@ -100,6 +134,10 @@ class RbacValues(Values):
 class ServiceAccountValues(Values):
     create: bool = Field(default=True, description="Create the operator's ServiceAccount.")
     name: str = Field(default="", description="Its name; empty uses the release's full name.")
+    annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="Annotations of the operator's ServiceAccount (e.g. a cloud identity).",
+    )
 
 
 class ServiceMonitorValues(Values):
@@ -163,6 +201,21 @@ class ChartValues(Values):
     tolerations: list[dict[str, Any]] = Field(
         default_factory=list, description="Operator pod tolerations."
     )
+    affinity: dict[str, Any] = Field(default_factory=dict, description="Operator pod affinity.")
+    priority_class_name: str = Field(
+        default="", description="PriorityClass of the operator pod. Empty: the default."
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list,
+        description="Secrets (by name, in the release namespace) to pull the operator image with.",
+    )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict, description="Annotations of the operator pod."
+    )
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels of the operator pod (its selector labels cannot be overridden).",
+    )
     host_network: bool = Field(
         default=False,
         description="Run the operator in the host network (only for single-node test clusters).",
@@ -171,6 +224,11 @@ class ChartValues(Values):
         default_factory=dict,
         description="Extra environment variables of the operator, e.g. KUBERNETES_SERVICE_HOST "
         "on clusters whose service network pods cannot reach.",
+    )
+    global_: dict[str, Any] = Field(
+        default_factory=dict,
+        alias="global",
+        description="Values an umbrella chart shares with its subcharts; Graft reads none.",
     )
     policy: PlatformPolicy = Field(
         default_factory=PlatformPolicy,

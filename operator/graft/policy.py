@@ -272,9 +272,15 @@ def policy_issues(
     return issues
 
 
-def place_trainer_pod(pod_spec: dict[str, Any], namespace: str, policy: PlatformPolicy) -> None:
+def place_trainer_pod(
+    pod_spec: dict[str, Any],
+    namespace: str,
+    policy: PlatformPolicy,
+    spec_tolerations: bool = False,
+) -> None:
     """Default, then force, the namespace's node selector and tolerations onto a trainer pod
-    spec. Applied when a Job is built, so a changed policy reaches new Jobs only."""
+    spec (`spec_tolerations`: the resource's spec sets its own, so the default ones stay out).
+    Applied when a Job is built, so a changed policy reaches new Jobs only."""
     rules = policy.namespaces.get(namespace)
     if rules is None:
         return
@@ -283,8 +289,9 @@ def place_trainer_pod(pod_spec: dict[str, Any], namespace: str, policy: Platform
             **rules.default_node_selector,
             **pod_spec.get("nodeSelector", {}),
         }
-    if rules.default_tolerations and not pod_spec.get("tolerations"):
-        pod_spec["tolerations"] = [t.to_api() for t in rules.default_tolerations]
+    if rules.default_tolerations and not spec_tolerations:
+        defaults = [t.to_api() for t in rules.default_tolerations]
+        pod_spec["tolerations"] = [*pod_spec.get("tolerations", []), *defaults]
     if rules.node_selector:
         pod_spec["nodeSelector"] = {**pod_spec.get("nodeSelector", {}), **rules.node_selector}
     if rules.tolerations:

@@ -26,9 +26,19 @@ def render(values: dict[str, Any], namespace: str = "graft-system") -> list[dict
     finally:
         chart.close()
     documents = []
-    for text in rendered.values():
-        documents += [d for d in yaml.safe_load_all(text) if d]
+    for path, text in rendered.items():
+        if not path.endswith("NOTES.txt"):  # what `helm install` prints, not a manifest
+            documents += [d for d in yaml.safe_load_all(text) if d]
     return documents
+
+
+def notes(values: dict[str, Any]) -> str:
+    chart = helm_python.Chart.load(str(CHART_DIR))
+    try:
+        rendered = chart.render(values, name="graft", namespace="graft-system", is_install=True)
+    finally:
+        chart.close()
+    return next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
 
 
 def by_kind(documents: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -85,7 +95,8 @@ def test_operator_runs_alone_and_restricted() -> None:
     pod = deployment["spec"]["template"]["spec"]
     assert restricted_violations(pod) == []
     container = pod["containers"][0]
-    assert "http://127.0.0.1:8080/healthz" in container["livenessProbe"]["exec"]["command"][-1]
+    # the kubelet asks over HTTP, on the pod's address (no Python started per probe)
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
 
@@ -97,6 +108,8 @@ def test_local_values_use_local_images_and_the_loopback_api() -> None:
     assert container["imagePullPolicy"] == "Never"
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["KUBERNETES_SERVICE_HOST"] == "127.0.0.1"
+    # in the host network the probe asks on loopback, never the node's own address
+    assert container["livenessProbe"]["httpGet"]["host"] == "127.0.0.1"
     assert env["GRAFT_TRAINER_IMAGE"] == "graft/trainer:dev"
     # Only the host network sets the local values apart from the restricted profile.
     assert restricted_violations(pod, allow_host_network=True) == []
@@ -198,3 +211,98 @@ def test_schema_file_is_valid_json_schema() -> None:
     jsonschema.Draft7Validator.check_schema(schema)
     jsonschema.validate(yaml.safe_load((CHART_DIR / "values.yaml").read_text()), schema)
     jsonschema.validate(LOCAL_VALUES, schema)
+
+
+PLATFORM = {
+    "global": {"imageRegistry": "registry.example"},  # as an umbrella chart passes it
+    "imagePullSecrets": ["regcred"],
+    "podAnnotations": {"prometheus.io/scrape": "true"},
+    "podLabels": {"team": "platform", "app.kubernetes.io/name": "not-graft"},
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["ops"]}]}
+                ]
+            }
+        }
+    },
+    "priorityClassName": "platform-critical",
+    "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/graft"}},
+    "trainer": {
+        "pod": {
+            "imagePullSecrets": ["trainer-regcred"],
+            "nodeSelector": {"accelerator": "h100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+            "runtimeClassName": "nvidia",
+            "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+            "labels": {"cost-center": "ml"},
+        }
+    },
+}
+
+
+def test_what_platforms_set_reaches_the_operator_pod() -> None:
+    documents = render(PLATFORM)
+    for document in documents:
+        kubernetes_validate.validate(document, "1.28.0", strict=True)
+    (deployment,) = by_kind(documents, "Deployment")
+    template = deployment["spec"]["template"]
+    pod = template["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["priorityClassName"] == "platform-critical"
+    assert pod["affinity"] == PLATFORM["affinity"]
+    assert template["metadata"]["annotations"] == {"prometheus.io/scrape": "true"}
+    labels = template["metadata"]["labels"]
+    # the selector labels win: the Deployment must still select its pod
+    assert labels["team"] == "platform"
+    for key, value in deployment["spec"]["selector"]["matchLabels"].items():
+        assert labels[key] == value
+    (account,) = by_kind(documents, "ServiceAccount")
+    assert account["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/graft"
+    }
+
+
+def test_platform_trainer_pod_settings_reach_every_trainer_pod() -> None:
+    from graft.controller import planner
+    from graft.controller.config import OperatorConfig
+
+    env = operator_env(render(PLATFORM))
+    config = OperatorConfig.from_env(
+        {"GRAFT_TRAINER_POD": env["GRAFT_TRAINER_POD"], "GRAFT_OUTPUT_URI": "s3://graft/out/"}
+    )
+    obj = yaml.safe_load((CHART_DIR.parents[1] / "examples" / "finetunejob.yaml").read_text())
+    obj["metadata"].update(namespace="team-a", uid="0123abcd-0000")
+    obj["spec"]["scheduling"] = {
+        "nodeSelector": {"accelerator": "a100"},
+        "tolerations": [{"key": "spot", "operator": "Exists"}],
+    }
+    resolved = planner.resolve_spec(obj["spec"], config, "FineTuneJob", "team-a")
+    job = planner.build_trainer_job(obj, resolved.spec, config, spec_hash_="h")
+    kubernetes_validate.validate(job, "1.28.0", strict=True)
+    template = job["spec"]["template"]
+    pod = template["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "trainer-regcred"}]
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["nodeSelector"] == {"accelerator": "a100"}  # the spec's own label wins
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists"},
+        {"key": "spot", "operator": "Exists"},
+    ]
+    assert template["metadata"]["annotations"] == {
+        "cluster-autoscaler.kubernetes.io/safe-to-evict": "false"
+    }
+    assert template["metadata"]["labels"]["cost-center"] == "ml"
+    assert template["metadata"]["labels"][planner.LABEL_NAME] == "tone-classifier"
+    with pytest.raises(Exception, match="runtimeClass"):
+        render({"trainer": {"pod": {"runtimeClass": "nvidia"}}})
+
+
+def test_install_notes_say_what_is_served_and_where_to_look() -> None:
+    text = notes({"watchNamespaces": ["team-a", "team-b"], "output": {"uri": "s3://graft/"}})
+    assert "serves namespaces team-a, team-b" in text
+    assert "kubectl -n graft-system logs deploy/graft" in text
+    assert "Default artifact store: s3://graft/" in text
+    assert "serves every namespace" in notes({})
+    assert "every resource must set spec.output" in notes({})

@@ -20,6 +20,7 @@
 | GRAFT_DISRUPTION_ALLOWANCE | pod disruptions (evictions) retried beyond backoffLimit | 10 |
 | GRAFT_WORKERS | concurrent reconciles | 32 |
 | GRAFT_POLICY | platform policy as JSON (graft.policy.PlatformPolicy) | {} (allow all) |
+| GRAFT_TRAINER_POD | every trainer pod's platform settings as JSON (chart `trainer.pod`: imagePullSecrets, nodeSelector, tolerations, runtimeClassName, annotations, labels) | {} |
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ import json
 import re
 from collections.abc import Mapping
 
+from pydantic import ValidationError
+
+from graft.chart_values import TrainerPodValues
 from graft.policy import PlatformPolicy, policy_from_json
 
 TRUE = ("1", "true", "yes", "on")
@@ -60,6 +64,7 @@ class OperatorConfig:
     disruption_allowance: int = 10
     workers: int = 32
     policy: PlatformPolicy = dataclasses.field(default_factory=PlatformPolicy)
+    trainer_pod: TrainerPodValues = dataclasses.field(default_factory=TrainerPodValues)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
@@ -102,6 +107,15 @@ class OperatorConfig:
             policy = policy_from_json(env.get("GRAFT_POLICY", ""))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        try:
+            trainer_pod = TrainerPodValues.model_validate_json(
+                env.get("GRAFT_TRAINER_POD", "").strip() or "{}"
+            )
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
+            )
+            raise ConfigError(f"GRAFT_TRAINER_POD: {problems}") from None
         namespaces = tuple(
             n.strip() for n in env.get("GRAFT_WATCH_NAMESPACES", "").split(",") if n.strip()
         )
@@ -124,4 +138,5 @@ class OperatorConfig:
             disruption_allowance=int(number("GRAFT_DISRUPTION_ALLOWANCE", 10)),
             workers=int(number("GRAFT_WORKERS", 32, 1)),
             policy=policy,
+            trainer_pod=trainer_pod,
         )

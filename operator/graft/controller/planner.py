@@ -497,23 +497,37 @@ def build_trainer_job(
     if config.trainer_host_network:
         pod_spec["hostNetwork"] = True
         pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
-    if scheduling.get("nodeSelector"):
-        pod_spec["nodeSelector"] = dict(scheduling["nodeSelector"])
-    if scheduling.get("tolerations"):
-        pod_spec["tolerations"] = copy.deepcopy(scheduling["tolerations"])
+    platform = config.trainer_pod
+    node_selector = {**platform.node_selector, **(scheduling.get("nodeSelector") or {})}
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    tolerations = [t.to_api() for t in platform.tolerations]
+    tolerations += copy.deepcopy(scheduling.get("tolerations") or [])
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if platform.runtime_class_name:
+        pod_spec["runtimeClassName"] = platform.runtime_class_name
+    if platform.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in platform.image_pull_secrets]
     if scheduling.get("affinity"):
         pod_spec["affinity"] = copy.deepcopy(scheduling["affinity"])
     if scheduling.get("priorityClassName"):
         pod_spec["priorityClassName"] = scheduling["priorityClassName"]
-    place_trainer_pod(pod_spec, namespace, config.policy)
+    place_trainer_pod(
+        pod_spec, namespace, config.policy, spec_tolerations=bool(scheduling.get("tolerations"))
+    )
 
+    # Graft's own labels win: the operator finds its pods by them.
+    pod_metadata: dict[str, Any] = {"labels": {**config.trainer_pod.labels, **job_labels}}
+    if config.trainer_pod.annotations:
+        pod_metadata["annotations"] = dict(config.trainer_pod.annotations)
     job_spec: dict[str, Any] = {
         # The operator enforces spec.backoffLimit itself, counting only the trainer's own
         # failures; the allowance lets evicted pods be replaced by the Job controller.
         "backoffLimit": int(spec.get("backoffLimit", 2)) + config.disruption_allowance,
         "completions": 1,
         "parallelism": 1,
-        "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
+        "template": {"metadata": pod_metadata, "spec": pod_spec},
     }
     deadline = spec.get("activeDeadlineSeconds") or config.policy.default_active_deadline_seconds
     if deadline:
