@@ -138,6 +138,16 @@ def test_helm_install_runs_the_quickstart_chain_and_uninstalls_cleanly(
         )
         ready = quickstart.condition(ab, "Ready")
         assert ready and ready["status"] == "True", json.dumps(ab["status"], indent=1)
+        # The kubelet's liveness probe (HTTP /healthz) passed all along: never restarted.
+        operator_pods = (
+            k8s.CoreV1Api(api)
+            .list_namespaced_pod(
+                operator_ns, label_selector=f"app.kubernetes.io/instance={release}"
+            )
+            .items
+        )
+        restarts = [c.restart_count for p in operator_pods for c in p.status.container_statuses]
+        assert restarts == [0], restarts
         reports = {r["name"]: r for r in ab["status"]["adapters"]}
         assert set(reports) == {"tone", "verdict"}
         assert all(r["smokeTest"] == "passed" for r in reports.values()), reports
