@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from graft.controller.kube import ApiError
 from graft.controller.login import api_server_url, login_in_cluster
 
 
@@ -114,3 +115,55 @@ def test_kube_client_takes_kopfs_credentials_from_a_kubeconfig(
             await kube.close()
 
     assert asyncio.run(headers()) == ("https://127.0.0.1:6443", "Bearer s3cr3t")
+
+
+def test_a_rotated_service_account_token_is_read_again(tmp_path: Path) -> None:
+    """The kubelet rewrites the projected token as it rotates it (bound tokens expire): the
+    operator's client reads the file again, at once when the API server answers 401."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from graft.controller.kube import Kube, TokenFile
+
+    token_path = tmp_path / "token"
+    token_path.write_text("first\n")
+    accepted = {"token": "first"}
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        sent = request.headers.get("Authorization", "")
+        seen.append(sent)
+        if sent != f"Bearer {accepted['token']}":
+            return web.json_response({"kind": "Status", "message": "Unauthorized"}, status=401)
+        return web.json_response({"kind": "Namespace", "metadata": {"name": "team-a"}})
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_get("/api/v1/namespaces/team-a", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        kube = Kube(
+            aiohttp.ClientSession(), f"http://127.0.0.1:{port}", token_file=TokenFile(token_path)
+        )
+        try:
+            assert (await kube.get("/api/v1/namespaces/team-a"))["metadata"]["name"] == "team-a"
+            # rotated: the old token is refused from now on, the file holds the new one
+            accepted["token"] = "second"
+            token_path.write_text("second\n")
+            assert await kube.get("/api/v1/namespaces/team-a") is not None
+            assert seen == ["Bearer first", "Bearer first", "Bearer second"]
+            # a token that is simply wrong still fails, after one fresh read
+            accepted["token"] = "third"
+            with pytest.raises(ApiError) as refused:
+                await kube.get("/api/v1/namespaces/team-a")
+            assert refused.value.status == 401 and seen[-2:] == ["Bearer second"] * 2
+        finally:
+            await kube.close()
+            await runner.cleanup()
+
+    asyncio.run(scenario())

@@ -11,10 +11,12 @@ No generated client library: kubernetes_asyncio's ~1,000 model classes cost the 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import ssl
 import tempfile
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -140,6 +142,27 @@ def resource_of(path: str) -> str:
 
 # Called after every API response with (method, resource, HTTP status).
 ResponseHook = Callable[[str, str, int], None]
+# How often the pod's ServiceAccount token file is read again: the kubelet rotates bound tokens
+# (they expire after an hour, with a grace period) well before they run out.
+TOKEN_REREAD_SECONDS = 60.0
+
+
+class TokenFile:
+    """A bearer token read from a file the kubelet rewrites as it rotates the token: read again
+    every TOKEN_REREAD_SECONDS, and at once when the API server answers 401."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._token = ""
+        self._read_at = -float("inf")
+
+    def current(self, *, fresh: bool = False) -> str:
+        now = time.monotonic()
+        if fresh or now - self._read_at >= TOKEN_REREAD_SECONDS:
+            with contextlib.suppress(OSError):
+                self._token = self.path.read_text().strip()
+            self._read_at = now
+        return self._token
 
 
 class Kube:
@@ -148,20 +171,31 @@ class Kube:
         session: aiohttp.ClientSession,
         server: str,
         on_response: ResponseHook | None = None,
+        token_file: TokenFile | None = None,
     ) -> None:
         self.session = session
         self.server = server.rstrip("/")
         self.instance = os.environ.get("HOSTNAME", "graft-operator")
         self.on_response = on_response
+        self.token_file = token_file
 
     @classmethod
     async def connect(
         cls, kubeconfig: str | None = None, on_response: ResponseHook | None = None
     ) -> Kube:
+        from graft.controller.login import SERVICE_ACCOUNT
+
         info = connection_info(kubeconfig)
         headers = {"Accept": "application/json", "User-Agent": "graft-operator"}
         auth = None
-        if info.token:
+        token_file = None
+        # The same choice as connection_info: without a kubeconfig, the pod's ServiceAccount.
+        kubeconfig_used = bool(os.environ.get("KUBECONFIG")) or (
+            Path("~/.kube/config").expanduser().exists()
+        )
+        if not kubeconfig_used and info.token and (SERVICE_ACCOUNT / "token").exists():
+            token_file = TokenFile(SERVICE_ACCOUNT / "token")  # rotated by the kubelet
+        elif info.token:
             headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
         elif info.username and info.password:
             auth = aiohttp.BasicAuth(info.username, info.password)
@@ -176,7 +210,7 @@ class Kube:
             ),
             timeout=aiohttp.ClientTimeout(total=30),
         )
-        return cls(session, str(info.server), on_response)
+        return cls(session, str(info.server), on_response, token_file)
 
     async def close(self) -> None:
         await self.session.close()
@@ -191,20 +225,22 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
     ) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else None
-        async with self.session.request(
-            method,
-            self.server + path,
-            data=data,
-            params=query or None,
-            headers={"Content-Type": content_type},
-        ) as response:
-            text = await response.read()
+        for fresh in (False, True):
+            headers = {"Content-Type": content_type}
+            if self.token_file is not None:
+                headers["Authorization"] = f"Bearer {self.token_file.current(fresh=fresh)}"
+            async with self.session.request(
+                method, self.server + path, data=data, params=query or None, headers=headers
+            ) as response:
+                text = await response.read()
+                status, reason = response.status, response.reason or ""
             if self.on_response is not None:
-                self.on_response(method, resource_of(path), response.status)
-            if response.status >= 400:
-                raise ApiError(
-                    response.status, response.reason or "", text.decode(errors="replace")
-                )
+                self.on_response(method, resource_of(path), status)
+            if status == 401 and self.token_file is not None and not fresh:
+                continue  # the token rotated under us: read it again and retry once
+            if status >= 400:
+                raise ApiError(status, reason, text.decode(errors="replace"))
+            break
         result = json.loads(text) if text else {}
         assert isinstance(result, dict)
         return result
