@@ -400,3 +400,15 @@ def test_the_chart_grants_exactly_what_the_operator_uses(
         f"\n  granted but never used:{lines(unused)}"
         f"\n  used but not granted:{lines(missing)}"
     )
+    # Jobs, pods and ConfigMaps are selected by the API server: every list and watch of them
+    # asks only for Graft's children (label selector), never every object of the namespace.
+    children = [
+        e
+        for e in audit_events(audit_log)
+        if (e.get("user") or {}).get("username") == user
+        and e["verb"] in ("list", "watch")
+        and (e.get("objectRef") or {}).get("resource") in ("jobs", "pods", "configmaps")
+    ]
+    assert children, "no list or watch of the children was audited"
+    unselected = [e["requestURI"] for e in children if "labelSelector=" not in e["requestURI"]]
+    assert not unselected, unselected

@@ -32,6 +32,9 @@ CHILD_LABELS: dict[str, Any] = {
     planner.LABEL_KIND: kopf.PRESENT,
     planner.LABEL_NAME: kopf.PRESENT,
 }
+# The same, as the server-side label selector of the children's watches.
+CHILD_SELECTOR = f"{planner.LABEL_KIND},{planner.LABEL_NAME}"
+CHILD_RESOURCES = (("batch", "v1", "jobs"), ("v1", "pods"), ("v1", "configmaps"))
 
 
 def plain(value: Any) -> Any:
@@ -262,6 +265,10 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     settings.watching.reconnect_backoff = 1.0
     # Bounded retries of failed API calls inside kopf.
     settings.networking.error_backoffs = [1, 2, 5, 10, 20]
+    # Jobs, pods and ConfigMaps: only Graft's children, selected by the API server, not every
+    # object of the served namespaces sent over the watch and dropped here.
+    for resource in CHILD_RESOURCES:
+        settings.watching.label_selectors[resource] = CHILD_SELECTOR
     # We post our own Events (one per condition transition); kopf's log-as-event posting off.
     settings.posting.enabled = False
     settings.queueing.idle_timeout = 30.0
