@@ -175,3 +175,24 @@ def test_a_pod_the_job_controller_cannot_create_is_named() -> None:
         NOW,
     )
     assert cond(pending.status, "Running")["reason"] == "PodPending"
+
+
+def test_a_job_a_queue_holds_says_so_instead_of_asking_for_nodes() -> None:
+    """Kueue admits a workload by un-suspending its Job; until then the Job has no pod."""
+    from graft.controller.status import Observed, compute_status
+    from tests.unit.test_controller_status import NOW, ftj, job
+
+    held = job("Suspended")
+    held["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a-gpus"}
+    plan = compute_status(ftj(), Observed(current_hash="h", job=held), NOW)
+    running = cond(plan.status, "Running")
+    assert running["reason"] == "Queued"
+    assert "queue team-a-gpus to admit it" in running["message"]
+    assert not plan.delete_job and plan.status["phase"] == "Pending"
+    # admitted: the Job is no longer suspended and its pod runs
+    from tests.unit.test_controller_status import pod
+
+    admitted = compute_status(
+        ftj(plan.status), Observed(current_hash="h", job=job(), pods=(pod("p1", "Running"),)), NOW
+    )
+    assert cond(admitted.status, "Running")["reason"] == "TrainerRunning"

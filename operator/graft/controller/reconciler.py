@@ -236,7 +236,7 @@ class Reconciler:
             if resolved and launched_spec and launched_hash != resolved.spec_hash:
                 changed = tuple(planner.changed_fields(launched_spec, resolved.spec))
             pod_refused = None
-            if job is not None and not pods and not _job_finished(job):
+            if job is not None and not pods and not _job_finished(job) and not _job_held(job):
                 pod_refused = await self._pod_refusal(job)
             observed = Observed(
                 issues=issues,
@@ -607,6 +607,14 @@ def _ever_launched(obj: dict[str, Any]) -> bool:
 def _job_finished(job: dict[str, Any]) -> bool:
     return any(
         c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+        for c in (job.get("status") or {}).get("conditions") or []
+    )
+
+
+def _job_held(job: dict[str, Any]) -> bool:
+    """Suspended by someone else (a queue such as Kueue): it has no pods on purpose."""
+    return any(
+        c.get("type") == "Suspended" and c.get("status") == "True"
         for c in (job.get("status") or {}).get("conditions") or []
     )
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from graft.api.errors import FieldIssue
-from graft.controller.planner import attempts_before, kind_of
+from graft.controller.planner import KUEUE_QUEUE, attempts_before, kind_of
 from graft.controller.pods import (
     DISRUPTION_REASONS,
     OOM_ADVICE,
@@ -417,6 +417,18 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
         _fail(cond, status, plan, job_reason, message, now, job)
         return finish()
 
+    held = _job_condition(job, "Suspended")
+    if held is not None and not any(o.kind in ("running", "pending") for o in outcomes):
+        # Graft deletes its Jobs to suspend them: a suspended Job is a queue's (Kueue) hold.
+        queue = (job["metadata"].get("labels") or {}).get(KUEUE_QUEUE)
+        where = f"queue {queue}" if queue else "its queue"
+        cond(
+            "Running",
+            "False",
+            "Queued",
+            f"the Job waits for {where} to admit it (the Job is suspended until then)",
+        )
+        return finish()
     running = [o for o in outcomes if o.kind == "running"]
     if running:
         cond("Running", "True", "TrainerRunning", f"pod {running[0].name} is training")
