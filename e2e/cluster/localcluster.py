@@ -894,6 +894,25 @@ class LocalCluster:
         with step("create the S3 Secret in the cluster"):
             self._apply_s3_secret()
 
+    def restart_api_server(self, down_seconds: float = 0.0) -> None:
+        """Stop kube-apiserver and etcd (an API outage: control-plane upgrade, a node of the
+        control plane lost), keep them down `down_seconds`, start them again and wait until the
+        API answers. For fault tests; every other component keeps running."""
+        cmds = component_commands(self.cfg, k8s_bin_dir(), self._wrapper_path())
+        with step("stop kube-apiserver and etcd"):
+            self._stop("kube-apiserver")
+            self._stop("etcd")
+        time.sleep(down_seconds)
+        with step("start etcd and kube-apiserver again", self.logfile("kube-apiserver")):
+            self.start_process("etcd", cmds["etcd"])
+            self.start_process("kube-apiserver", cmds["kube-apiserver"])
+            wait_for(
+                "apiserver /readyz",
+                self.apiserver_ready,
+                90,
+                pidfile=self.pidfile("kube-apiserver"),
+            )
+
     def _start_node(self, alive: set[str]) -> None:
         cfg = self.cfg
         cmds = component_commands(cfg, k8s_bin_dir(), self._wrapper_path())
