@@ -83,3 +83,20 @@ def test_an_outage_is_waited_out_within_the_retry_budget(monkeypatch: pytest.Mon
     stub.add_client_error("head_bucket", "InvalidAccessKeyId", "no such key", 403)
     with stub, pytest.raises(StoreAccessError):
         store.check(PREFIX)  # one answer, no retry (a second call would find no stub)
+
+
+def test_existence_is_asked_of_the_metadata_never_the_body() -> None:
+    """A dataset object of many gigabytes is not downloaded into memory to learn it exists: only
+    HEAD requests are stubbed, so a GET would fail the test."""
+    store, stub = stubbed()
+    uri = "s3://graft/datasets/huge.jsonl"
+    stub.add_response(
+        "head_object",
+        {"ContentLength": 50 * 2**30},
+        {"Bucket": "graft", "Key": "datasets/huge.jsonl"},
+    )
+    stub.add_client_error("head_object", "404", "Not Found", 404)
+    with stub:
+        assert store.exists(uri) is True
+        assert store.exists(uri) is False
+        stub.assert_no_pending_responses()

@@ -93,7 +93,7 @@ def fetch_dataset_files(spec: DatasetSpec) -> list[Path]:
         else:
             name = parsed.path.rsplit("/", 1)[-1]
             path = target / name
-            if store.read_bytes(uri) is None:
+            if not store.exists(uri):
                 raise GraftInputError(f"dataset {uri}: no such object")
             store.download_file(uri, path)
             files = [path]

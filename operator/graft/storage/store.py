@@ -395,6 +395,25 @@ class S3Store(Store):
                     ),
                 )
 
+    def exists(self, uri: str) -> bool:
+        """Whether the object is there, from its metadata alone (a HEAD: a dataset of many
+        gigabytes is not read to learn that)."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = self._split(uri)
+
+        def head() -> bool:
+            try:
+                self.client_for(bucket).head_object(Bucket=bucket, Key=key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                    return False
+                raise
+            return True
+
+        found: bool = self._call("looking up", uri, head)
+        return found
+
     def check(self, uri: str, write: bool = False) -> None:
         """The bucket exists and answers; with `write`, an object can be written under `uri`
         (and is removed again): read-only credentials fail here, not at the first checkpoint."""
