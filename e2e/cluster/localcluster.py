@@ -855,32 +855,12 @@ class LocalCluster:
 
     def _start_control_plane(self) -> None:
         cmds = component_commands(self.cfg, k8s_bin_dir(), self._wrapper_path())
-        with step("start etcd", self.logfile("etcd")):
-            self.start_process("etcd", cmds["etcd"])
-            wait_for(
-                "etcd health",
-                lambda: (
-                    urllib.request.urlopen(
-                        f"http://127.0.0.1:{self.cfg.ports.etcd_client}/health", timeout=2
-                    ).status
-                    == 200
-                ),
-                30,
-                pidfile=self.pidfile("etcd"),
-            )
+        self._start_etcd(cmds)
         with step("start S3 server (moto)", self.logfile("s3")):
             self.start_process("s3", cmds["s3"])
             wait_for("S3 server", self.s3_ready, 30, pidfile=self.pidfile("s3"))
             self._create_bucket()
-        with step("start kube-apiserver", self.logfile("kube-apiserver")):
-            self.cfg.audit_policy.write_text(render_audit_policy())
-            self.start_process("kube-apiserver", cmds["kube-apiserver"])
-            wait_for(
-                "apiserver /readyz",
-                self.apiserver_ready,
-                90,
-                pidfile=self.pidfile("kube-apiserver"),
-            )
+        self._start_api_server(cmds)
         with step("start kube-controller-manager", self.logfile("kube-controller-manager")):
             self.start_process("kube-controller-manager", cmds["kube-controller-manager"])
             wait_for(
@@ -894,6 +874,32 @@ class LocalCluster:
         with step("create the S3 Secret in the cluster"):
             self._apply_s3_secret()
 
+    def _start_etcd(self, cmds: dict[str, list[str]]) -> None:
+        with step("start etcd", self.logfile("etcd")):
+            self.start_process("etcd", cmds["etcd"])
+            wait_for(
+                "etcd health",
+                lambda: (
+                    urllib.request.urlopen(
+                        f"http://127.0.0.1:{self.cfg.ports.etcd_client}/health", timeout=2
+                    ).status
+                    == 200
+                ),
+                30,
+                pidfile=self.pidfile("etcd"),
+            )
+
+    def _start_api_server(self, cmds: dict[str, list[str]]) -> None:
+        with step("start kube-apiserver", self.logfile("kube-apiserver")):
+            self.cfg.audit_policy.write_text(render_audit_policy())
+            self.start_process("kube-apiserver", cmds["kube-apiserver"])
+            wait_for(
+                "apiserver /readyz",
+                self.apiserver_ready,
+                90,
+                pidfile=self.pidfile("kube-apiserver"),
+            )
+
     def restart_api_server(self, down_seconds: float = 0.0) -> None:
         """Stop kube-apiserver and etcd (an API outage: control-plane upgrade, a node of the
         control plane lost), keep them down `down_seconds`, start them again and wait until the
@@ -903,15 +909,8 @@ class LocalCluster:
             self._stop("kube-apiserver")
             self._stop("etcd")
         time.sleep(down_seconds)
-        with step("start etcd and kube-apiserver again", self.logfile("kube-apiserver")):
-            self.start_process("etcd", cmds["etcd"])
-            self.start_process("kube-apiserver", cmds["kube-apiserver"])
-            wait_for(
-                "apiserver /readyz",
-                self.apiserver_ready,
-                90,
-                pidfile=self.pidfile("kube-apiserver"),
-            )
+        self._start_etcd(cmds)
+        self._start_api_server(cmds)
 
     def _start_node(self, alive: set[str]) -> None:
         cfg = self.cfg
