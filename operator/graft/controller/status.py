@@ -25,7 +25,7 @@ from graft.controller.pods import (
     failure_summary,
 )
 from graft.controller.sources import GATE_REASONS, SourceGate
-from graft.controller.study import FINISHED, TrialObserved, observe_trial, plan_study
+from graft.controller.study import TrialObserved, plan_study
 from graft.exit_codes import NOT_RETRIED
 from graft.policy import GpuBudget, PolicyIssue
 
@@ -536,14 +536,7 @@ def _study(
         cond("Failed", "True", "AllTrialsFailed", f"the search failed: {study.message}")
         cond("Running", "False", "Failed", f"the search failed: {study.message}")
         status["completionTime"] = rfc3339(now)
-    elif (
-        held_back
-        and not plan.create_trials
-        and not any(
-            observe_trial(t, observed.backoff_limit)["state"] not in FINISHED
-            for t in observed.study.trials
-        )
-    ):
+    elif held_back and not plan.create_trials and not study.active:
         assert budget is not None
         cond("Running", "False", GPU_WAIT_REASON, budget.wait_message(observed.gpus))
     else:

@@ -44,6 +44,7 @@ class StudyPlan:
     outcome: Literal["running", "succeeded", "failed"]
     message: str
     pods: int  # trial pods seen, for status.attempts
+    active: int = 0  # trials with a Job that has not finished
 
 
 def _job_failed(job: dict[str, Any]) -> dict[str, Any] | None:
@@ -178,6 +179,7 @@ def plan_study(
         outcome=outcome,
         message=message,
         pods=sum(len(t.pods) for t in trials),
+        active=active,
     )
 
 
