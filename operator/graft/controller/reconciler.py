@@ -32,6 +32,8 @@ from graft.controller.status import (
     Observed,
     StudyObserved,
     compute_status,
+    job_condition,
+    job_finished,
     launch_refused,
     parse_time,
     status_patch,
@@ -235,8 +237,13 @@ class Reconciler:
             changed: tuple[str, ...] = ()
             if resolved and launched_spec and launched_hash != resolved.spec_hash:
                 changed = tuple(planner.changed_fields(launched_spec, resolved.spec))
-            pod_refused = None
-            if job is not None and not pods and not _job_finished(job) and not _job_held(job):
+            pod_refused = None  # a Job a queue holds (Suspended) has no pod on purpose
+            if (
+                job is not None
+                and not pods
+                and not job_finished(job)
+                and not job_condition(job, "Suspended")
+            ):
                 pod_refused = await self._pod_refusal(job)
             observed = Observed(
                 issues=issues,
@@ -394,7 +401,7 @@ class Reconciler:
         held: dict[str, int] = {}
         for job in self.caches.namespace_jobs(namespace):
             meta = job["metadata"]
-            if meta.get("deletionTimestamp") or _job_finished(job):
+            if meta.get("deletionTimestamp") or job_finished(job):
                 held[meta["name"]] = 0
             else:
                 held[meta["name"]] = planner.job_gpus(job)
@@ -602,21 +609,6 @@ def _ever_launched(obj: dict[str, Any]) -> bool:
     """Whether a Job of this resource has been seen (its status names one or counts pods)."""
     status = obj.get("status") or {}
     return bool(status.get("jobName") or status.get("attempts") or status.get("search"))
-
-
-def _job_finished(job: dict[str, Any]) -> bool:
-    return any(
-        c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-        for c in (job.get("status") or {}).get("conditions") or []
-    )
-
-
-def _job_held(job: dict[str, Any]) -> bool:
-    """Suspended by someone else (a queue such as Kueue): it has no pods on purpose."""
-    return any(
-        c.get("type") == "Suspended" and c.get("status") == "True"
-        for c in (job.get("status") or {}).get("conditions") or []
-    )
 
 
 def _owned_by(obj: dict[str, Any], uid: str) -> bool:

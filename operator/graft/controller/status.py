@@ -210,7 +210,7 @@ def is_terminal(status: dict[str, Any]) -> bool:
     )
 
 
-def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
+def job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
     for cond in (job.get("status") or {}).get("conditions") or []:
         if cond.get("type") == type_ and cond.get("status") == "True":
             return dict(cond)
@@ -304,7 +304,7 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
     if is_terminal(prev):
         succeeded = is_true(before, "Succeeded")
         cond("Running", "False", "Completed" if succeeded else "Failed", "the run has ended")
-        if not succeeded and job is not None and not _finished(job):
+        if not succeeded and job is not None and not job_finished(job):
             plan.delete_job = True
         if ttl is not None:
             done = parse_time(status.get("completionTime")) or now
@@ -383,8 +383,8 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
 
     failures = sorted((o for o in outcomes if o.kind == "failed"), key=lambda o: o.name)
     invalid = [o for o in failures if o.exit_code in NOT_RETRIED]
-    complete = _job_condition(job, "Complete")
-    job_failed = _job_condition(job, "Failed")
+    complete = job_condition(job, "Complete")
+    job_failed = job_condition(job, "Failed")
     if invalid:
         reason, message = failure_summary(invalid[0], observed.memory)
         _fail(cond, status, plan, reason, message, now, job)
@@ -417,7 +417,7 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
         _fail(cond, status, plan, job_reason, message, now, job)
         return finish()
 
-    held = _job_condition(job, "Suspended")
+    held = job_condition(job, "Suspended")
     if held is not None and not any(o.kind in ("running", "pending") for o in outcomes):
         # Graft deletes its Jobs to suspend them: a suspended Job is a queue's (Kueue) hold.
         queue = (job["metadata"].get("labels") or {}).get(KUEUE_QUEUE)
@@ -558,8 +558,8 @@ def _set_ready(cond: Any, conds: list[dict[str, Any]]) -> None:
     cond("Ready", "False", str(running.get("reason") or "NotReady"), "not built yet")
 
 
-def _finished(job: dict[str, Any]) -> bool:
-    return _job_condition(job, "Complete") is not None or _job_condition(job, "Failed") is not None
+def job_finished(job: dict[str, Any]) -> bool:
+    return job_condition(job, "Complete") is not None or job_condition(job, "Failed") is not None
 
 
 def _fail(
@@ -576,7 +576,7 @@ def _fail(
     status["completionTime"] = rfc3339(now)
     # A Job the controller has not finished would keep starting pods: stop it. A finished one
     # stays (with its pods, for `kubectl logs`) until the resource is deleted.
-    plan.delete_job = not _finished(job)
+    plan.delete_job = not job_finished(job)
 
 
 def status_patch(
