@@ -62,6 +62,26 @@ class TrainerPodValues(Values):
     )
 
 
+class HubValues(Values):
+    """Where trainer pods fetch hf:// models and datasets."""
+
+    endpoint: str = Field(
+        default="",
+        pattern=r"^$|^https?://[^\s]+$",
+        description=(
+            "Base URL of the Hugging Face Hub or of a mirror that speaks its download protocol "
+            "(HF_ENDPOINT in trainer pods), e.g. https://hf-mirror.internal. Empty: the public Hub."
+        ),
+    )
+    offline: bool = Field(
+        default=False,
+        description=(
+            "Never reach the Hub: hf:// sources are read only from the trainer's Hugging Face "
+            "cache (HF_HUB_OFFLINE=1), and a source not there fails as InvalidInput."
+        ),
+    )
+
+
 class TrainerValues(Values):
     image: str = Field(
         default="graft/trainer:0.1.0",
@@ -96,6 +116,10 @@ class TrainerValues(Values):
     pod: TrainerPodValues = Field(
         default_factory=TrainerPodValues,
         description="Platform-wide settings of every trainer pod.",
+    )
+    hub: HubValues = Field(
+        default_factory=HubValues,
+        description="Where trainer pods fetch hf:// models and datasets.",
     )
 
 

@@ -264,6 +264,20 @@ def test_what_platforms_set_reaches_the_operator_pod() -> None:
     }
 
 
+def test_hub_values_reach_the_operator() -> None:
+    from graft.controller.config import OperatorConfig
+
+    env = operator_env(
+        render({"trainer": {"hub": {"endpoint": "https://hub.mirror.internal", "offline": True}}})
+    )
+    config = OperatorConfig.from_env(env)
+    assert (config.hub_endpoint, config.hub_offline) == ("https://hub.mirror.internal", True)
+    default = OperatorConfig.from_env(operator_env(render({})))
+    assert (default.hub_endpoint, default.hub_offline) == ("", False)
+    with pytest.raises(Exception, match="endpoint"):
+        render({"trainer": {"hub": {"endpoint": "hub.mirror.internal"}}})
+
+
 def test_platform_trainer_pod_settings_reach_every_trainer_pod() -> None:
     from graft.controller import planner
     from graft.controller.config import OperatorConfig

@@ -312,3 +312,25 @@ def test_hf_locations_with_different_secrets_get_their_own_tokens() -> None:
     single["spec"]["dataset"].pop("credentialsSecret", None)
     plain_env = job_for(single)["spec"]["template"]["spec"]["containers"][0]["env"]
     assert all(e["name"] != "GRAFT_HF_TOKENS" for e in plain_env)
+
+
+def test_trainer_pods_fetch_hf_sources_where_the_platform_says() -> None:
+    """GRAFT_HF_ENDPOINT / GRAFT_HF_OFFLINE (the chart's trainer.hub) become the pods'
+    HF_ENDPOINT and HF_HUB_OFFLINE; online unless asked, whatever the image bakes in."""
+
+    def hub_vars(env: dict[str, str]) -> dict[str, str]:
+        config = OperatorConfig.from_env(env)
+        container = job_for(resource(), config)["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e["value"] for e in container["env"] if e["name"].startswith("HF_")}
+
+    assert hub_vars({}) == {"HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    mirror = hub_vars(
+        {"GRAFT_HF_ENDPOINT": "https://hub.mirror.internal/", "GRAFT_HF_OFFLINE": "true"}
+    )
+    assert mirror == {
+        "HF_ENDPOINT": "https://hub.mirror.internal",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    with pytest.raises(ConfigError, match="GRAFT_HF_ENDPOINT"):
+        OperatorConfig.from_env({"GRAFT_HF_ENDPOINT": "hub.mirror.internal"})

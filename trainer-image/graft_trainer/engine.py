@@ -31,6 +31,7 @@ from graft_trainer import attention, parallel
 from graft_trainer import data as D
 from graft_trainer.checkpoints import CheckpointManager, set_rng_state
 from graft_trainer.evaluation import BestTracker, Evaluator, OverfittingDetector, metric_key
+from graft_trainer.hub import PINS_FILE, RevisionPins
 from graft_trainer.methods import (
     autocast_dtype,
     load_model,
@@ -187,7 +188,10 @@ class Engine:
         quiet_libraries()
         self.emit("preflight", "checking the output store, data, tokenizer and model")
         self.store.check(self.prefix, write=True)
-        prep = self.prepared or prepare(spec)
+        # hf:// sources resolve to the commits of the resource's first attempt (sources.json
+        # beside its artifacts), so a retried or resumed pod trains on the same bytes.
+        pins = RevisionPins.load(join_uri(self.prefix, PINS_FILE), self.store)
+        prep = self.prepared or prepare(spec, pins)
         for w in prep.warnings:
             self.warn("MemoryPressure" if "memory" in w else "Truncation", w)
         for slow in precision_warnings(spec, prep.device):
@@ -210,6 +214,8 @@ class Engine:
         world = acc.num_processes if acc is not None else 1
         rank = acc.process_index if acc is not None else 0
         self.processes, self.main_process = world, rank == 0
+        if self.main_process:
+            pins.save()
         model = load_model(spec, prep.model_dir, prep.device)
         model.train()
         # Ragged texts without padding: each micro-batch becomes one row with block-diagonal

@@ -121,6 +121,20 @@ best step {run["bestStep"]}{", resumed from step " + str(run["resumedFrom"]) if 
 """
 
 
+def name_base_model(config_path: Path, model: Any, commit: str | None) -> None:
+    """Point a saved adapter's config at its base by name, not by the pod's cache path: the
+    Hub id and commit for hf:// (so `AutoPeftModelForCausalLM.from_pretrained` finds it where
+    the Hub is reachable), the URI otherwise."""
+    config = json.loads(config_path.read_text())
+    uri = str(model.uri)
+    if uri.startswith("hf://"):
+        config["base_model_name_or_path"] = uri.removeprefix("hf://")
+        config["revision"] = commit or model.revision
+    else:
+        config["base_model_name_or_path"] = uri
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 class OutputWriter:
     def __init__(self, engine: Engine, prep: Prepared, data: TrainData) -> None:
         self.engine = engine
@@ -155,6 +169,8 @@ class OutputWriter:
         weights = out / kind
         model.save_pretrained(str(weights))
         tokenizer.save_pretrained(str(weights))
+        if kind == "adapter":
+            name_base_model(weights / "adapter_config.json", spec.model, self.prep.model_commit)
         base_digest = "sha256:" + digest_files(
             [p for p in self.prep.model_dir.iterdir() if p.is_file()]
         )
@@ -221,6 +237,7 @@ class OutputWriter:
             "baseModel": {
                 "uri": spec.model.uri,
                 "revision": spec.model.revision,
+                "commit": self.prep.model_commit,
                 "digest": base_digest,
             },
             "dataset": {"uri": spec.dataset.uri, "digest": self.prep.dataset_digest},

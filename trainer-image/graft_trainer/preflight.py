@@ -16,6 +16,7 @@ from graft.api.finetune import FineTuneJobSpec, template_fields
 from graft.storage import parse_uri
 from graft_trainer import data as D
 from graft_trainer.errors import GraftInputError
+from graft_trainer.hub import RevisionPins
 from graft_trainer.methods import (
     check_causal_lm,
     check_quantization,
@@ -40,6 +41,8 @@ class Prepared:
     targets: list[str] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # The commit an hf:// base model resolved to (None for other sources).
+    model_commit: str | None = None
 
 
 def device_name() -> str:
@@ -218,12 +221,14 @@ def check_memory(spec: FineTuneJobSpec, est: dict[str, Any], device: str) -> lis
     return []
 
 
-def prepare(spec: FineTuneJobSpec) -> Prepared:
-    """Run every pre-flight check; returns what the engine needs next."""
-    splits, digest = load_splits(spec.dataset)
+def prepare(spec: FineTuneJobSpec, pins: RevisionPins | None = None) -> Prepared:
+    """Run every pre-flight check; returns what the engine needs next. hf:// sources are
+    fetched at the commits `pins` holds, and the commits they resolve to are recorded there."""
+    pins = pins if pins is not None else RevisionPins()
+    splits, digest = load_splits(spec.dataset, pins)
     train, evals = select_records(spec, splits)
     check_records(spec, train, evals)
-    model_dir = fetch_model(spec.model)
+    model_dir = fetch_model(spec.model, pins)
     config = check_causal_lm(model_dir, spec.model.trust_remote_code)
     tokenizer = load_tokenizer(model_dir, spec.model.trust_remote_code)
     warnings = check_tokenizer(spec, tokenizer)
@@ -250,4 +255,5 @@ def prepare(spec: FineTuneJobSpec) -> Prepared:
         targets,
         memory,
         warnings,
+        model_commit=pins.commit_for(spec.model.uri, spec.model.revision),
     )

@@ -11,7 +11,6 @@ from graft.api.base import Location
 from graft.api.finetune import DatasetSpec
 from graft.storage import (
     IntegrityError,
-    StoreError,
     download_artifact,
     download_dir,
     local_path,
@@ -20,9 +19,10 @@ from graft.storage import (
     read_manifest,
     verify_artifact,
 )
-from graft.storage.store import hf_token
+from graft_trainer import hub
 from graft_trainer.data import Record, detect_format, digest_files, read_records
 from graft_trainer.errors import GraftInputError
+from graft_trainer.hub import RevisionPins
 
 
 def cache_dir() -> Path:
@@ -36,34 +36,27 @@ def _cache_for(uri: str, kind: str) -> Path:
     return cache_dir() / kind / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
-def fetch_model(location: Location) -> Path:
+def fetch_model(location: Location, pins: RevisionPins | None = None, field: str = "model") -> Path:
     """A local directory holding the model (config, weights, tokenizer).
 
-    A folder with a manifest (what Graft wrote: adapters, merged models, exports) is read only
+    An hf:// model is the snapshot of its pinned commit when `pins` has one (else of its
+    revision), and the commit it resolved to is recorded there. A folder with a manifest (what Graft wrote: adapters, merged models, exports) is read only
     when every file matches the manifest's digest; a mismatch is IntegrityError (exit code 3,
     not retried). A folder without one (a base model a person uploaded) is taken as it is."""
     try:
-        return _fetch_model(location)
+        return _fetch_model(location, pins, field)
     except IntegrityError as exc:
         raise IntegrityError(f"model {location.uri} refused: {exc}") from None
 
 
-def _fetch_model(location: Location) -> Path:
+def _fetch_model(location: Location, pins: RevisionPins | None, field: str) -> Path:
     uri = location.uri
     parsed = parse_uri(uri)
     if parsed.scheme == "hf":
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(
-                snapshot_download(
-                    parsed.netloc,
-                    revision=location.revision,
-                    token=hf_token(parsed.netloc),
-                )
-            )
-        except Exception as exc:
-            raise StoreError(f"cannot fetch {uri}: {type(exc).__name__}: {exc}") from None
+        snapshot = hub.fetch(
+            uri, repo_type="model", revision=location.revision, field=field, pins=pins
+        )
+        return snapshot.path
     if parsed.scheme == "s3":
         prefix = uri if uri.endswith("/") else uri + "/"
         store = open_store(prefix)
@@ -111,10 +104,12 @@ def fetch_dataset_files(spec: DatasetSpec) -> list[Path]:
     return files
 
 
-def load_splits(spec: DatasetSpec) -> tuple[dict[str, list[Record]], str]:
-    """All records by split name, and a digest of the source (file content or hf revision)."""
+def load_splits(
+    spec: DatasetSpec, pins: RevisionPins | None = None
+) -> tuple[dict[str, list[Record]], str]:
+    """All records by split name, and a digest of the source (file content or hf commit)."""
     if parse_uri(spec.uri).scheme == "hf":
-        return load_hf_splits(spec)
+        return load_hf_splits(spec, pins)
     files = fetch_dataset_files(spec)
     splits: dict[str, list[Record]] = {}
     for path in files:
@@ -123,17 +118,27 @@ def load_splits(spec: DatasetSpec) -> tuple[dict[str, list[Record]], str]:
     return splits, "sha256:" + digest_files(files)
 
 
-def load_hf_splits(spec: DatasetSpec) -> tuple[dict[str, list[Record]], str]:
-    """An hf:// dataset: each split expression is resolved by `datasets` itself."""
+def load_hf_splits(
+    spec: DatasetSpec, pins: RevisionPins | None = None
+) -> tuple[dict[str, list[Record]], str]:
+    """An hf:// dataset: the repository's snapshot at its (pinned) commit, each split expression
+    (`train[:90%]`) resolved by `datasets` on those local files. Only the Hub's download
+    protocol is spoken, so a mirror that serves models serves datasets too."""
+    snapshot = hub.fetch(
+        spec.uri, repo_type="dataset", revision=spec.revision, field="dataset", pins=pins
+    )
+    out: dict[str, list[Record]] = {}
     try:
         import datasets
 
-        repo = parse_uri(spec.uri).netloc
-        token = hf_token(repo)
-        out: dict[str, list[Record]] = {}
         for expr in filter(None, [spec.train_split, spec.eval_split]):
-            ds: Any = datasets.load_dataset(repo, split=expr, revision=spec.revision, token=token)
+            ds: Any = datasets.load_dataset(str(snapshot.path), split=expr)
             out[expr] = list(ds)
-    except Exception as exc:
-        raise StoreError(f"cannot load dataset {spec.uri}: {type(exc).__name__}: {exc}") from None
-    return out, f"hf:{repo}@{spec.revision or 'main'}"
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        # An unknown split name, a bad slice, no data files: the same on every retry.
+        raise GraftInputError(
+            f"dataset {spec.uri}@{snapshot.commit[:12]}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"[:400]
+        ) from None
+    repo = parse_uri(spec.uri).netloc
+    return out, f"hf:{repo}@{snapshot.commit}"

@@ -20,6 +20,8 @@
 | GRAFT_DISRUPTION_ALLOWANCE | pod disruptions (evictions) retried beyond backoffLimit | 10 |
 | GRAFT_WORKERS | concurrent reconciles | 32 |
 | GRAFT_POLICY | platform policy as JSON (graft.policy.PlatformPolicy) | {} (allow all) |
+| GRAFT_HF_ENDPOINT | Hub (or mirror) URL trainer pods fetch hf:// sources from (their HF_ENDPOINT) | "" (the public Hub) |
+| GRAFT_HF_OFFLINE | trainer pods read hf:// sources only from their cache (HF_HUB_OFFLINE=1) | false |
 | GRAFT_TRAINER_POD | every trainer pod's platform settings as JSON (chart `trainer.pod`: imagePullSecrets, nodeSelector, tolerations, runtimeClassName, annotations, labels) | {} |
 """
 
@@ -65,6 +67,8 @@ class OperatorConfig:
     workers: int = 32
     policy: PlatformPolicy = dataclasses.field(default_factory=PlatformPolicy)
     trainer_pod: TrainerPodValues = dataclasses.field(default_factory=TrainerPodValues)
+    hub_endpoint: str = ""
+    hub_offline: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
@@ -116,6 +120,11 @@ class OperatorConfig:
                 f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
             )
             raise ConfigError(f"GRAFT_TRAINER_POD: {problems}") from None
+        hub_endpoint = env.get("GRAFT_HF_ENDPOINT", "").strip().rstrip("/")
+        if hub_endpoint and not re.match(r"^https?://\S+$", hub_endpoint):
+            raise ConfigError(
+                f"GRAFT_HF_ENDPOINT={hub_endpoint!r}: expected an http:// or https:// URL"
+            )
         namespaces = tuple(
             n.strip() for n in env.get("GRAFT_WATCH_NAMESPACES", "").split(",") if n.strip()
         )
@@ -139,4 +148,6 @@ class OperatorConfig:
             workers=int(number("GRAFT_WORKERS", 32, 1)),
             policy=policy,
             trainer_pod=trainer_pod,
+            hub_endpoint=hub_endpoint,
+            hub_offline=env.get("GRAFT_HF_OFFLINE", "").strip().lower() in TRUE,
         )

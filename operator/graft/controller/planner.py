@@ -349,6 +349,18 @@ def location_credentials_env(
     return env
 
 
+def hub_env(config: OperatorConfig) -> list[dict[str, Any]]:
+    """Where hf:// sources come from. Offline mode is set either way, so an image that bakes
+    HF_HUB_OFFLINE=1 still fetches unless the platform asks for offline; no telemetry."""
+    env = [
+        {"name": "HF_HUB_OFFLINE", "value": "1" if config.hub_offline else "0"},
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+    ]
+    if config.hub_endpoint:
+        env.insert(0, {"name": "HF_ENDPOINT", "value": config.hub_endpoint})
+    return env
+
+
 def pod_security_context(config: OperatorConfig) -> dict[str, Any]:
     uid = config.trainer_run_as_user
     return {
@@ -429,6 +441,7 @@ def build_trainer_job(
     if trial is not None:
         env.append({"name": "GRAFT_TRIAL", "value": str(trial)})
     env += location_credentials_env(spec, references)
+    env += hub_env(config)
     env.extend({"name": k, "value": v} for k, v in sorted(config.trainer_extra_env.items()))
 
     # Scratch disk: bounded when the platform says so (a pod over it is evicted, not the node).
