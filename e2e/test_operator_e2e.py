@@ -3,7 +3,8 @@
 artifacts with a manifest in S3; a trainer pod deleted mid-training resumes from its checkpoint;
 an OptimizeJob naming a missing FineTuneJob fails naming the field; a hyper-parameter search
 runs one Job per trial, survives operator kills without lost or duplicate trials, and an
-OptimizeJob referencing it exports the best trial's adapter. (The whole quickstart chain
+OptimizeJob referencing it exports the best trial's adapter; examples/finetunejob-hf.yaml pulls
+its model and private dataset through a local server speaking the Hub's download protocol. (The whole quickstart chain
 runs through the chart's in-cluster operator in test_helm_quickstart.py.)"""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 import yaml
 
 from e2e.quickstart import copy_secret, seed_store
+from tests.hub_server import HubServer
 from tests.integration.operator_kit import REPO, Cluster, host_operator, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
@@ -31,8 +33,20 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
+def hub() -> Any:
+    """The Hub the operator's trainer pods fetch hf:// sources from (GRAFT_HF_ENDPOINT); the
+    pods reach it on 127.0.0.1 through the host network."""
+    with HubServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def env(
-    full_cluster: Any, s3: Any, trainer_image: str, tmp_path_factory: pytest.TempPathFactory
+    full_cluster: Any,
+    s3: Any,
+    trainer_image: str,
+    hub: HubServer,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Any:
     from kubernetes import client
 
@@ -44,7 +58,9 @@ def env(
     cluster = Cluster(api, ns)
     cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
     copy_secret(api, "graft-s3", "default", ns)
-    op = host_operator(full_cluster, [ns], work / "operator.log", trainer_image)
+    op = host_operator(
+        full_cluster, [ns], work / "operator.log", trainer_image, GRAFT_HF_ENDPOINT=hub.url
+    )
     op.start()
     try:
         yield full_cluster, cluster, s3, op
@@ -181,6 +197,54 @@ def test_pvc_input_and_output(env: Any, tmp_path_factory: pytest.TempPathFactory
     finally:
         cluster.core.delete_persistent_volume(storage_class)
         shutil.rmtree(volume / "out", ignore_errors=True)
+
+
+def test_hf_example_pulls_model_and_private_data_from_the_hub(
+    env: Any, hub: HubServer, tmp_path: Any
+) -> None:
+    """examples/finetunejob-hf.yaml as written (fewer steps): the local Hub serves the tiny
+    kit model under the example's model name and the kit's data as the private dataset it
+    names, readable only with the token in the `hf-token` Secret."""
+    from kubernetes import client
+
+    from graft_trainer.testkit import build_kit
+
+    _, cluster, s3, _ = env
+    kit = build_kit(tmp_path / "kit", n=300)
+    model_commit = hub.publish("HuggingFaceTB/SmolLM2-135M-Instruct", kit["model"])
+    data_commit = hub.publish(
+        "acme/tone-phrases",
+        {"data/train.jsonl": kit["dataset"].read_bytes()},
+        repo_type="dataset",
+        gated_tokens=("hf_e2e_dataset_token",),
+    )
+    cluster.core.create_namespaced_secret(
+        cluster.ns,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name="hf-token"),
+            string_data={"HF_TOKEN": "hf_e2e_dataset_token"},
+        ),
+    )
+    doc = yaml.safe_load((REPO / "examples" / "finetunejob-hf.yaml").read_text())
+    doc["metadata"]["namespace"] = cluster.ns
+    doc["spec"]["training"].update(maxSteps=40, evalSteps=20, saveSteps=20)
+    cluster.custom.create_namespaced_custom_object(
+        "graft.dev", "v1alpha1", cluster.ns, "finetunejobs", doc
+    )
+    obj, _ = finish(cluster, "tone-from-hub")
+    dataset_tokens = {r.token for r in hub.requests if "acme/tone-phrases" in r.path}
+    assert dataset_tokens == {"hf_e2e_dataset_token"}, "the dataset's own Secret was not used"
+    assert hub.downloads("HuggingFaceTB/SmolLM2-135M-Instruct"), "the model was not fetched"
+    bucket, key = split_s3(obj["status"]["artifacts"]["adapter"])
+    body = s3.client().get_object(Bucket=bucket, Key=key.rstrip("/") + "/adapter_config.json")
+    adapter_config = json.loads(body["Body"].read())
+    assert adapter_config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert adapter_config["revision"] == model_commit
+    manifest = json.loads(
+        s3.client().get_object(Bucket=bucket, Key=key.rstrip("/") + "/manifest.json")["Body"].read()
+    )
+    assert manifest["baseModel"]["commit"] == model_commit
+    assert manifest["dataset"]["digest"] == f"hf:acme/tone-phrases@{data_commit}"
 
 
 QUICKSTART = REPO / "examples" / "quickstart.yaml"

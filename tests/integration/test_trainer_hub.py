@@ -10,12 +10,14 @@ adapter names its base by Hub id and commit."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.hub_server import HubServer
 from tests.integration.trainer_kit import job_document, run_trainer_pod, shared_kit
@@ -46,6 +48,12 @@ for req in json.loads(sys.argv[1]):
         out = {"error": type(exc).__name__, "message": str(exc)}
     results.append(out)
 print(json.dumps(results))
+"""
+
+LOAD_ADAPTER = """
+import sys
+from peft import AutoPeftModelForCausalLM
+print(type(AutoPeftModelForCausalLM.from_pretrained(sys.argv[1])).__name__)
 """
 
 DATASET = {
@@ -257,12 +265,33 @@ def test_a_trainer_run_from_the_hub_names_its_base_by_hub_id(tmp_path: Path) -> 
             HF_HOME=str(tmp_path / "hf"),
         )
         assert done.returncode == 0, done.stderr[-3000:]
-    adapter_config = json.loads(next(out.rglob("adapter/adapter_config.json")).read_text())
+        # As a user would load the published adapter: PEFT fetches the base it names.
+        adapter_dir = next(out.rglob("adapter/adapter_config.json")).parent
+        served = len(hub.requests)
+        loaded = subprocess.run(
+            [sys.executable, "-c", LOAD_ADAPTER, str(adapter_dir)],
+            env={**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "user-hf")},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert loaded.returncode == 0, loaded.stderr[-3000:]
+        assert loaded.stdout.split()[-1] == "PeftModelForCausalLM"
+        base_fetches = [r.path for r in hub.requests[served:] if "acme/tiny-llama" in r.path]
+        assert any(commits["model"] in p for p in base_fetches), base_fetches
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "acme/tiny-llama"
     assert adapter_config["revision"] == commits["model"]
     manifest = json.loads(next(out.rglob("adapter/manifest.json")).read_text())
     assert manifest["baseModel"]["commit"] == commits["model"]
     assert manifest["dataset"]["digest"] == f"hf:acme/phrases@{commits['dataset']}"
+    # The model card the Hub renders: front matter naming base and dataset, metrics before/after.
+    card = next(out.rglob("adapter/README.md")).read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == "acme/tiny-llama" and front["datasets"] == ["acme/phrases"]
+    assert front["library_name"] == "peft" and front["base_model_relation"] == "adapter"
+    assert f"at commit `{commits['model']}`" in card
+    assert "| eval_loss |" in card and manifest["files"]["README.md"]
     pins = json.loads((out / "sources.json").read_text())["commits"]
     assert pins == {
         "hf://acme/tiny-llama@main": commits["model"],

@@ -17,6 +17,7 @@ import yaml
 from graft.storage import write_artifact
 from graft.storage.uri import join_uri
 from graft_trainer.data import TrainData, digest_files
+from graft_trainer.model_card import render_model_card
 from graft_trainer.preflight import Prepared
 
 if TYPE_CHECKING:
@@ -209,6 +210,19 @@ class OutputWriter:
             "history": eng.history,
         }
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+        # Over PEFT's placeholder: the card the Hub renders beside the weights.
+        (weights / "README.md").write_text(
+            render_model_card(
+                name=eng.identity.name,
+                namespace=eng.identity.namespace,
+                spec=spec.to_api(),
+                model_commit=self.prep.model_commit,
+                dataset_digest=self.prep.dataset_digest,
+                baseline=baseline,
+                final=final,
+                run=run,
+            )
+        )
         (out / "train_log.jsonl").write_text(
             "".join(json.dumps(h, default=float) + "\n" for h in eng.history)
         )
