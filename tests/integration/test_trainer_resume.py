@@ -62,9 +62,23 @@ def check_resume(doc: dict[str, Any], uri: str, tmp_path: Path, env: dict[str, s
     assert [h["step"] for h in resumed.history if "train_loss" in h] == [5, 10, 15, 20, 25, 30]
 
 
+def train_loss_steps(event_file: Path) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(event_file))
+    events.Reload()
+    return [e.step for e in events.Scalars("train/train_loss")]
+
+
 def test_resume_after_kill_local(kit: dict[str, Path], tmp_path: Path) -> None:
     doc = job_document(kit, name="resume-local", training=TRAINING)
     check_resume(doc, f"file://{tmp_path}/out/", tmp_path, {})
+    # TensorBoard was live: the killed attempt's event file was uploaded with its checkpoint
+    # (steps up to 10), the resumed attempt's holds only what came after.
+    live = sorted((tmp_path / "out" / "tensorboard" / "live").glob("events.out.tfevents.*"))
+    assert sorted(train_loss_steps(f) for f in live) == [[5, 10], [15, 20, 25, 30]]
+    (final,) = (tmp_path / "out" / "tensorboard").glob("events.out.tfevents.*")
+    assert train_loss_steps(final) == [5, 10, 15, 20, 25, 30]
 
 
 def test_resume_after_kill_s3(

@@ -41,6 +41,7 @@ from graft_trainer.methods import (
 )
 from graft_trainer.preemption import Preempted, TerminationRequest
 from graft_trainer.preflight import Prepared, prepare
+from graft_trainer.tensorboard import LiveTensorBoard
 
 log = logging.getLogger("graft_trainer.engine")
 
@@ -127,6 +128,7 @@ class Engine:
         self.warnings: list[TrainingWarning] = []
         self.artifacts: dict[str, str] = {}
         self.history: list[dict[str, Any]] = []
+        self.live: LiveTensorBoard | None = None
         self.started = datetime.now(UTC)
         # Data parallel (parallel.py): only the main process reports and writes.
         self.processes = 1
@@ -152,6 +154,12 @@ class Engine:
             message or stage,
             extra={"fields": {"stage": stage, "step": self.progress.step, **self.metrics.to_api()}},
         )
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """One logged or evaluated step: into the history and the live TensorBoard file."""
+        self.history.append(entry)
+        if self.live is not None:
+            self.live.add(entry)
 
     def warn(self, kind: Any, message: str, since: int | None = None) -> None:
         if any(w.type == kind and w.message == message for w in self.warnings):
@@ -298,6 +306,9 @@ class Engine:
             join_uri(self.prefix, "checkpoints/"), self.store, self.work_dir, job_manifest
         )
         self.artifacts["checkpoints"] = ckpts.prefix
+        if self.main_process:
+            self.live = LiveTensorBoard(self.work_dir / "tensorboard-live", self.prefix, self.store)
+            self.artifacts["tensorboard"] = join_uri(self.prefix, "tensorboard/")
 
         step = 0
         resumed_from: int | None = None
@@ -362,6 +373,8 @@ class Engine:
             if best is None and tracker.best_step == step:
                 best = None
             ckpts.save(step, trainable_state(model), optimizer, scheduler, state, best)
+            if self.live is not None:
+                self.live.publish(force=True)
 
         stopped_early = False
         window_loss = 0.0
@@ -433,7 +446,7 @@ class Engine:
                 self.metrics.peak_memory_bytes = (
                     gpu_memory().get("gpuAllocatedBytes") or peak_rss_bytes()
                 )
-                self.history.append(
+                self.record(
                     {
                         "step": step,
                         "train_loss": last_train_loss,
@@ -445,6 +458,8 @@ class Engine:
                     }
                 )
                 window_loss, window_steps, window_tokens = 0.0, 0, 0
+                if self.live is not None:
+                    self.live.publish()
                 window_start = time.perf_counter()
                 self.emit("training")
 
@@ -457,7 +472,9 @@ class Engine:
             if evaluate and self.main_process:
                 values, _ = evaluator.run(model, tok, device, amp, generate_texts=gen_during)
                 self.set_eval_metrics(values)
-                self.history.append({"step": step, **{f"eval/{k}": v for k, v in values.items()}})
+                self.record({"step": step, **{f"eval/{k}": v for k, v in values.items()}})
+                if self.live is not None:
+                    self.live.publish(force=True)
                 watched = values.get(tracker.metric)
                 if watched is not None and tracker.update(step, watched):
                     best_weights = trainable_state(model)
@@ -498,6 +515,8 @@ class Engine:
                 self.emit("training", f"checkpoint at step {step}")
 
         termination.restore()  # past the loop, the run finishes what it started
+        if self.live is not None:
+            self.live.close()
         if not self.main_process:  # the main process evaluates and writes the outputs
             return RunResult(
                 step, total, resumed_from, stopped_early, None, {}, {}, [], {}, [], None

@@ -19,6 +19,7 @@ from graft.storage.uri import join_uri
 from graft_trainer.data import TrainData, digest_files
 from graft_trainer.model_card import render_model_card
 from graft_trainer.preflight import Prepared
+from graft_trainer.tensorboard import write_tensorboard
 
 if TYPE_CHECKING:
     from graft_trainer.engine import Engine
@@ -46,21 +47,6 @@ def curves_png(history: list[dict[str, Any]]) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
-
-
-def write_tensorboard(directory: Path, history: list[dict[str, Any]]) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(log_dir=str(directory))
-    try:
-        for h in history:
-            for key, value in h.items():
-                if key in ("step", "epoch") or not isinstance(value, int | float):
-                    continue
-                tag = key if key.startswith("eval/") else f"train/{key}"
-                writer.add_scalar(tag, float(value), int(h["step"]))
-    finally:
-        writer.close()
 
 
 def _fmt(value: Any) -> str:

@@ -381,14 +381,22 @@ class TrainingWarning(ApiModel):
 
 
 class FineTuneArtifacts(ApiModel):
-    """Artifact URIs; each appears only once its manifest.json exists."""
+    """Artifact URIs; each appears once its manifest.json exists, except checkpoints and
+    tensorboard, which are named when training starts."""
 
     adapter: str | None = Field(default=None, description="PEFT adapter directory.")
     model: str | None = Field(default=None, description="Full model directory (method full).")
     checkpoints: str | None = Field(default=None, description="Prefix of resumable checkpoints.")
     report: str | None = Field(default=None, description="Self-contained report.html.")
     metrics: str | None = Field(default=None, description="metrics.json.")
-    tensorboard: str | None = Field(default=None, description="TensorBoard event files.")
+    tensorboard: str | None = Field(
+        default=None,
+        description=(
+            "TensorBoard event files (tensorboard --logdir): live/ holds each attempt's file, "
+            "uploaded with every checkpoint and evaluation while training runs; the complete "
+            "run's file is added beside it when the job succeeds."
+        ),
+    )
 
 
 class FineTuneJobStatus(RunStatus):
