@@ -82,6 +82,20 @@ class HubValues(Values):
     )
 
 
+class ModelCacheValues(Values):
+    claim: str = Field(
+        default="",
+        pattern=r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description=(
+            "PersistentVolumeClaim, looked up in each job's namespace, mounted into every "
+            "trainer pod as its download cache (base models, hf:// snapshots, S3 inputs) so "
+            "repeated jobs and search trials fetch a base model once. It must exist in each "
+            "namespace that runs jobs (ReadWriteMany where pods land on several nodes). A "
+            "resource's spec.resources.cacheClaim overrides it. Empty: no shared cache."
+        ),
+    )
+
+
 class TrainerValues(Values):
     image: str = Field(
         default="graft/trainer:0.1.0",
@@ -120,6 +134,10 @@ class TrainerValues(Values):
     hub: HubValues = Field(
         default_factory=HubValues,
         description="Where trainer pods fetch hf:// models and datasets.",
+    )
+    model_cache: ModelCacheValues = Field(
+        default_factory=ModelCacheValues,
+        description="A download cache shared by trainer pods.",
     )
 
 

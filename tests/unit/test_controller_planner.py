@@ -334,3 +334,33 @@ def test_trainer_pods_fetch_hf_sources_where_the_platform_says() -> None:
     }
     with pytest.raises(ConfigError, match="GRAFT_HF_ENDPOINT"):
         OperatorConfig.from_env({"GRAFT_HF_ENDPOINT": "hub.mirror.internal"})
+
+
+def test_a_shared_cache_claim_is_mounted_as_the_download_cache() -> None:
+    """trainer.modelCache.claim (GRAFT_MODEL_CACHE_CLAIM) for every pod; a resource's
+    resources.cacheClaim overrides it, and an empty one turns it off."""
+    import dataclasses
+
+    import kubernetes_validate
+
+    def cache_of(obj: dict[str, Any], config: OperatorConfig) -> tuple[Any, dict[str, str]]:
+        job = job_for(obj, config)
+        kubernetes_validate.validate(job, "1.28.0", strict=True)
+        pod = job["spec"]["template"]["spec"]
+        volume = [v for v in pod["volumes"] if v["name"] == "model-cache"]
+        env = {e["name"]: e.get("value", "") for e in pod["containers"][0]["env"]}
+        mounts = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "model-cache"]
+        assert len(mounts) == len(volume)
+        return (volume[0]["persistentVolumeClaim"]["claimName"] if volume else None), env
+
+    platform = dataclasses.replace(CONFIG, model_cache_claim="models")
+    claim, env = cache_of(resource(), platform)
+    assert claim == "models"
+    assert env["GRAFT_CACHE_DIR"] == "/var/cache/graft/graft"
+    assert env["HF_HUB_CACHE"] == "/var/cache/graft/hub"
+    own = resource(resources={"cpu": "1", "cacheClaim": "team-cache"})
+    assert cache_of(own, platform)[0] == "team-cache"
+    assert cache_of(own, CONFIG)[0] == "team-cache"
+    off, env = cache_of(resource(resources={"cpu": "1", "cacheClaim": ""}), platform)
+    assert off is None and "GRAFT_CACHE_DIR" not in env
+    assert cache_of(resource(), CONFIG)[0] is None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +9,6 @@ from graft.api.base import Location
 from graft.api.finetune import DatasetSpec
 from graft.storage import (
     IntegrityError,
-    download_artifact,
-    download_dir,
     local_path,
     open_store,
     parse_uri,
@@ -20,20 +16,10 @@ from graft.storage import (
     verify_artifact,
 )
 from graft_trainer import hub
+from graft_trainer.cache import cached_artifact, cached_objects
 from graft_trainer.data import Record, detect_format, digest_files, read_records
 from graft_trainer.errors import GraftInputError
 from graft_trainer.hub import RevisionPins
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("GRAFT_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "graft"
-    )
-    return Path(root)
-
-
-def _cache_for(uri: str, kind: str) -> Path:
-    return cache_dir() / kind / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
 def fetch_model(location: Location, pins: RevisionPins | None = None, field: str = "model") -> Path:
@@ -61,8 +47,11 @@ def _fetch_model(location: Location, pins: RevisionPins | None, field: str) -> P
         prefix = uri if uri.endswith("/") else uri + "/"
         store = open_store(prefix)
         if read_manifest(prefix, store) is not None:
-            return download_artifact(prefix, _cache_for(prefix, "models"), store=store)[0]
-        return download_dir(prefix, _cache_for(prefix, "models"), store=store)
+            return cached_artifact(prefix, store)
+        folder = cached_objects(prefix, store)
+        if folder is None:
+            raise GraftInputError(f"{field} {uri}: nothing there (expected a model directory)")
+        return folder
     path = local_path(uri)
     assert path is not None
     if not path.is_dir():
@@ -78,18 +67,10 @@ def fetch_dataset_files(spec: DatasetSpec) -> list[Path]:
     uri = spec.uri
     parsed = parse_uri(uri)
     if parsed.scheme == "s3":
-        target = _cache_for(uri, "datasets")
-        store = open_store(uri)
-        if uri.endswith("/"):
-            root = download_dir(uri, target, store=store)
-            files = sorted(p for p in root.rglob("*") if p.is_file())
-        else:
-            name = parsed.path.rsplit("/", 1)[-1]
-            path = target / name
-            if not store.exists(uri):
-                raise GraftInputError(f"dataset {uri}: no such object")
-            store.download_file(uri, path)
-            files = [path]
+        folder = cached_objects(uri, open_store(uri))
+        if folder is None:
+            raise GraftInputError(f"dataset {uri}: no such object or folder")
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
     else:
         path = local_path(uri)
         assert path is not None

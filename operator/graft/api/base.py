@@ -167,6 +167,17 @@ class Resources(ApiModel):
     memory: Quantity | None = Field(
         default=None, description="Memory request and limit, e.g. '32Gi'."
     )
+    cache_claim: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description=(
+            "PersistentVolumeClaim (in this namespace, ReadWriteMany for pods on several nodes) "
+            "that trainer pods use as their download cache of base models, hf:// snapshots and "
+            "S3 inputs, shared with every job that names it: a base model is fetched once. "
+            "Overrides the platform's trainer.modelCache.claim; an empty string turns it off."
+        ),
+    )
 
 
 class Toleration(ApiModel):

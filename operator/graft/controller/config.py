@@ -22,6 +22,7 @@
 | GRAFT_POLICY | platform policy as JSON (graft.policy.PlatformPolicy) | {} (allow all) |
 | GRAFT_HF_ENDPOINT | Hub (or mirror) URL trainer pods fetch hf:// sources from (their HF_ENDPOINT) | "" (the public Hub) |
 | GRAFT_HF_OFFLINE | trainer pods read hf:// sources only from their cache (HF_HUB_OFFLINE=1) | false |
+| GRAFT_MODEL_CACHE_CLAIM | PersistentVolumeClaim (in each job's namespace) trainer pods use as their download cache | "" (none) |
 | GRAFT_TRAINER_POD | every trainer pod's platform settings as JSON (chart `trainer.pod`: imagePullSecrets, nodeSelector, tolerations, runtimeClassName, annotations, labels) | {} |
 """
 
@@ -69,6 +70,7 @@ class OperatorConfig:
     trainer_pod: TrainerPodValues = dataclasses.field(default_factory=TrainerPodValues)
     hub_endpoint: str = ""
     hub_offline: bool = False
+    model_cache_claim: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
@@ -150,4 +152,5 @@ class OperatorConfig:
             trainer_pod=trainer_pod,
             hub_endpoint=hub_endpoint,
             hub_offline=env.get("GRAFT_HF_OFFLINE", "").strip().lower() in TRUE,
+            model_cache_claim=env.get("GRAFT_MODEL_CACHE_CLAIM", "").strip(),
         )

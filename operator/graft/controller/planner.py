@@ -54,6 +54,8 @@ TERMINATION_GRACE_SECONDS = 120
 RESOURCE_FILE = "resource.json"
 SPEC_MOUNT = "/etc/graft"
 HOME = "/home/graft"
+# Where a shared download cache claim is mounted (spec.resources.cacheClaim).
+CACHE_MOUNT = "/var/cache/graft"
 
 # Spec fields that take effect after launch; every other change is refused.
 MUTABLE_FIELDS = ("suspend", "ttlSecondsAfterFinished")
@@ -502,6 +504,19 @@ def build_trainer_job(
         container["volumeMounts"].append(
             {"name": volume, "mountPath": f"{DEFAULT_PVC_ROOT}/{claim}", "readOnly": not writable}
         )
+    cache_claim = (spec.get("resources") or {}).get("cacheClaim")
+    cache_claim = config.model_cache_claim if cache_claim is None else cache_claim
+    if cache_claim:
+        # Downloads land on the shared claim (graft_trainer.cache fills entries atomically;
+        # huggingface_hub locks its own); the datasets library's cache stays in the pod.
+        pod_spec["volumes"].append(
+            {"name": "model-cache", "persistentVolumeClaim": {"claimName": cache_claim}}
+        )
+        container["volumeMounts"].append({"name": "model-cache", "mountPath": CACHE_MOUNT})
+        env += [
+            {"name": "GRAFT_CACHE_DIR", "value": f"{CACHE_MOUNT}/graft"},
+            {"name": "HF_HUB_CACHE", "value": f"{CACHE_MOUNT}/hub"},
+        ]
     if spec_gpus(spec) > 1:
         # One training process per GPU (data parallel): NCCL passes tensors through shared
         # memory, and a container's default /dev/shm (64 MiB) is too small for it.

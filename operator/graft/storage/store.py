@@ -11,6 +11,7 @@ skipped, and each download lands in a `.part` file renamed into place only when 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -118,6 +119,16 @@ class Store(ABC):
 
     def exists(self, uri: str) -> bool:
         return self.read_bytes(uri) is not None
+
+    def versions(self, uri: str) -> dict[str, str]:
+        """What identifies the current content of each object under the directory `uri`, or of
+        the one object `uri` (keyed by its name): a cache entry made from other versions is not
+        reused. Here the size alone; stores that know more say more."""
+        if uri.endswith("/"):
+            return {key: str(size) for key, size in self.list(uri).items()}
+        data = self.read_bytes(uri)
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        return {} if data is None else {name: hashlib.sha256(data).hexdigest()}
 
 
 class LocalStore(Store):
@@ -336,6 +347,36 @@ class S3Store(Store):
                     out[obj["Key"][len(key) :]] = int(obj["Size"])
 
         self._call("listing", prefix, run)
+        return out
+
+    def versions(self, uri: str) -> dict[str, str]:
+        """Size and ETag of each object (the ETag changes with the content, also when an object
+        is replaced by one of the same size)."""
+        bucket, key = self._split(uri)
+        out: dict[str, str] = {}
+        if not uri.endswith("/"):
+
+            def head() -> None:
+                from botocore.exceptions import ClientError
+
+                try:
+                    meta = self.client_for(bucket).head_object(Bucket=bucket, Key=key)
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                        return
+                    raise
+                out[key.rsplit("/", 1)[-1]] = f"{meta['ContentLength']}:{meta.get('ETag', '')}"
+
+            self._call("looking up", uri, head)
+            return out
+
+        def run() -> None:
+            paginator = self.client_for(bucket).get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=key):
+                for obj in page.get("Contents", []):
+                    out[obj["Key"][len(key) :]] = f"{obj['Size']}:{obj.get('ETag', '')}"
+
+        self._call("listing", uri, run)
         return out
 
     def read_bytes(self, uri: str) -> bytes | None:
