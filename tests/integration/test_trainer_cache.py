@@ -137,5 +137,5 @@ def test_a_tampered_entry_is_fetched_again_and_a_tampered_store_is_refused(
     # The store's own copy changed under its manifest: that is not the cache's to hide.
     bucket, key = uri.removeprefix("s3://").split("/", 1)
     s3.client().put_object(Bucket=bucket, Key=key + "config.json", Body=b"{}")
-    with pytest.raises(IntegrityError, match="config.json"):
+    with pytest.raises(IntegrityError, match=r"config\.json"):
         cached_artifact(uri, store, root=tmp_path / "other-cache")
