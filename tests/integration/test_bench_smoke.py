@@ -84,3 +84,15 @@ def test_operator_latency_smoke(control_plane: ClusterInfo) -> None:
     # each FineTuneJob got its Job through the operator, with at least that one create
     assert report["operator_api_requests_per_ftj"].get("POST jobs 201") == 1.0, report
     assert positive(report["operator_rss_mib"])
+
+
+@pytest.mark.trainer
+@pytest.mark.timeout(300)
+def test_model_cache_smoke() -> None:
+    report = run_smoke("model_cache.py", env={"AWS_ENDPOINT_URL": ""})
+    assert report["smoke"] is True
+    assert set(report["fetch"]) == {"s3-artifact", "s3-folder", "hf"}
+    for name, fetch in report["fetch"].items():
+        # every source served the whole model both times, from a cache the first job filled
+        assert fetch["bytes"] > 1 << 20, (name, fetch)
+        assert positive(fetch["first_seconds"]) and positive(fetch["second_seconds"]), fetch
