@@ -216,17 +216,23 @@ def select_split(splits: dict[str, list[Record]], expr: str) -> list[Record]:
     return out
 
 
-def stratified_splits(
-    splits: dict[str, list[Record]], train_expr: str, eval_expr: str, label: str
-) -> tuple[list[Record], list[Record]]:
-    """Apply the same slices to each label group, so both splits keep the label mix."""
+def stratified_source(train_expr: str, eval_expr: str) -> str:
+    """The one split that stratified trainSplit and evalSplit expressions both slice."""
     train_parts, eval_parts = parse_split(train_expr), parse_split(eval_expr)
     if len(train_parts) != 1 or len(eval_parts) != 1 or train_parts[0].name != eval_parts[0].name:
         raise GraftInputError(
             "stratifyBy needs trainSplit and evalSplit to be slices of one split, "
             "e.g. 'train[:90%]' and 'train[90%:]'"
         )
-    name = train_parts[0].name
+    return train_parts[0].name
+
+
+def stratified_splits(
+    splits: dict[str, list[Record]], train_expr: str, eval_expr: str, label: str
+) -> tuple[list[Record], list[Record]]:
+    """Apply the same slices to each label group, so both splits keep the label mix."""
+    name = stratified_source(train_expr, eval_expr)
+    train_parts, eval_parts = parse_split(train_expr), parse_split(eval_expr)
     if name not in splits:
         raise GraftInputError(f"split {train_expr!r}: the data has no split {name!r}")
     groups: dict[str, list[tuple[int, Record]]] = {}

@@ -56,11 +56,11 @@ def select_records(
 ) -> tuple[list[D.Record], list[D.Record]]:
     ds = spec.dataset
     hf = parse_uri(ds.uri).scheme == "hf"
-    if hf:
+    if ds.stratify_by and ds.eval_split:
+        train, evals = D.stratified_splits(splits, ds.train_split, ds.eval_split, ds.stratify_by)
+    elif hf:
         train = splits[ds.train_split]
         evals = splits.get(ds.eval_split, []) if ds.eval_split else []
-    elif ds.stratify_by and ds.eval_split:
-        train, evals = D.stratified_splits(splits, ds.train_split, ds.eval_split, ds.stratify_by)
     else:
         train = D.select_split(splits, ds.train_split)
         evals = D.select_split(splits, ds.eval_split) if ds.eval_split else []

@@ -17,7 +17,7 @@ from graft.storage import (
 )
 from graft_trainer import hub
 from graft_trainer.cache import cached_artifact, cached_objects
-from graft_trainer.data import Record, detect_format, digest_files, read_records
+from graft_trainer.data import Record, detect_format, digest_files, read_records, stratified_source
 from graft_trainer.errors import GraftInputError
 from graft_trainer.hub import RevisionPins
 
@@ -109,10 +109,15 @@ def load_hf_splits(
         spec.uri, repo_type="dataset", revision=spec.revision, field="dataset", pins=pins
     )
     out: dict[str, list[Record]] = {}
+    expressions = [e for e in (spec.train_split, spec.eval_split) if e]
+    if spec.stratify_by and spec.eval_split:
+        # Stratified slices are cut per label group here (data.stratified_splits), so the
+        # split they slice is loaded whole: `train` for 'train[:90%]' and 'train[90%:]'.
+        expressions = [stratified_source(spec.train_split, spec.eval_split)]
     try:
         import datasets
 
-        for expr in filter(None, [spec.train_split, spec.eval_split]):
+        for expr in expressions:
             ds: Any = datasets.load_dataset(str(snapshot.path), split=expr)
             out[expr] = list(ds)
     except (ValueError, KeyError, FileNotFoundError) as exc:
