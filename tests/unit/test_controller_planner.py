@@ -314,6 +314,31 @@ def test_hf_locations_with_different_secrets_get_their_own_tokens() -> None:
     assert all(e["name"] != "GRAFT_HF_TOKENS" for e in plain_env)
 
 
+def test_the_publish_repositorys_token_reaches_the_pod_by_reference() -> None:
+    """spec.publish's Secret is one more location's: envFrom it (before the output's, which
+    stays last) and, beside another Hub Secret, its HF_TOKEN mapped to the repository."""
+    obj = resource()
+    spec = obj["spec"]
+    spec["model"] = {"uri": "hf://acme/private-llm", "credentialsSecret": "hf-read"}
+    spec["dataset"].pop("credentialsSecret", None)
+    spec["publish"] = {"uri": "hf://acme/tone-adapter", "credentialsSecret": "hf-write"}
+    spec["output"] = {"uri": "s3://results/graft/", "credentialsSecret": "results-rw"}
+    container = job_for(obj)["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert json.loads(env["GRAFT_HF_TOKENS"]["value"]) == {
+        "acme/private-llm": "GRAFT_SECRET_0_HF_TOKEN",
+        "acme/tone-adapter": "GRAFT_SECRET_1_HF_TOKEN",
+    }
+    ref = env["GRAFT_SECRET_1_HF_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "hf-write", "key": "HF_TOKEN", "optional": True}
+    assert [e["secretRef"]["name"] for e in container["envFrom"]] == [
+        "hf-read",
+        "hf-write",
+        "results-rw",
+    ]
+    assert all("value" not in e for e in container["env"] if "valueFrom" in e)
+
+
 def test_trainer_pods_fetch_hf_sources_where_the_platform_says() -> None:
     """GRAFT_HF_ENDPOINT / GRAFT_HF_OFFLINE (the chart's trainer.hub) become the pods'
     HF_ENDPOINT and HF_HUB_OFFLINE; online unless asked, whatever the image bakes in."""

@@ -87,6 +87,8 @@ class Location(ApiModel):
     """Where a model, dataset or adapter lives."""
 
     allowed_schemes: ClassVar[tuple[str, ...]] = LOCATION_SCHEMES
+    # A scheme this kind of location refuses -> what to use instead (the whole error message).
+    refused_schemes: ClassVar[dict[str, str]] = {}
 
     uri: str = Field(
         max_length=2048,
@@ -111,6 +113,9 @@ class Location(ApiModel):
 
     @model_validator(mode="after")
     def _check(self) -> Location:
+        refused = self.refused_schemes.get(self.uri.partition("://")[0])
+        if refused is not None and "://" in self.uri:
+            raise FieldPathError(("uri",), refused)
         try:
             check_uri(self.uri, self.allowed_schemes)
         except ValueError as exc:
@@ -137,6 +142,14 @@ class OutputLocation(Location):
     """Where a job writes its artifacts."""
 
     allowed_schemes: ClassVar[tuple[str, ...]] = ("s3", "pvc", "file")
+    refused_schemes: ClassVar[dict[str, str]] = {
+        "hf": (
+            "the output is the job's working store (checkpoints a restarted pod resumes from, "
+            "then the finished artifacts) and cannot be a Hub repository: keep it on s3://, "
+            "pvc:// or file://, and push the finished adapter to the Hub with "
+            "spec.publish: {uri: hf://org/name}"
+        )
+    }
 
     uri: str = Field(
         max_length=2048,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import string
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from graft.api.base import ApiModel, Location, ModelSource, RunSpec, RunStatus
+from graft.api.base import ApiModel, Location, ModelSource, ResourceName, RunSpec, RunStatus
 from graft.api.errors import PATTERN_HINTS, FieldPathError
 from graft.api.search import SearchSpec, SearchStatus
 
@@ -121,6 +122,62 @@ class DatasetSpec(Location):
             raise FieldPathError(("stratifyBy",), "stratifyBy needs evalSplit")
         if self.format == "hf" and not self.uri.startswith("hf://"):
             raise FieldPathError(("format",), "format hf needs an hf:// dataset URI")
+        return self
+
+
+BRANCH_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$"
+PATTERN_HINTS[BRANCH_PATTERN] = "expected a branch name such as 'main' or 'v2'"
+
+
+class PublishLocation(Location):
+    """A Hugging Face Hub model repository the finished adapter is pushed to."""
+
+    allowed_schemes: ClassVar[tuple[str, ...]] = ("hf",)
+    refused_schemes: ClassVar[dict[str, str]] = {
+        scheme: (
+            "publish pushes the finished adapter to a Hub repository, hf://org/name; the "
+            "job's checkpoints and artifacts go to spec.output"
+        )
+        for scheme in ("s3", "pvc", "file")
+    }
+
+    uri: str = Field(
+        max_length=2048,
+        description=(
+            "hf://org/name: the model repository the finished adapter (or model, for method "
+            "full) is pushed to, once its manifest is complete: weights, adapter_config.json, "
+            "the model card README.md, tokenizer files and manifest.json. The repository is "
+            "created private if it does not exist. spec.output stays the job's working store."
+        ),
+    )
+    revision: str | None = Field(
+        default=None,
+        max_length=255,
+        pattern=BRANCH_PATTERN,
+        description=(
+            "Branch to push to, created from main if missing. Default main. The commit pushed "
+            "is recorded in status.artifacts.published."
+        ),
+    )
+    credentials_secret: ResourceName | None = Field(
+        default=None,
+        description=(
+            "Name of a Secret in the same namespace holding HF_TOKEN, a token allowed to write "
+            "to the repository (and to create it). Without it the pod's HF_TOKEN, if any, is "
+            "used (with `graft run`, the environment's)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_repo(self) -> PublishLocation:
+        if self.uri.removeprefix("hf://").strip("/").count("/") != 1:
+            raise FieldPathError(
+                ("uri",), f"name the repository as hf://org/name; got {self.uri!r}"
+            )
+        if self.revision is not None and re.fullmatch(r"[0-9a-f]{40}", self.revision):
+            raise FieldPathError(
+                ("revision",), "a push goes to a branch; a commit id cannot be pushed to"
+            )
         return self
 
 
@@ -298,6 +355,14 @@ class FineTuneJobSpec(RunSpec):
     search: SearchSpec | None = Field(
         default=None, description="Hyper-parameter search: run trials and keep the best."
     )
+    publish: PublishLocation | None = Field(
+        default=None,
+        description=(
+            "Also push the finished adapter to a Hugging Face Hub repository (hf://org/name), "
+            "after its manifest is written to spec.output. A rerun whose adapter files equal "
+            "what the branch holds pushes nothing. Not available with search."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_rules(self) -> FineTuneJobSpec:
@@ -328,6 +393,12 @@ class FineTuneJobSpec(RunSpec):
             raise FieldPathError(
                 ("dataset", "packing"),
                 "packing with completionOnly is not supported; turn one of them off",
+            )
+        if self.search is not None and self.publish is not None:
+            raise FieldPathError(
+                ("publish",),
+                "publish is not supported with search yet: publish the best trial's adapter "
+                "with a FineTuneJob of its parameters",
             )
         if self.search is not None:
             if no_eval:
@@ -389,6 +460,13 @@ class FineTuneArtifacts(ApiModel):
     checkpoints: str | None = Field(default=None, description="Prefix of resumable checkpoints.")
     report: str | None = Field(default=None, description="Self-contained report.html.")
     metrics: str | None = Field(default=None, description="metrics.json.")
+    published: str | None = Field(
+        default=None,
+        description=(
+            "hf://org/name@<commit>: the Hub commit holding the adapter spec.publish pushed "
+            "(or found already there with the same files)."
+        ),
+    )
     tensorboard: str | None = Field(
         default=None,
         description=(

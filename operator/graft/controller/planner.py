@@ -250,6 +250,9 @@ def _located(spec: dict[str, Any]) -> list[tuple[tuple[str | int, ...], dict[str
     ]
     found += [(("spec", "source", k), source.get(k) or {}) for k in ("model", "adapter")]
     found += [(("spec", "adapters", i), a) for i, a in enumerate(spec.get("adapters") or [])]
+    # A FineTuneJob's Hub repository to push to: its Secret's HF_TOKEN reaches the pod as an
+    # input's does (GRAFT_HF_TOKENS maps the repository to it when Secrets differ).
+    found.append((("spec", "publish"), spec.get("publish") or {}))
     return [*found, (("spec", "output"), spec.get("output") or {})]
 
 
