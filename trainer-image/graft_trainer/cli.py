@@ -1,5 +1,5 @@
 """The `graft` subcommands that need the trainer's world (torch, transformers): `run`,
-`preflight` and `testkit`. Registered into `graft` through the `graft.commands` entry point, so
+`preflight`, `testkit` and `generate`. Registered into `graft` through the `graft.commands` entry point, so
 the operator image, which has no trainer package, offers only what it can run."""
 
 from __future__ import annotations
@@ -165,6 +165,12 @@ def _cmd_testkit(args: argparse.Namespace, out: Console) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace, out: Console) -> int:
+    from graft_trainer.generate import run_command
+
+    return run_command(args)
+
+
 def register(commands: Any) -> None:
     """Add the trainer's subcommands to `graft`'s subparsers."""
     run = commands.add_parser(
@@ -191,3 +197,13 @@ def register(commands: Any) -> None:
     testkit.add_argument("--records", type=int, default=300)
     testkit.add_argument("--seed", type=int, default=0)
     testkit.set_defaults(handler=_cmd_testkit)
+
+    from graft_trainer.generate import add_arguments
+
+    generate = commands.add_parser(
+        "generate",
+        help="run prompts through an AdapterBundle, an exported ONNX model, a PEFT adapter or a "
+        "model (local folders and store URIs), streaming the tokens",
+    )
+    add_arguments(generate)
+    generate.set_defaults(handler=_cmd_generate)
