@@ -299,7 +299,7 @@ class Options:
 @dataclass
 class Completion:
     text: str
-    tokens: list[int]  # the generated ids (an end-of-sequence token included)
+    tokens: list[int]  # the generated ids, as the runtime's own generate returns them
 
 
 class Runner(Protocol):
@@ -403,17 +403,16 @@ class GenaiRunner:
             generator.set_active_adapter(self.genai.adapters, self.adapter)
         generator.append_tokens(ids)
         stream = self.genai.tokenizer.create_stream()
-        tokens: list[int] = []
         pieces: list[str] = []
         while not generator.is_done():
             generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            tokens.append(token)
-            piece = stream.decode(token)
+            piece = stream.decode(int(generator.get_next_tokens()[0]))
             if piece:
                 pieces.append(piece)
                 if on_text is not None:
                     on_text(piece)
+        # The sequence as onnxruntime-genai keeps it (an end-of-sequence token is not in it).
+        tokens = [int(t) for t in generator.get_sequence(0)][len(ids) :]
         return Completion(text="".join(pieces), tokens=tokens)
 
 
