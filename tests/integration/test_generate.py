@@ -202,6 +202,37 @@ def test_bundle_adapters_answer_like_onnxruntime_genai_directly(
         assert (f"adapter {name!r}" if name != "none" else "no adapter") in err
 
 
+def test_exported_model_serves_its_separate_adapter_by_default(
+    kit: Kit, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = {
+        "source": {"model": {"uri": "file:///base"}, "adapter": {"uri": "file:///a"}},
+        "adapterMode": "separate",
+        "target": {"device": "cpu", "precision": "fp32"},
+        "validate": {"prompts": PROMPTS[:1], "maxNewTokens": 4},
+    }
+    out = stages.run_optimize(
+        spec, model_dir=kit.base, adapter_dir=kit.alpha, out_dir=tmp_path / "export"
+    ).out_dir
+    direct = checks.GenaiModel(out, {"default": out / stages.ADAPTER_FILE})
+    plain = checks.GenaiModel(out, filename=stages.BASE_GRAPH)
+    artifact = G.open_artifact(str(out))
+    assert artifact.kind == G.ONNX and artifact.default_adapter == "default"
+    tuned = G.load_runner(artifact)
+    base = G.load_runner(artifact, no_adapter=True)
+    options = G.Options(max_new_tokens=TOKENS)
+    for prompt in PROMPTS:
+        assert tuned.generate(prompt, options).tokens == (
+            direct.generate(prompt, TOKENS, adapter="default").tokens
+        )
+        assert base.generate(prompt, options).tokens == plain.generate(prompt, TOKENS).tokens
+    code, text, err = graft(
+        str(out), "--prompt", PROMPTS[1], "--max-new-tokens", str(TOKENS), capsys=capsys
+    )
+    assert code == 0 and "adapter 'default'" in err
+    assert text == tuned.generate(PROMPTS[1], options).text + "\n"
+
+
 def test_bundle_from_s3(
     kit: Kit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
