@@ -2,6 +2,9 @@
 
     graft-trainer run-resource PATH    PATH holds the whole resource (FineTuneJob, OptimizeJob
                                        or AdapterBundle) as JSON, as the operator launched it
+    graft-trainer preflight-resource PATH
+                                       the checks of a GPU FineTuneJob that need no GPU, in the
+                                       CPU pod the operator runs before the GPU pod
 
 Environment: GRAFT_ARTIFACTS_URI (the artifact prefix), GRAFT_REPORTER (rich | jsonl |
 kubernetes), AWS_* for S3, HF_TOKEN for hf://. Exit codes: 0 success, 2 invalid input (not worth
@@ -97,7 +100,11 @@ def run_object(
         return store_exit_code(exc), one_line(exc)
     finally:
         reporter.close()
-    return EXIT_OK, f"finished at step {result.final_step}; outputs in {artifacts_uri}"
+    published = result.artifacts.get("published")
+    return EXIT_OK, (
+        f"finished at step {result.final_step}; outputs in {artifacts_uri}"
+        + (f"; published {published}" if published else "")
+    )
 
 
 def run_export(
@@ -124,6 +131,51 @@ def run_export(
 
         KubernetesStatusReporter().patch_status(status)
     return EXIT_OK, f"{obj.kind} finished; outputs in {artifacts_uri}"
+
+
+def check_for_gpu_pod(document: dict[str, Any], artifacts_uri: str) -> tuple[int, str]:
+    """The operator's pre-flight pod: every check that needs no GPU (data, model, tokenizer,
+    targets, memory estimate), run in a CPU pod before the FineTuneJob's GPU pod is created.
+    Commits of hf:// sources are pinned beside the artifacts, so the GPU pod reads the bytes
+    that were checked. Writes no status: the operator reads the outcome from the pod."""
+    from graft.api.kinds import FineTuneJob, InvalidResource, parse_object
+    from graft.storage import StoreError, join_uri, open_store
+    from graft_trainer.hub import PINS_FILE, RevisionPins
+    from graft_trainer.preflight import gpu_pod_summary, prepare
+
+    try:
+        obj = parse_object({k: v for k, v in document.items() if k != "references"})
+    except InvalidResource as exc:
+        return EXIT_INVALID, f"invalid resource: {exc}"
+    if not isinstance(obj, FineTuneJob):
+        return EXIT_INVALID, f"{obj.kind} has no pre-flight pod (only FineTuneJobs do)"
+    try:
+        store = open_store(artifacts_uri)
+        store.check(artifacts_uri, write=True)
+        pins = RevisionPins.load(join_uri(artifacts_uri, PINS_FILE), store)
+        prep = prepare(obj.spec, pins, for_gpu_pod=True)
+        pins.save()
+    except GraftInputError as exc:
+        return EXIT_INVALID, one_line(exc)
+    except StoreError as exc:
+        return store_exit_code(exc), one_line(exc)
+    return EXIT_OK, gpu_pod_summary(obj.spec, prep)
+
+
+def _cmd_check_for_gpu_pod(args: argparse.Namespace) -> int:
+    artifacts = os.environ.get("GRAFT_ARTIFACTS_URI", "")
+    try:
+        document = json.loads(Path(args.path).read_text())
+        code, message = check_for_gpu_pod(document, artifacts)
+    except (OSError, ValueError) as exc:
+        code, message = EXIT_INVALID, f"cannot read {args.path}: {one_line(exc)}"
+    except Exception as exc:  # the reason, never a traceback with secrets, ends the pod
+        log.exception("pre-flight failed")
+        code, message = EXIT_FAILURE, f"{type(exc).__name__}: {one_line(exc)}"
+    print(message if code == EXIT_OK else f"error: {message}", file=sys.stderr)
+    # Success writes the findings too: the operator shows them in the Validated condition.
+    write_termination_log(message)
+    return code
 
 
 def _cmd_run_resource(args: argparse.Namespace) -> int:
@@ -177,6 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rr = sub.add_parser("run-resource", help="run a resource object (JSON file) in the pod")
     rr.add_argument("path")
     rr.set_defaults(handler=_cmd_run_resource)
+    pf = sub.add_parser(
+        "preflight-resource",
+        help="check a FineTuneJob's data and model in a CPU pod before its GPU pod is created",
+    )
+    pf.add_argument("path")
+    pf.set_defaults(handler=_cmd_check_for_gpu_pod)
     args = parser.parse_args(argv)
     setup_logging(json_lines=args.log_format == "json")
     code: int = args.handler(args)

@@ -19,6 +19,7 @@ from graft.storage.uri import join_uri
 from graft_trainer.data import TrainData, digest_files
 from graft_trainer.model_card import render_model_card
 from graft_trainer.preflight import Prepared
+from graft_trainer.publish import Published, push_folder
 from graft_trainer.tensorboard import write_tensorboard
 
 if TYPE_CHECKING:
@@ -128,6 +129,26 @@ class OutputWriter:
         self.prep = prep
         self.data = data
         self.out_dir = engine.work_dir / "output"
+
+    def publish(self, weights: Path, kind: str, best_step: int | None) -> Published:
+        """Push the finished weights folder to spec.publish (nothing when the branch already
+        holds the same files)."""
+        eng, location = self.engine, self.engine.spec.publish
+        assert location is not None
+        where = f"{location.uri}@{location.revision or 'main'}"
+        eng.emit("exporting", f"pushing the {kind} to {where}")
+        job = f"{eng.identity.namespace}/{eng.identity.name}"
+        published = push_folder(
+            weights,
+            location,
+            message=f"Graft FineTuneJob {job}: {kind} of step {best_step}",
+        )
+        eng.emit(
+            "exporting",
+            f"{'pushed' if published.pushed else 'already on the Hub, not pushed again'}: "
+            f"{published.uri}",
+        )
+        return published
 
     def write(
         self,
@@ -254,10 +275,19 @@ class OutputWriter:
             weights, weights_uri, {**common, "kind": kind, "bestStep": best_step}, store=eng.store
         )
         eng.artifacts[kind] = weights_uri
+        extra: dict[str, Any] = {}
+        if spec.publish is not None:
+            # The weights' manifest is complete (in the store and in the folder): push the
+            # folder as it is, then record the commit beside the other artifacts.
+            published = self.publish(weights, kind, best_step)
+            eng.artifacts["published"] = published.uri
+            extra["published"] = published.record()
+            metrics["published"] = published.record()
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
         write_artifact(
             out,
             eng.prefix,
-            {**common, "kind": "finetune-output", "run": run, "metrics": final},
+            {**common, "kind": "finetune-output", "run": run, "metrics": final, **extra},
             store=eng.store,
         )
         eng.artifacts.update(
