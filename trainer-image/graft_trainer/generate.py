@@ -387,6 +387,9 @@ class GenaiRunner:
                     f"the prompt is {len(ids)} tokens, the model's context is {self.context_length}"
                 )
             max_length = self.context_length
+        # A sliding-window model (Gemma 2) needs a KV cache as long as its window, and og sizes
+        # it by max_length: ask for at least that, and stop after max_new_tokens ourselves.
+        max_length = max(max_length, int(getattr(self.genai, "min_max_length", 0) or 0))
         search: dict[str, Any] = {"do_sample": options.sample, "max_length": max_length}
         if options.sample:
             search["temperature"] = options.temperature
@@ -404,7 +407,9 @@ class GenaiRunner:
         generator.append_tokens(ids)
         stream = self.genai.tokenizer.create_stream()
         pieces: list[str] = []
-        while not generator.is_done():
+        for _ in range(options.max_new_tokens):
+            if generator.is_done():
+                break
             generator.generate_next_token()
             piece = stream.decode(int(generator.get_next_tokens()[0]))
             if piece:
@@ -412,7 +417,7 @@ class GenaiRunner:
                 if on_text is not None:
                     on_text(piece)
         # The sequence as onnxruntime-genai keeps it (an end-of-sequence token is not in it).
-        tokens = [int(t) for t in generator.get_sequence(0)][len(ids) :]
+        tokens = [int(t) for t in generator.get_sequence(0)][len(ids) :][: options.max_new_tokens]
         return Completion(text="".join(pieces), tokens=tokens)
 
 
