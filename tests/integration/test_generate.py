@@ -274,6 +274,40 @@ def test_bundle_from_s3(
         server.stop()
 
 
+def test_peft_adapter_and_its_base_from_the_hub(kit: Kit, tmp_path: Path) -> None:
+    """hf://acme/tone-lora, whose config names its base by Hub id (as FineTuneJob adapters
+    trained on hf:// models do), fetched through a local server speaking the Hub's protocol."""
+    from tests.hub_server import HubServer
+
+    files = {
+        p.name: p.read_bytes()
+        for p in kit.alpha.iterdir()
+        if p.name not in ("manifest.json", "adapter_config.json")
+    }
+    config = json.loads((kit.alpha / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "acme/tiny-base"
+    files["adapter_config.json"] = json.dumps(config).encode()
+    expected = G.load_runner(G.open_artifact(str(kit.alpha)), device="cpu").generate(
+        PROMPTS[0], G.Options(max_new_tokens=TOKENS)
+    )
+    with HubServer() as hub:
+        hub.publish("acme/tiny-base", kit.base)
+        hub.publish("acme/tone-lora", files)
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": hub.url,
+            "HF_HOME": str(tmp_path / "hf"),
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }
+        argv = [str(GRAFT), "generate", "hf://acme/tone-lora", "--prompt", PROMPTS[0]]
+        argv += ["--max-new-tokens", str(TOKENS), "--device", "cpu"]
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == expected.text + "\n"
+    assert "on hf://acme/tiny-base" in done.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # (c) JSONL in, JSONL out, through the installed command
 
