@@ -572,6 +572,12 @@ def load_base(adapter: Artifact, base: str | None) -> tuple[str, Path]:
     declared = declared_base_digest(adapter.path)
     if declared:
         actual = model_digest(folder)
+        if not same_digest(declared, actual) and (folder / "manifest.json").is_file():
+            # A base that is itself an artifact: the trainer digests its manifest too.
+            from graft_trainer.data import digest_files
+
+            whole = "sha256:" + digest_files([p for p in folder.iterdir() if p.is_file()])
+            actual = whole if same_digest(declared, whole) else actual
         if not same_digest(declared, actual):
             raise GraftInputError(
                 f"{adapter.uri} was trained on base model {declared.removeprefix('sha256:')[:12]}, "
@@ -620,7 +626,9 @@ def load_runner(
             runner.description = f"{artifact.describe()}, adapter {chosen!r}"
         elif artifact.plain is not None:
             runner = GenaiRunner(artifact.plain[0], None, artifact.plain[1])
-            runner.description = f"{artifact.describe()}, no adapter"
+            names = ", ".join(sorted(artifact.adapters))
+            more = f" (adapters: {names}; pick one with --adapter NAME)" if names else ""
+            runner.description = f"{artifact.describe()}, no adapter{more}"
         else:
             runner = GenaiRunner(artifact.model_dir, None, None)
             runner.description = artifact.describe()
