@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("operator_args", nargs=argparse.REMAINDER)
     operator.set_defaults(handler=_cmd_operator)
 
-    # `run`, `preflight` and `testkit` need the ML stack: the trainer package adds them where it
-    # is installed (entry point group graft.commands); the operator image has neither.
+    # `run`, `preflight`, `testkit` and `generate` need the ML stack: the trainer package adds
+    # them where it is installed (entry point group graft.commands); the operator image has
+    # neither.
     for entry in entry_points(group=COMMANDS_GROUP):
         try:
             register = entry.load()
