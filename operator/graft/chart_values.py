@@ -96,6 +96,31 @@ class ModelCacheValues(Values):
     )
 
 
+class PreflightValues(Values):
+    enabled: bool = Field(
+        default=True,
+        description=(
+            "Run a FineTuneJob's data, model and memory checks in a small CPU pod (same image, "
+            "no GPU request) before its GPU pod is created, so a bad dataset or model fails "
+            "without holding GPUs; the findings appear in the Validated condition. Jobs "
+            "without GPUs always check in their own pod."
+        ),
+    )
+    cpu: str = Field(
+        default="1",
+        pattern=r"^[0-9]+(\.[0-9]+)?m?$",
+        description="CPU request and limit of the pre-flight pod.",
+    )
+    memory: str = Field(
+        default="4Gi",
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$",
+        description=(
+            "Memory request and limit of the pre-flight pod: it reads the whole dataset and "
+            "the model's tokenizer, never its weights."
+        ),
+    )
+
+
 class TrainerValues(Values):
     image: str = Field(
         default="graft/trainer:0.1.0",
@@ -138,6 +163,10 @@ class TrainerValues(Values):
     model_cache: ModelCacheValues = Field(
         default_factory=ModelCacheValues,
         description="A download cache shared by trainer pods.",
+    )
+    preflight: PreflightValues = Field(
+        default_factory=PreflightValues,
+        description="The CPU pod that checks a GPU FineTuneJob before GPUs are requested.",
     )
 
 

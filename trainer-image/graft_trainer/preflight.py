@@ -221,9 +221,15 @@ def check_memory(spec: FineTuneJobSpec, est: dict[str, Any], device: str) -> lis
     return []
 
 
-def prepare(spec: FineTuneJobSpec, pins: RevisionPins | None = None) -> Prepared:
+def prepare(
+    spec: FineTuneJobSpec, pins: RevisionPins | None = None, *, for_gpu_pod: bool = False
+) -> Prepared:
     """Run every pre-flight check; returns what the engine needs next. hf:// sources are
-    fetched at the commits `pins` holds, and the commits they resolve to are recorded there."""
+    fetched at the commits `pins` holds, and the commits they resolve to are recorded there.
+
+    `for_gpu_pod`: checked in a CPU pod on behalf of the GPU pod that runs next (the operator's
+    pre-flight pod): the device is taken as the GPU, precision `auto` is estimated as bf16, and
+    the memory estimate is reported but compared with the GPU's memory only in the GPU pod."""
     pins = pins if pins is not None else RevisionPins()
     splits, digest = load_splits(spec.dataset, pins)
     train, evals = select_records(spec, splits)
@@ -232,8 +238,11 @@ def prepare(spec: FineTuneJobSpec, pins: RevisionPins | None = None) -> Prepared
     config = check_causal_lm(model_dir, spec.model.trust_remote_code)
     tokenizer = load_tokenizer(model_dir, spec.model.trust_remote_code)
     warnings = check_tokenizer(spec, tokenizer)
-    device = device_name()
-    precision = resolve_precision(spec.training.precision, device)
+    device = "cuda" if for_gpu_pod else device_name()
+    if for_gpu_pod:
+        precision = "bf16" if spec.training.precision == "auto" else spec.training.precision
+    else:
+        precision = resolve_precision(spec.training.precision, device)
     check_quantization(spec, device)
     meta = meta_model(config, spec.model.trust_remote_code)
     targets: list[str] = []
@@ -242,7 +251,8 @@ def prepare(spec: FineTuneJobSpec, pins: RevisionPins | None = None) -> Prepared
         targets = spec.lora.target_modules or default_targets(meta)
         check_targets(meta, targets, spec.lora.modules_to_save)
     memory = estimate_memory(spec, meta, config, precision)
-    warnings += check_memory(spec, memory, device)
+    if not for_gpu_pod:
+        warnings += check_memory(spec, memory, device)
     return Prepared(
         model_dir,
         config,
@@ -257,3 +267,23 @@ def prepare(spec: FineTuneJobSpec, pins: RevisionPins | None = None) -> Prepared
         warnings,
         model_commit=pins.commit_for(spec.model.uri, spec.model.revision),
     )
+
+
+def gpu_pod_summary(spec: FineTuneJobSpec, prep: Prepared) -> str:
+    """What the pre-flight pod found, in one line for the resource's Validated condition."""
+    mem = prep.memory
+    model = getattr(prep.config, "architectures", None) or [prep.config.model_type]
+    trainable = "all parameters" if spec.method == "full" else ", ".join(prep.targets)
+    text = (
+        f"pre-flight passed in a CPU pod: {len(prep.train_records)} training and "
+        f"{len(prep.eval_records)} evaluation records; {model[0]} with "
+        f"{mem['parameters'] / 1e6:.1f}M parameters, {spec.method} on {trainable}; "
+        f"estimated peak memory {mem['estimatedBytes'] / 2**30:.2f} GiB at {prep.precision} "
+        f"(batch {spec.training.per_device_train_batch_size} x {spec.dataset.max_seq_length} "
+        "tokens), compared with the GPU's memory when the GPU pod starts"
+    )
+    if prep.model_commit:
+        text += f"; {spec.model.uri} at commit {prep.model_commit[:12]}"
+    for warning in prep.warnings:
+        text += f"; warning: {warning}"
+    return text

@@ -23,6 +23,8 @@
 | GRAFT_HF_ENDPOINT | Hub (or mirror) URL trainer pods fetch hf:// sources from (their HF_ENDPOINT) | "" (the public Hub) |
 | GRAFT_HF_OFFLINE | trainer pods read hf:// sources only from their cache (HF_HUB_OFFLINE=1) | false |
 | GRAFT_MODEL_CACHE_CLAIM | PersistentVolumeClaim (in each job's namespace) trainer pods use as their download cache | "" (none) |
+| GRAFT_PREFLIGHT_POD | check a GPU FineTuneJob in a CPU pod before its GPU pod is created | true |
+| GRAFT_PREFLIGHT_CPU, GRAFT_PREFLIGHT_MEMORY | requests and limits of that pod | 1, 4Gi |
 | GRAFT_TRAINER_POD | every trainer pod's platform settings as JSON (chart `trainer.pod`: imagePullSecrets, nodeSelector, tolerations, runtimeClassName, annotations, labels) | {} |
 """
 
@@ -39,7 +41,7 @@ from graft.chart_values import TrainerPodValues
 from graft.policy import PlatformPolicy, policy_from_json
 
 TRUE = ("1", "true", "yes", "on")
-QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?$")
 
 
 class ConfigError(ValueError):
@@ -71,6 +73,9 @@ class OperatorConfig:
     hub_endpoint: str = ""
     hub_offline: bool = False
     model_cache_claim: str = ""
+    preflight_pod: bool = True
+    preflight_cpu: str = "1"
+    preflight_memory: str = "4Gi"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
@@ -153,4 +158,7 @@ class OperatorConfig:
             hub_endpoint=hub_endpoint,
             hub_offline=env.get("GRAFT_HF_OFFLINE", "").strip().lower() in TRUE,
             model_cache_claim=env.get("GRAFT_MODEL_CACHE_CLAIM", "").strip(),
+            preflight_pod=(env.get("GRAFT_PREFLIGHT_POD", "").strip().lower() or "true") in TRUE,
+            preflight_cpu=quantity("GRAFT_PREFLIGHT_CPU") or cls.preflight_cpu,
+            preflight_memory=quantity("GRAFT_PREFLIGHT_MEMORY") or cls.preflight_memory,
         )

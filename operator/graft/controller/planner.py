@@ -56,6 +56,9 @@ SPEC_MOUNT = "/etc/graft"
 HOME = "/home/graft"
 # Where a shared download cache claim is mounted (spec.resources.cacheClaim).
 CACHE_MOUNT = "/var/cache/graft"
+# The pre-flight pod downloads the dataset and the model (to check its config and tokenizer,
+# and to fill the shared cache for the GPU pod): an hour covers a large model on a slow link.
+PREFLIGHT_DEADLINE_SECONDS = 3600
 
 # Spec fields that take effect after launch; every other change is refused.
 MUTABLE_FIELDS = ("suspend", "ttlSecondsAfterFinished")
@@ -579,6 +582,55 @@ def build_trainer_job(
         },
         "spec": job_spec,
     }
+
+
+def preflight_job_name(name: str) -> str:
+    return child_name(name, "preflight")
+
+
+def needs_preflight_pod(spec: dict[str, Any], config: OperatorConfig, kind: str = KIND) -> bool:
+    """A FineTuneJob whose pods hold GPUs is checked in a CPU pod first (when the platform
+    keeps `trainer.preflight.enabled`): a bad dataset or model then fails holding no GPU."""
+    return kind == KIND and config.preflight_pod and spec_gpus(spec) > 0
+
+
+def build_preflight_job(
+    obj: dict[str, Any],
+    spec: dict[str, Any],
+    config: OperatorConfig,
+    *,
+    spec_hash_: str,
+    references: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The Job of the CPU pod that runs a GPU FineTuneJob's checks before its GPU pod exists:
+    the trainer's pod with the same image, spec, credentials and cache, but no GPU, small
+    requests, and none of the resource's GPU placement (nodeSelector, affinity, the platform's
+    GPU runtime class, the Kueue queue, whose quota is for the GPU pod)."""
+    resources = {
+        "cpu": config.preflight_cpu,
+        "memory": config.preflight_memory,
+        "cacheClaim": (spec.get("resources") or {}).get("cacheClaim"),
+    }
+    scheduling = {
+        k: v
+        for k, v in (spec.get("scheduling") or {}).items()
+        if k in ("tolerations", "priorityClassName")
+    }
+    checked = {**spec, "resources": resources, "scheduling": scheduling}
+    job = build_trainer_job(obj, checked, config, spec_hash_=spec_hash_, references=references)
+    meta = job["metadata"]
+    meta["name"] = preflight_job_name(obj["metadata"]["name"])
+    meta["labels"][LABEL_COMPONENT] = "preflight"
+    pod = job["spec"]["template"]
+    pod["metadata"]["labels"][LABEL_COMPONENT] = "preflight"
+    pod["spec"].pop("runtimeClassName", None)
+    pod["spec"]["terminationGracePeriodSeconds"] = 30
+    container = pod["spec"]["containers"][0]
+    container["command"] = ["graft-trainer", "preflight-resource", f"{SPEC_MOUNT}/{RESOURCE_FILE}"]
+    # One retry for a store or Hub hiccup; a finding of the user's (exit 2) ends it at once.
+    job["spec"]["backoffLimit"] = 1
+    job["spec"]["activeDeadlineSeconds"] = PREFLIGHT_DEADLINE_SECONDS
+    return job
 
 
 def trainer_identity(namespace: str, config: OperatorConfig) -> list[dict[str, Any]]:

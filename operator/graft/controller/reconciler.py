@@ -30,6 +30,7 @@ from graft.controller.status import (
     LAUNCH_RETRY,
     Event,
     Observed,
+    PreflightObserved,
     StudyObserved,
     compute_status,
     job_condition,
@@ -84,7 +85,15 @@ class Caches:
         ]
 
     def job(self, key: tuple[str, str], uid: str) -> dict[str, Any] | None:
-        owned = [j for j in self._owned(self.jobs(key), uid) if not _trial_of(j)]
+        owned = [
+            j
+            for j in self._owned(self.jobs(key), uid)
+            if _trial_of(j) is None and not _is_preflight(j)
+        ]
+        return owned[0] if owned else None
+
+    def preflight_job(self, key: tuple[str, str], uid: str) -> dict[str, Any] | None:
+        owned = [j for j in self._owned(self.jobs(key), uid) if _is_preflight(j)]
         return owned[0] if owned else None
 
     def trial_jobs(self, key: tuple[str, str], uid: str) -> dict[int, dict[str, Any]]:
@@ -222,6 +231,21 @@ class Reconciler:
                 launched_hash = (first["metadata"].get("annotations") or {}).get(
                     planner.ANNOTATION_SPEC_HASH
                 )
+        preflight: PreflightObserved | None = None
+        if (
+            resolved is not None
+            and configmap is None
+            and job is None
+            and not (study is not None and study.trials)
+            and planner.needs_preflight_pod(resolved.spec, self.config, kind)
+        ):
+            checker = self.caches.preflight_job(cache_key, uid)
+            preflight = PreflightObserved(
+                checker,
+                tuple(self.caches.job_pods(cache_key, checker["metadata"]["uid"]))
+                if checker is not None
+                else (),
+            )
         gpus = planner.spec_gpus(effective)
         budget_lock: asyncio.Lock | None = None
         if (
@@ -259,6 +283,7 @@ class Reconciler:
                 pods_seen=self._count_pods(key, obj, job, pods),
                 gpus=gpus,
                 pod_refused=pod_refused,
+                preflight=preflight,
                 gpu_budget=(
                     namespace_gpu_budget(
                         self.config.policy, namespace, self._gpus_in_use(namespace)
@@ -270,15 +295,23 @@ class Reconciler:
             plan = compute_status(obj, observed, datetime.now(UTC))
 
             requeue = plan.requeue_after
-            if plan.create_job:
+            if plan.create_job or plan.create_preflight:
                 references = gate.references if gate is not None else None
                 try:
-                    created = await self._launch(obj, resolved, configmap, plan.status, references)
+                    created = await self._launch(
+                        obj,
+                        resolved,
+                        configmap,
+                        plan.status,
+                        references,
+                        preflight=plan.create_preflight,
+                    )
                 except ApiError as exc:
                     if exc.status not in REFUSED:
                         raise  # 5xx, 429, a timeout: the queue retries with backoff
                     event = launch_refused(obj, plan.status, exc.message, datetime.now(UTC))
-                    plan.create_job, requeue = False, LAUNCH_RETRY
+                    plan.create_job = plan.create_preflight = False
+                    requeue = LAUNCH_RETRY
                     plan.events += [event] if event else []
                 else:
                     if created is None:
@@ -288,6 +321,8 @@ class Reconciler:
         finally:
             if budget_lock is not None:
                 budget_lock.release()
+        if plan.delete_preflight and preflight is not None and preflight.job is not None:
+            await self.kube.delete(object_path(preflight.job))
         if plan.delete_job and job is not None:
             await self.kube.delete(object_path(job))
             plan.events.append(Event("Normal", "JobDeleted", f"deleted Job {job_name(job)}"))
@@ -454,7 +489,11 @@ class Reconciler:
         configmap: dict[str, Any] | None,
         status: dict[str, Any],
         references: dict[str, Any] | None = None,
+        *,
+        preflight: bool = False,
     ) -> dict[str, Any] | None:
+        """The spec ConfigMap (first launch) and the trainer Job; with `preflight`, the Job of
+        the CPU pod that checks a GPU FineTuneJob before its GPU pod is created."""
         namespace = obj["metadata"]["namespace"]
         uid = obj["metadata"]["uid"]
         kind = planner.kind_of(obj)
@@ -487,8 +526,9 @@ class Reconciler:
                         object_path(wanted),
                         {"metadata": wanted["metadata"], "data": wanted["data"]},
                     )
+            build = planner.build_preflight_job if preflight else planner.build_trainer_job
             created = await self.kube.create(
-                planner.build_trainer_job(
+                build(
                     obj,
                     resolved.spec,
                     self.config,
@@ -498,6 +538,11 @@ class Reconciler:
             )
         else:
             return None
+        if preflight:
+            name = planner.preflight_job_name(obj["metadata"]["name"])
+            if created is not None:
+                self._post(obj, Event("Normal", "PreflightCreated", f"created Job {name}"))
+            return created
         name = planner.job_name(obj["metadata"]["name"], kind)
         if created is None:
             existing = await self.kube.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}")
@@ -603,6 +648,10 @@ def job_name(job: dict[str, Any]) -> str:
 def _trial_of(job: dict[str, Any]) -> int | None:
     value = (job["metadata"].get("labels") or {}).get(planner.LABEL_TRIAL)
     return int(value) if value is not None and str(value).isdigit() else None
+
+
+def _is_preflight(job: dict[str, Any]) -> bool:
+    return (job["metadata"].get("labels") or {}).get(planner.LABEL_COMPONENT) == "preflight"
 
 
 def _ever_launched(obj: dict[str, Any]) -> bool:

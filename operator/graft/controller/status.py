@@ -16,7 +16,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from graft.api.errors import FieldIssue
-from graft.controller.planner import KUEUE_QUEUE, attempts_before, kind_of
+from graft.controller.planner import (
+    ANNOTATION_SPEC_HASH,
+    KUEUE_QUEUE,
+    attempts_before,
+    kind_of,
+)
 from graft.controller.pods import (
     DISRUPTION_REASONS,
     OOM_ADVICE,
@@ -72,6 +77,14 @@ LAUNCH_RETRY = 30.0
 POD_REFUSED = "PodCreateRefused"
 POD_REFUSED_RECHECK = 30.0
 
+# A GPU FineTuneJob's CPU pre-flight pod: checking, passed (Validated), failed (Validated False).
+PREFLIGHT_CHECKING = "PreflightChecking"
+PREFLIGHT_PASSED = "PreflightPassed"
+PREFLIGHT_FAILED = "PreflightFailed"
+PREFLIGHT_WAIT = (
+    "checking the data, model and memory estimate in a CPU pod before the GPU pod is created"
+)
+
 DONE_MESSAGES = {
     "FineTuneJob": "training finished",
     "OptimizeJob": "the ONNX model is exported and passed validation",
@@ -102,6 +115,8 @@ class Plan:
 
     status: dict[str, Any]
     create_job: bool = False
+    create_preflight: bool = False  # the CPU pod's Job that checks a GPU FineTuneJob first
+    delete_preflight: bool = False
     create_trials: list[int] = dataclasses.field(default_factory=list)
     delete_job: bool = False  # for a search: every unfinished trial Job
     delete_resource: bool = False
@@ -116,6 +131,15 @@ class StudyObserved:
     spec: dict[str, Any]  # the launched spec (with search)
     prefix: str  # the job's artifact prefix
     trials: tuple[TrialObserved, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class PreflightObserved:
+    """The pre-flight Job of a GPU FineTuneJob whose GPU pod is not created yet (None: not
+    created either), and its pods."""
+
+    job: dict[str, Any] | None = None
+    pods: tuple[dict[str, Any], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +166,8 @@ class Observed:
     # Why the Job controller could not create the Job's pod (its newest FailedCreate Event: a
     # pod quota, a missing PriorityClass, an admission webhook); None: no such Event.
     pod_refused: str | None = None
+    # A GPU FineTuneJob not launched yet, checked in a CPU pod first; None: no such check.
+    preflight: PreflightObserved | None = None
 
 
 def find_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
@@ -288,7 +314,19 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
             "or create a new resource.",
         )
     else:
-        cond("Validated", "True", "Valid", "the spec is valid")
+        checked = find_condition(before, "Validated") or {}
+        if (checked.get("reason") == PREFLIGHT_PASSED and launched) or (
+            checked.get("reason") == PREFLIGHT_FAILED and is_terminal(prev)
+        ):
+            # What the pre-flight pod found stays the word on the spec it checked.
+            cond(
+                "Validated",
+                checked["status"],
+                checked["reason"],
+                str(checked.get("message") or ""),
+            )
+        else:
+            cond("Validated", "True", "Valid", "the spec is valid")
 
     if not launched and observed.issues:
         not_launched = "nothing is launched until the spec is valid"
@@ -355,6 +393,15 @@ def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Pl
             cond(
                 "Running", "False", gate.reason, "nothing is launched until the sources are usable"
             )
+        return finish()
+
+    pre = observed.preflight
+    if (
+        pre is not None
+        and job is None
+        and not launched
+        and _preflight(pre, observed.current_hash, cond, status, plan, now)
+    ):
         return finish()
 
     if observed.study is not None:
@@ -560,6 +607,59 @@ def _set_ready(cond: Any, conds: list[dict[str, Any]]) -> None:
 
 def job_finished(job: dict[str, Any]) -> bool:
     return job_condition(job, "Complete") is not None or job_condition(job, "Failed") is not None
+
+
+def _preflight(
+    pre: PreflightObserved,
+    current_hash: str | None,
+    cond: Any,
+    status: dict[str, Any],
+    plan: Plan,
+    now: datetime,
+) -> bool:
+    """The pre-flight step of a GPU FineTuneJob; True while it holds the launch back (checking,
+    or failed), False once it passed and the GPU pod may be created."""
+    job = pre.job
+    if job is None:
+        plan.create_preflight = True
+        cond("Running", "False", PREFLIGHT_CHECKING, PREFLIGHT_WAIT)
+        return True
+    if (job["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC_HASH) != current_hash:
+        # The spec changed before the GPU pod was created: the new one is checked anew.
+        plan.delete_preflight, plan.requeue_after = True, 2.0
+        cond("Running", "False", PREFLIGHT_CHECKING, "the spec changed; " + PREFLIGHT_WAIT)
+        return True
+    outcomes = [classify_pod(p) for p in pre.pods]
+    passed = next((o for o in outcomes if o.kind == "succeeded"), None)
+    if passed is not None or job_condition(job, "Complete") is not None:
+        findings = passed.message if passed is not None and passed.message else "passed"
+        cond("Validated", "True", PREFLIGHT_PASSED, findings)
+        return False
+    failures = [o for o in outcomes if o.kind == "failed"]
+    refused = next((o for o in failures if o.exit_code in NOT_RETRIED), None)
+    gave_up = job_condition(job, "Failed")
+    if refused is not None or gave_up is not None:
+        last = refused or (failures[-1] if failures else None)
+        if last is not None:
+            reason, message = failure_summary(last, None)
+        else:  # no failed pod to read: the deadline, or pods lost
+            reason = str(gave_up.get("reason") if gave_up else "") or "PreflightFailed"
+            message = str(gave_up.get("message") if gave_up else "") or "the pre-flight Job failed"
+        message = f"pre-flight pod, before any GPU was requested: {message}"
+        cond("Validated", "False", PREFLIGHT_FAILED, message)
+        _fail(cond, status, plan, reason, message, now, job)
+        plan.delete_job = False
+        plan.delete_preflight = not job_finished(job)  # no second pod for the same finding
+        return True
+    pending = next((o for o in outcomes if o.kind == "pending" and o.reason), None)
+    if failures:
+        detail = f"; its last pod failed ({failure_summary(failures[-1], None)[1]}), retrying"
+    elif pending is not None:
+        detail = f" ({pending.reason}: {pending.message})".replace(": )", ")")
+    else:
+        detail = ""
+    cond("Running", "False", PREFLIGHT_CHECKING, PREFLIGHT_WAIT + detail)
+    return True
 
 
 def _fail(
