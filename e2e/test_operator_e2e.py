@@ -4,7 +4,8 @@ artifacts with a manifest in S3; a trainer pod deleted mid-training resumes from
 an OptimizeJob naming a missing FineTuneJob fails naming the field; a hyper-parameter search
 runs one Job per trial, survives operator kills without lost or duplicate trials, and an
 OptimizeJob referencing it exports the best trial's adapter; examples/finetunejob-hf.yaml pulls
-its model and private dataset through a local server speaking the Hub's download protocol. (The whole quickstart chain
+its model and private dataset through a local server speaking the Hub's download protocol; a GPU
+job is checked in a CPU pod before its GPU pod is created. (The whole quickstart chain
 runs through the chart's in-cluster operator in test_helm_quickstart.py.)"""
 
 from __future__ import annotations
@@ -248,6 +249,66 @@ def test_hf_example_pulls_model_and_private_data_from_the_hub(
 
 
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
+
+
+def test_a_gpu_job_is_checked_in_a_cpu_pod_before_its_gpu_pod(env: Any) -> None:
+    """The local node has no GPU: a GPU Job's pod can only wait. What the pre-flight pod finds
+    (or refuses) shows anyway, and a bad dataset never gets a GPU Job."""
+    _, cluster, _, _ = env
+    example = yaml.safe_load(EXAMPLE.read_text())
+
+    def gpu_job(name: str, **dataset: Any) -> dict[str, Any]:
+        doc = copy.deepcopy(example)
+        doc["metadata"] = {"name": name, "namespace": cluster.ns}
+        doc["spec"]["resources"].update(cpu="1", gpu=1)
+        doc["spec"]["dataset"].update(dataset)
+        return doc
+
+    for doc in (
+        gpu_job("gpu-bad-data", textTemplate="{phrase} -> {no_such_field}"),
+        gpu_job("gpu-checked"),
+    ):
+        cluster.custom.create_namespaced_custom_object(
+            "graft.dev", "v1alpha1", cluster.ns, "finetunejobs", doc
+        )
+
+    def conditions(name: str) -> dict[str, dict[str, Any]]:
+        status = (cluster.ftj(name) or {}).get("status") or {}
+        return {c["type"]: c for c in status.get("conditions") or []}
+
+    def refused() -> Any:
+        conds = conditions("gpu-bad-data")
+        return conds.get("Failed", {}).get("status") == "True" and conds
+
+    conds = wait_for("the bad GPU job to be refused", refused, 600, interval=1)
+    assert conds["Failed"]["reason"] == "InvalidInput", conds["Failed"]
+    assert "no_such_field" in conds["Failed"]["message"]
+    assert "before any GPU was requested" in conds["Failed"]["message"]
+    assert conds["Validated"]["reason"] == "PreflightFailed", conds["Validated"]
+    assert [j.metadata.name for j in cluster.jobs("gpu-bad-data")] == ["gpu-bad-data-preflight"]
+
+    def gpu_pod_waiting() -> Any:
+        conds = conditions("gpu-checked")
+        jobs = {j.metadata.name: j for j in cluster.jobs("gpu-checked")}
+        running = conds.get("Running", {})
+        return (
+            "gpu-checked-train" in jobs
+            and running.get("reason") == "PodPending"
+            and "nvidia.com/gpu" in running.get("message", "")
+            and (conds, jobs)
+        )
+
+    conds, jobs = wait_for("the GPU pod of the checked job", gpu_pod_waiting, 600, interval=1)
+    validated = conds["Validated"]
+    assert (validated["status"], validated["reason"]) == ("True", "PreflightPassed"), validated
+    assert "records" in validated["message"] and "estimated peak memory" in validated["message"]
+    # The pre-flight pod asked for no GPU; the GPU pod does.
+    pre = jobs["gpu-checked-preflight"].spec.template.spec.containers[0].resources.limits
+    gpu = jobs["gpu-checked-train"].spec.template.spec.containers[0].resources.limits
+    assert "nvidia.com/gpu" not in pre and gpu["nvidia.com/gpu"] == "1"
+    cluster.custom.delete_namespaced_custom_object(
+        "graft.dev", "v1alpha1", cluster.ns, "finetunejobs", "gpu-checked"
+    )
 
 
 def test_reference_to_a_missing_finetunejob_fails_naming_the_field(env: Any) -> None:
