@@ -112,8 +112,12 @@ best step {run["bestStep"]}{", resumed from step " + str(run["resumedFrom"]) if 
 def name_base_model(config_path: Path, model: Any, commit: str | None) -> None:
     """Point a saved adapter's config at its base by name, not by the pod's cache path: the
     Hub id and commit for hf:// (so `AutoPeftModelForCausalLM.from_pretrained` finds it where
-    the Hub is reachable), the URI otherwise."""
+    the Hub is reachable), the URI otherwise. target_modules are sorted."""
     config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        # PEFT keeps them as a set, written in the process's hash order: sorted, the same
+        # adapter has the same bytes (and a rerun finds its files already on the Hub).
+        config["target_modules"] = sorted(config["target_modules"])
     uri = str(model.uri)
     if uri.startswith("hf://"):
         config["base_model_name_or_path"] = uri.removeprefix("hf://")

@@ -32,7 +32,7 @@ from graft.storage import MANIFEST
 from graft.storage.store import StoreError, hf_token, store_retry_seconds
 from graft.storage.uri import parse_uri
 from graft_trainer.errors import GraftInputError
-from graft_trainer.hub import endpoint
+from graft_trainer.hub import endpoint, offline
 
 log = logging.getLogger("graft.trainer.publish")
 
@@ -82,6 +82,11 @@ def push_folder(
     transient failures; the commit the branch then holds."""
     repo = parse_uri(location.uri).netloc
     branch = location.revision or "main"
+    if offline():
+        raise GraftInputError(
+            f"{field} {location.uri}: pushing needs the Hub, and offline mode is on "
+            "(HF_HUB_OFFLINE; the chart's trainer.hub.offline)"
+        )
     manifest = json.loads((folder / MANIFEST).read_text())
     want = files_digest(manifest)
     deadline = time.monotonic() + store_retry_seconds()
