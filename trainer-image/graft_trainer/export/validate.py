@@ -48,6 +48,15 @@ class GenaiModel:
             config.overlay(json.dumps({"model": {"decoder": {"filename": filename}}}))
             self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
+        # A sliding-window model (Gemma 2) runs only with a KV cache at least as long as its
+        # window, and og sizes the cache by max_length: a short generation asks for the window's
+        # length and stops itself after its tokens.
+        try:
+            decoder = json.loads((self.model_dir / "genai_config.json").read_text())["model"]
+            window = (decoder["decoder"].get("sliding_window") or {}).get("window_size") or 0
+            self.min_max_length = min(int(window), int(decoder.get("context_length") or window))
+        except (OSError, ValueError, KeyError, TypeError):
+            self.min_max_length = 0
         self.adapters: Any = None
         if adapters:
             self.adapters = og.Adapters(self.model)
@@ -57,6 +66,7 @@ class GenaiModel:
     def _generator(self, max_length: int, min_length: int = 0, adapter: str | None = None) -> Any:
         og = self._og
         params = og.GeneratorParams(self.model)
+        max_length = max(max_length, self.min_max_length)
         params.set_search_options(do_sample=False, max_length=max_length, min_length=min_length)
         generator = og.Generator(self.model, params)
         if adapter is not None:
@@ -75,9 +85,11 @@ class GenaiModel:
         ids = self.encode(prompt)
         generator = self._generator(len(ids) + max_new_tokens, adapter=adapter)
         generator.append_tokens(ids)
-        while not generator.is_done():
+        for _ in range(max_new_tokens):
+            if generator.is_done():
+                break
             generator.generate_next_token()
-        tokens = [int(t) for t in generator.get_sequence(0)][len(ids) :]
+        tokens = [int(t) for t in generator.get_sequence(0)][len(ids) :][:max_new_tokens]
         return GenerationResult(prompt=prompt, output=self.tokenizer.decode(tokens), tokens=tokens)
 
     def decode_tokens_per_second(
@@ -97,7 +109,7 @@ class GenaiModel:
             generator.generate_next_token()  # the first token comes from the prefill pass
             start = time.perf_counter()
             produced = 0
-            while not generator.is_done():
+            while produced < new_tokens - 1 and not generator.is_done():
                 generator.generate_next_token()
                 produced += 1
             elapsed = time.perf_counter() - start
@@ -187,6 +199,9 @@ def perplexity_onnx(
         unknown = sorted(set(adapter_feeds) - overridable)
         raise ValueError(f"the graph has no adapter inputs named {unknown[:3]}")
     kv_type = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    # Sliding-window layers (Gemma 2) keep a window-sized KV cache ("past_sliding_length"):
+    # the kernel wants its capacity at least the window even when it holds nothing yet.
+    window = int((genai.get("sliding_window") or {}).get("window_size") or 0)
     total, count = 0.0, 0
     for ids in token_ids:
         n = len(ids)
@@ -201,7 +216,10 @@ def perplexity_onnx(
             elif name.startswith("past_key_values"):
                 heads, head_size = genai["num_key_value_heads"], genai["head_size"]
                 dtype = kv_type.get(meta.type, np.float32)
-                feeds[name] = np.zeros((1, heads, 0, head_size), dtype=dtype)
+                length_dim = meta.shape[2] if len(meta.shape) > 2 else None
+                sliding = isinstance(length_dim, str) and "sliding" in length_dim
+                length = window if sliding else 0  # empty either way: attention_mask says so
+                feeds[name] = np.zeros((1, heads, length, head_size), dtype=dtype)
         if adapter_feeds:
             feeds.update({k: v for k, v in adapter_feeds.items() if k in overridable})
         logits = session.run(["logits"], feeds)[0][0]
