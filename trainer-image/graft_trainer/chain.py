@@ -3,7 +3,9 @@ AdapterBundles that reference them by name, in dependency order, all on this mac
 
 A reference (`spec.source.fineTuneJobRef.name`, `spec.adapters[i].fineTuneJobRef.name`) names a
 FineTuneJob in the same file, or one already run to its default output (`prior(name)` finds its
-manifest). Every reference is checked before anything runs. Each output is written with its
+manifest). Every reference is checked before anything runs, and so is the architecture of every
+model an OptimizeJob or AdapterBundle will export: a FineTuneJob whose model the ONNX builder
+cannot export is refused before it trains, not after. Each output is written with its
 manifest last, to `spec.output.uri/<name>/` or `./graft-runs/<name>/` (the caller's `uri_for`).
 """
 
@@ -135,6 +137,63 @@ def _publish(out_dir: Path, uri: str, manifest: dict[str, Any]) -> None:
         (dest / MANIFEST).unlink(missing_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
     write_artifact(out_dir, uri, manifest)
+
+
+def _export_bases(obj: Any, specs: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, model URI) of the base model(s) an OptimizeJob or AdapterBundle will export;
+    `specs` holds the FineTuneJob specs by name (a referenced job's base is its spec.model)."""
+    spec = obj.spec
+    if obj.kind == "OptimizeJob":
+        ref = spec.source.fine_tune_job_ref
+        if ref is not None:
+            job = specs.get(ref.name)
+            return [] if job is None else [("spec.source.fineTuneJobRef", job.model.uri)]
+        return [("spec.source.model", spec.source.model.uri)]
+    if obj.kind == "AdapterBundle":
+        if spec.base_model is not None:
+            return [("spec.baseModel", spec.base_model.uri)]
+        for i, adapter in enumerate(spec.adapters):
+            job = specs.get(adapter.fine_tune_job_ref.name) if adapter.fine_tune_job_ref else None
+            if job is not None:
+                return [(f"spec.adapters[{i}].fineTuneJobRef", job.model.uri)]
+    return []
+
+
+def _config_dir(uri: str) -> Path | None:
+    """A local directory holding the model's config.json: the folder itself for a local
+    model, else the download (cached; the FineTuneJob reads it from the cache). None when the
+    model cannot be had: the job that needs it reports that."""
+    from graft.storage import StoreError, local_path
+
+    try:
+        path = local_path(uri)
+        if path is not None:
+            return path if path.is_dir() else None
+        return _local_dir(uri)
+    except (GraftInputError, StoreError, OSError, ValueError):
+        return None
+
+
+def check_exportable(objs: Sequence[Any], specs: dict[str, Any]) -> None:
+    """Refuse, before anything trains, an export whose base model's architecture the installed
+    onnxruntime-genai model builder cannot export (ChainError naming the resource, the field,
+    the architecture and the supported ones). Reads only config.json."""
+    from graft_trainer.export import builder
+    from graft_trainer.export.errors import ExportError
+
+    for obj in objs:
+        for field_path, uri in _export_bases(obj, specs):
+            model_dir = _config_dir(uri)
+            if model_dir is None or not (model_dir / "config.json").is_file():
+                continue
+            try:
+                builder.preflight(model_dir, field_path)
+            except ExportError as exc:
+                refs = [name for _, name in references(obj)]
+                trains = f" (the base model FineTuneJob {refs[0]!r} trains)" if refs else ""
+                raise ChainError(
+                    f"{obj.kind}/{obj.metadata.name}: {exc.field}{trains}: {exc.message}"
+                ) from None
 
 
 def _num(value: float | None, fmt: str = ".3f") -> str:
@@ -306,6 +365,12 @@ def run_documents(
                 manifest = read_manifest(prior_uri) or {}
                 spec = FineTuneJobSpec.model_validate(manifest.get("spec", {}))
                 jobs[name] = Done(name, prior_uri, spec)
+    specs = {name: job.spec for name, job in jobs.items()}
+    specs.update({o.metadata.name: o.spec for o in objs if o.kind == FINETUNE})
+    try:
+        check_exportable(ordered, specs)
+    except ChainError as exc:
+        return EXIT_INVALID, one_line(exc)
     for obj in ordered:
         doc, uri = raw[id(obj)], uri_for(raw[id(obj)])
         label = f"{obj.kind}/{obj.metadata.name}"

@@ -240,6 +240,84 @@ def build_tiny_llama(
     return directory
 
 
+# Architectures `build_tiny_model` can build: transformers model type, and what its config needs
+# besides the common sizes (head_dim is always hidden_size / heads: Gemma's default is 256).
+# GPT2LMHeadModel is one the ONNX model builder cannot export: a model to refuse.
+TINY_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
+    "LlamaForCausalLM": ("llama", {}),
+    "MistralForCausalLM": ("mistral", {"sliding_window": None}),
+    "Qwen2ForCausalLM": ("qwen2", {}),
+    "Qwen3ForCausalLM": ("qwen3", {}),
+    "Phi3ForCausalLM": ("phi3", {"original_max_position_embeddings": 2048}),
+    "GemmaForCausalLM": ("gemma", {}),
+    # A window of 8, shorter than the kit's prompts, so that the sliding window is exercised
+    # (onnxruntime's sliding-window attention wants a KV cache at least as long as the window:
+    # GenaiModel and perplexity_onnx size theirs for it).
+    "Gemma2ForCausalLM": ("gemma2", {"sliding_window": 8}),
+    "GPT2LMHeadModel": ("gpt2", {}),
+}
+
+
+def build_tiny_model(
+    directory: str | Path,
+    architecture: str,
+    seed: int = 0,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab_size: int = 512,
+    pretrain_steps: int = 0,
+) -> Path:
+    """Build a randomly initialized small model of `architecture` (a key of TINY_ARCHITECTURES,
+    e.g. "Qwen2ForCausalLM") from its transformers config, with the kit's tokenizer, into
+    `directory`. Random weights by default (`pretrain_steps` > 0 pretrains as the Llama's)."""
+    import torch
+    import transformers
+
+    if architecture not in TINY_ARCHITECTURES:
+        raise ValueError(
+            f"no tiny {architecture}; choose one of {', '.join(sorted(TINY_ARCHITECTURES))}"
+        )
+    model_type, extra = TINY_ARCHITECTURES[architecture]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(directory, seed=seed, vocab_size=vocab_size)
+    head_dim = hidden_size // heads
+    sizes: dict[str, Any] = {
+        "vocab_size": len(tok),
+        "hidden_size": hidden_size,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "max_position_embeddings": 2048,
+    }
+    if model_type == "gpt2":
+        sizes["n_inner"] = hidden_size * 2
+    else:
+        sizes.update(
+            intermediate_size=hidden_size * 2, num_key_value_heads=kv_heads, head_dim=head_dim
+        )
+    if model_type == "gemma2":  # queries scaled by head_dim**-0.5, as in the other models
+        sizes["query_pre_attn_scalar"] = head_dim
+    config = transformers.AutoConfig.for_model(
+        model_type,
+        **sizes,
+        **extra,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(config)
+    if pretrain_steps:
+        _pretrain(model, tok, seed, pretrain_steps)
+    model.eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(str(directory))
+    return directory
+
+
 def _pretrain(model: Any, tok: Any, seed: int, steps: int) -> None:
     """Teach the random model what a phrase's tone and verdict are (in a plain-text review
     format), and to answer a chat question about a phrase in words of its own (good, bad, meh).

@@ -8,8 +8,9 @@ default (the idea of Olive's ExtractAdapters). Branches stay float whatever the 
 The packed ``qkv_proj`` keeps its fused int4 MatMul; its LoRA branch has one A/B pair per part
 (q, k, v: inputs named ``model.layers.N.attn.q_proj.lora_A.MatMul.weight`` as the builder names
 them) whose outputs are concatenated and added. A block-diagonal B would spend three times the
-adapter bytes on zeros, and decode on the CPU is memory-bound. The LoRA graph and the plain
-graph share one external-data file.
+adapter bytes on zeros, and decode on the CPU is memory-bound. A model whose own weights are
+packed (Phi-3's ``self_attn.qkv_proj``) is adapted on the packed projection: one A/B pair. The
+LoRA graph and the plain graph share one external-data file.
 
 Each adapter becomes an ``.onnx_adapter`` file (onnxruntime's adapter format) holding one tensor
 per graph input, converted from the PEFT weights; modules it does not adapt get rank 0.
@@ -245,8 +246,22 @@ def base_linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
 RUNTIME_MODULE = re.compile(r"^model\.layers\.\d+\.(attn|mlp)\.\w+_proj$")
 
 
+# Packed projections the model builder splits into separate MatMuls (Phi-3's MLP becomes
+# gate_proj and up_proj): a runtime adapter on the packed weight has no graph input to feed.
+SPLIT_BY_BUILDER = ("gate_up_proj",)
+
+
 def check_runtime_modules(adapter: PeftAdapter, *, name: str, field: str) -> None:
     """Pre-flight: a runtime adapter can only adapt the decoder layers' projections."""
+    split = sorted(m for m in adapter.modules if module_suffix(m) in SPLIT_BY_BUILDER)
+    if split:
+        raise ExportError(
+            field,
+            f"adapter {name!r} adapts {module_suffix(split[0])} ({split[0]}), which the ONNX "
+            "model builder splits into gate_proj and up_proj: a runtime adapter cannot adapt it "
+            "(train without it in lora.targetModules, or merge it: adapterMode merge)",
+            "AdapterMismatch",
+        )
     other = sorted(m for m in adapter.modules if not RUNTIME_MODULE.match(m))
     if other:
         raise ExportError(
@@ -329,6 +344,9 @@ def add_lora_inputs(
         proj = match["proj"]
         prefix = f"model.layers.{match['layer']}.{match['block']}"
         part_names = PACKED.get(proj, (proj,))
+        if proj in targets and f"{prefix}.{proj}" in shapes:
+            # The model packs the projection itself (Phi-3's qkv_proj): one A/B pair for it.
+            part_names = (proj,)
         if not targets.intersection(part_names):
             continue
         parts = []
