@@ -229,3 +229,57 @@ def test_a_spec_edited_during_preflight_is_checked_again() -> None:
     plan = compute_status(ftj(), before_launch(stale), NOW)
     assert plan.delete_preflight and not plan.create_job and not plan.create_preflight
     assert "the spec changed" in condition(plan.status, "Running")["message"]
+
+
+# ------------------------------------------------------------------ the reconciler's actions
+
+
+def test_the_reconciler_creates_the_preflight_job_then_the_gpu_job_with_its_findings() -> None:
+    from graft.controller.reconciler import Caches, Reconciler
+    from tests.unit.test_controller_launch import KEY, FakeKube, run
+    from tests.unit.test_controller_launch import resource as launch_resource
+
+    kube = FakeKube()
+    kube.refuse_jobs = False
+    pods: list[dict[str, Any]] = []
+
+    def jobs(_: tuple[str, str]) -> list[dict[str, Any]]:
+        made = kube.of_kind("Job")
+        for job in made:  # the API server's uid and owner, which the cache filters on
+            job["metadata"].setdefault("uid", "job-" + job["metadata"]["name"])
+        return made
+
+    caches = Caches(
+        jobs=jobs,
+        configmaps=lambda _: kube.of_kind("ConfigMap"),
+        pods=lambda _: pods,
+    )
+    reconciler = Reconciler(kube, CONFIG, caches)  # type: ignore[arg-type]
+    obj = launch_resource(resources={"gpu": 1})
+
+    run(reconciler, obj)
+    (check,) = kube.of_kind("Job")
+    assert check["metadata"]["name"] == "tune-preflight"
+    assert len(kube.of_kind("ConfigMap")) == 1  # the pod mounts the spec
+    status = reconciler.bodies[KEY]["status"]
+    assert condition(status, "Running")["reason"] == "PreflightChecking"
+    assert ("Normal", "PreflightCreated") in kube.events
+
+    run(reconciler, {**obj, "status": status})  # still checking: nothing new
+    assert [j["metadata"]["name"] for j in kube.of_kind("Job")] == ["tune-preflight"]
+
+    findings = "pre-flight passed in a CPU pod: 10 training and 0 evaluation records"
+    passed = check_pod("tune-preflight-abc", "Succeeded", 0, findings)
+    passed["metadata"]["ownerReferences"] = [{"uid": "job-tune-preflight"}]
+    pods.append(passed)
+    run(reconciler, {**obj, "status": status})
+    names = sorted(j["metadata"]["name"] for j in kube.of_kind("Job"))
+    assert names == ["tune-preflight", "tune-train"]
+    train = next(j for j in kube.of_kind("Job") if j["metadata"]["name"] == "tune-train")
+    assert "nvidia.com/gpu" in str(train["spec"]["template"]["spec"]["containers"][0]["resources"])
+    # The findings were patched in the pass that launched (no later pass can read them).
+    status = reconciler.bodies[KEY]["status"]
+    assert condition(status, "Validated")["message"] == findings
+    run(reconciler, {**obj, "status": {**status, "jobName": "tune-train"}})
+    assert condition(reconciler.bodies[KEY]["status"], "Validated")["message"] == findings
+    assert len(kube.of_kind("Job")) == 2

@@ -332,9 +332,10 @@ class Reconciler:
                     await self.kube.delete(object_path(trial.job))
 
         patch = status_patch(obj.get("status") or {}, plan.status, study=study is not None)
-        if plan.create_job and requeue is None:
+        if plan.create_job and requeue is None and preflight is None:
             # Just launched: the Job's watch event brings this resource back for its status
-            # patch. Under a burst, the queue's other launches go first.
+            # patch. Under a burst, the queue's other launches go first. (After a pre-flight
+            # pod the patch goes now: its findings exist only in this pass.)
             self._set_phase(key, str(plan.status.get("phase")))
             return 2.0
         if patch and not plan.delete_resource:
