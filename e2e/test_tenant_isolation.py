@@ -136,6 +136,7 @@ def env(
         work / "operator.log",
         trainer_image,
         GRAFT_POLICY=json.dumps(policy),
+        GRAFT_PREFLIGHT_POD="false",  # the GPU budget is what this test counts
         GRAFT_OUTPUT_URI="",
         GRAFT_OUTPUT_SECRET="",
     )

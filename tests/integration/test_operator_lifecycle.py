@@ -19,7 +19,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 def env(
     control_plane: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Operator, Cluster]]:
-    with operator_namespace(control_plane, tmp_path_factory.mktemp("operator")) as pair:
+    # No kubelet here to run a pre-flight pod: a GPU job's Job is created at once.
+    with operator_namespace(
+        control_plane, tmp_path_factory.mktemp("operator"), GRAFT_PREFLIGHT_POD="false"
+    ) as pair:
         yield pair
 
 

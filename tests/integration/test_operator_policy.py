@@ -74,7 +74,11 @@ def test_a_namespace_over_its_gpu_budget_waits_and_launches_when_gpus_free(
 ) -> None:
     policy = {"maxGpusPerNamespace": 2}
     with operator_namespace(
-        control_plane, tmp_path_factory.mktemp("budget"), GRAFT_POLICY=json.dumps(policy)
+        control_plane,
+        tmp_path_factory.mktemp("budget"),
+        GRAFT_POLICY=json.dumps(policy),
+        # No kubelet here to run a pre-flight pod: the GPU Jobs are created at once.
+        GRAFT_PREFLIGHT_POD="false",
     ) as (_, cluster):
         cluster.create_ftj("first", resources={"gpu": 2})
         wait_for("the first resource's Job", lambda: cluster.jobs("first"), 30)

@@ -270,7 +270,13 @@ def test_a_trainer_run_from_the_hub_names_its_base_by_hub_id(tmp_path: Path) -> 
         served = len(hub.requests)
         loaded = subprocess.run(
             [sys.executable, "-c", LOAD_ADAPTER, str(adapter_dir)],
-            env={**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "user-hf")},
+            # Online whatever other tests set in this process (tests/export_kit.py: offline).
+            env={
+                **os.environ,
+                "HF_HUB_OFFLINE": "0",
+                "HF_ENDPOINT": hub.url,
+                "HF_HOME": str(tmp_path / "user-hf"),
+            },
             capture_output=True,
             text=True,
             timeout=300,

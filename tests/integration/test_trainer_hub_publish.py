@@ -172,6 +172,7 @@ def test_a_job_pushes_its_adapter_records_the_commit_and_a_rerun_pushes_nothing(
             [sys.executable, "-c", LOAD_AND_COMPARE, "acme/tone-adapter", str(adapter)],
             env={
                 **os.environ,
+                "HF_HUB_OFFLINE": "0",  # whatever other tests set in this process
                 "HF_ENDPOINT": hub.url,
                 "HF_HOME": str(tmp_path / "user-hf"),
                 "HF_TOKEN": READER,

@@ -42,6 +42,7 @@ CONFIG = OperatorConfig(
     output_uri="s3://graft/shared/",
     output_secret="shared-s3",
     policy=POLICY,
+    preflight_pod=False,  # the GPU budget is what these tests count
 )
 
 
