@@ -7,7 +7,7 @@ LFS or Xet storage is needed, and the ndjson `commit` that makes a new commit th
 serve), plus the error answers the client turns into its typed errors (unknown repository, gated
 repository, missing revision, missing file, refused token, server errors).
 
-Pushes need a token the server was given as a writer (`tokens={"t": "write"}`): none or an
+`/api/whoami-v2` tells a token's role. Pushes need a token the server was given as a writer (`tokens={"t": "write"}`): none or an
 unknown one is 401, a reader's 403, and so is creating a repository outside `writable_orgs`.
 A repository created private is read only with a known token.
 
@@ -185,6 +185,8 @@ class HubServer:
         if method == "POST":
             with self._lock:
                 return self._post(parts, token, body)
+        if parts == ["api", "whoami-v2"]:
+            return self._whoami(token)
         if parts[:1] == ["api"] and len(parts) >= 5 and parts[1] in ("models", "datasets"):
             repo_type = parts[1][:-1]
             repo_id, action, rest = f"{parts[2]}/{parts[3]}", parts[4], parts[5:]
@@ -292,6 +294,14 @@ class HubServer:
         return 200, headers, b"" if method == "HEAD" else data
 
     # ------------------------------------------------------------ the push protocol
+
+    def _whoami(self, token: str | None) -> tuple[int, dict[str, str], bytes]:
+        """The token's owner and role ("write" or "read"), as the Hub's /api/whoami-v2."""
+        role = self.tokens.get(token) if token is not None else None
+        if role is None:
+            return _error(401, "Unauthorized", "Invalid credentials in Authorization header")
+        access = {"displayName": "graft-tests", "role": role}
+        return _json(200, {"type": "user", "name": "graft-tests", "auth": {"accessToken": access}})
 
     def _writer(self, token: str | None) -> tuple[int, dict[str, str], bytes] | None:
         """None when `token` may write; the refusal otherwise."""

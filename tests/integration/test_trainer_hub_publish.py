@@ -3,8 +3,8 @@
 
 Pushes run in child processes, as in a trainer pod (the client reads HF_ENDPOINT when it is
 imported). Covered: a job that trains, pushes and records the branch head, loaded from the Hub
-with AutoPeftModelForCausalLM; a rerun that pushes nothing new; a refused token as the user's
-error naming spec.publish; and, on a folder without training, read-only tokens, organizations
+with AutoPeftModelForCausalLM; a rerun that pushes nothing new; a token that cannot push
+refused before training as the user's error naming spec.publish; and, on a folder without training, read-only tokens, organizations
 the token may not create in, branches, a 503 on the commit and a commit whose answer was lost."""
 
 from __future__ import annotations
@@ -195,19 +195,36 @@ def test_a_job_pushes_its_adapter_records_the_commit_and_a_rerun_pushes_nothing(
         assert json.loads((out / "manifest.json").read_text())["published"]["pushed"] is False
 
 
-def test_a_refused_token_fails_as_the_users_error_naming_spec_publish(tmp_path: Path) -> None:
+def test_a_token_that_cannot_push_fails_before_training_naming_spec_publish(
+    tmp_path: Path,
+) -> None:
+    """Checked with the Hub's whoami before any data is read: a refused token, a read-only
+    one and none at all are the user's errors (exit 2), and no GPU time is spent on them."""
     with HubServer(tokens=TOKENS) as hub:
         publish_kit(hub)
         doc = publish_doc({"uri": "hf://acme/tone-adapter", "credentialsSecret": "hf-write"})
-        done = run_pod(hub, doc, tmp_path / "out", tmp_path, HF_TOKEN="wrong-token-1234")
+        runs = {
+            name: run_pod(hub, doc, tmp_path / name, tmp_path, **env)
+            for name, env in (
+                ("refused", {"HF_TOKEN": "wrong-token-1234"}),
+                ("read-only", {"HF_TOKEN": READER}),
+                ("none", {"HF_TOKEN": ""}),
+            )
+        }
         pushes = [r for r in hub.requests if r.method == "POST"]
-    assert done.returncode == 2, done.stderr[-3000:]  # InvalidInput: not retried
-    error = done.stderr.strip().splitlines()[-1]
-    assert "spec.publish hf://acme/tone-adapter" in error and "HTTP 401" in error, error
-    assert "spec.publish.credentialsSecret" in error and "wrong-token" not in error
-    assert len(pushes) == 1, [r.path for r in pushes]  # refused at create, asked once
-    # The job's outputs stay incomplete: no finetune-output manifest claims success.
-    assert not (tmp_path / "out" / "manifest.json").exists()
+        fetched = hub.downloads("acme/tiny-llama")
+    errors = {}
+    for name, done in runs.items():
+        assert done.returncode == 2, (name, done.stderr[-3000:])  # InvalidInput: not retried
+        errors[name] = done.stderr.strip().splitlines()[-1]
+        assert "spec.publish hf://acme/tone-adapter" in errors[name], errors[name]
+        assert "spec.publish.credentialsSecret" in errors[name], errors[name]
+        # Nothing trained or written: the check came first.
+        assert not list((tmp_path / name).rglob("*.safetensors")), name
+    assert "HTTP 401" in errors["refused"] and "wrong-token" not in errors["refused"]
+    assert "read-only" in errors["read-only"] and READER not in errors["read-only"]
+    assert "needs a token with write access" in errors["none"]
+    assert not pushes and not fetched  # no repository made, not even the model downloaded
 
 
 def test_push_refusals_branches_and_transient_failures(tmp_path: Path) -> None:

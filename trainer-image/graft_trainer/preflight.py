@@ -231,6 +231,10 @@ def prepare(
     pre-flight pod): the device is taken as the GPU, precision `auto` is estimated as bf16, and
     the memory estimate is reported but compared with the GPU's memory only in the GPU pod."""
     pins = pins if pins is not None else RevisionPins()
+    if spec.publish is not None:  # before the GPU time a refused push would waste
+        from graft_trainer.publish import check_write_access
+
+        check_write_access(spec.publish)
     splits, digest = load_splits(spec.dataset, pins)
     train, evals = select_records(spec, splits)
     check_records(spec, train, evals)

@@ -75,6 +75,40 @@ def files_digest(manifest: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical).hexdigest()
 
 
+def check_write_access(location: Any, field: str = FIELD) -> None:
+    """Refuse, before any training, a publish the Hub will refuse anyway: offline mode, no
+    token, a token the Hub rejects, or a read-only token (the Hub's whoami). A transient
+    failure of the check is only logged: the push retries on its own."""
+    from huggingface_hub import HfApi
+
+    repo = parse_uri(location.uri).netloc
+    if offline():
+        raise GraftInputError(
+            f"{field} {location.uri}: pushing needs the Hub, and offline mode is on "
+            "(HF_HUB_OFFLINE; the chart's trainer.hub.offline)"
+        )
+    token = hf_token(repo)
+    if token is None:
+        raise GraftInputError(
+            f"{field} {location.uri}: pushing needs a token with write access; name a Secret "
+            f"holding HF_TOKEN in {field}.credentialsSecret"
+        )
+    try:
+        who = HfApi(endpoint=endpoint(), token=token).whoami()
+    except Exception as exc:
+        failure = classify_push(exc, location.uri, branch=location.revision or "main", field=field)
+        if isinstance(failure, GraftInputError):
+            raise failure from None
+        log.warning("could not check the publish token yet (%s); the push will tell", failure)
+        return
+    role = ((who.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise GraftInputError(
+            f"{field} {location.uri}: the token in {field}.credentialsSecret is read-only; "
+            "pushing needs a token with write access"
+        )
+
+
 def push_folder(
     folder: Path, location: Any, *, message: str, description: str = "", field: str = FIELD
 ) -> Published:
