@@ -211,33 +211,19 @@ def build_tiny_llama(
     vocab_size: int = 512,
     pretrain_steps: int = 600,
 ) -> Path:
-    """Build a randomly initialized small Llama and its tokenizer into `directory`."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(directory, seed=seed, vocab_size=vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tok),
+    """Build a randomly initialized small Llama and its tokenizer into `directory`, pretrained
+    for `pretrain_steps` on the kit's phrases (the kit's model)."""
+    return build_tiny_model(
+        directory,
+        "LlamaForCausalLM",
+        seed=seed,
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        vocab_size=vocab_size,
+        pretrain_steps=pretrain_steps,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    if pretrain_steps:
-        _pretrain(model, tok, seed, pretrain_steps)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(str(directory))
-    return directory
 
 
 # Architectures `build_tiny_model` can build: transformers model type, and what its config needs
