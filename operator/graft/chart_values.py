@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from graft.api.base import Toleration
-from graft.policy import PlatformPolicy
+from graft.policy import PlatformPolicy, TrainerServiceAccount
 
 CHART_DIR = Path(__file__).resolve().parents[2] / "helm" / "graft"
 
@@ -163,6 +163,16 @@ class TrainerValues(Values):
     model_cache: ModelCacheValues = Field(
         default_factory=ModelCacheValues,
         description="A download cache shared by trainer pods.",
+    )
+    service_account: TrainerServiceAccount = Field(
+        default_factory=TrainerServiceAccount,
+        description=(
+            "The ServiceAccount trainer pods run as, which the operator creates in each "
+            "namespace that runs jobs (name empty: graft-trainer), with these annotations: one "
+            "cloud role for every tenant (IRSA, Workload Identity). A namespace's policy "
+            "(policy.namespaces.<ns>.trainerServiceAccount) overrides the name and adds or "
+            "overrides annotations."
+        ),
     )
     preflight: PreflightValues = Field(
         default_factory=PreflightValues,

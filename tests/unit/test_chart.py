@@ -320,3 +320,43 @@ def test_install_notes_say_what_is_served_and_where_to_look() -> None:
     assert "Default artifact store: s3://graft/" in text
     assert "serves every namespace" in notes({})
     assert "every resource must set spec.output" in notes({})
+
+
+def test_trainer_service_account_values_reach_every_namespaces_identity() -> None:
+    from graft.controller import planner
+    from graft.controller.config import ConfigError, OperatorConfig
+    from graft.policy import parse_policy
+
+    role = {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/graft-trainer"}
+    env = operator_env(
+        render({"trainer": {"serviceAccount": {"name": "ml-trainer", "annotations": role}}})
+    )
+    config = OperatorConfig.from_env(
+        {k: env[k] for k in ("GRAFT_TRAINER_SERVICE_ACCOUNT",)} | {"GRAFT_OUTPUT_URI": "s3://o/"}
+    )
+    account, *_ = planner.trainer_identity("team-a", config)
+    assert account["metadata"]["name"] == "ml-trainer"
+    assert account["metadata"]["annotations"] == role
+    obj = yaml.safe_load((CHART_DIR.parents[1] / "examples" / "finetunejob.yaml").read_text())
+    obj["metadata"].update(namespace="team-a", uid="0123abcd-0000")
+    resolved = planner.resolve_spec(obj["spec"], config, "FineTuneJob", "team-a")
+    job = planner.build_trainer_job(obj, resolved.spec, config, spec_hash_="h")
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "ml-trainer"
+    # A tenant's own role (policy) wins over the platform's, key by key.
+    tenant_role = {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/team-b"}
+    policy = parse_policy(
+        {"namespaces": {"team-b": {"trainerServiceAccount": {"annotations": tenant_role}}}}
+    )
+    config = OperatorConfig(**{**config.__dict__, "policy": policy})
+    account, *_ = planner.trainer_identity("team-b", config)
+    assert account["metadata"]["annotations"] == tenant_role
+    assert account["metadata"]["name"] == "ml-trainer"
+    # Unset: graft-trainer, no annotations.
+    default = OperatorConfig.from_env(operator_env(render({})))
+    account, *_ = planner.trainer_identity("team-a", default)
+    assert account["metadata"]["name"] == "graft-trainer"
+    assert "annotations" not in account["metadata"]
+    with pytest.raises(Exception, match="name"):
+        render({"trainer": {"serviceAccount": {"name": "Not A Name"}}})
+    with pytest.raises(ConfigError, match="GRAFT_TRAINER_SERVICE_ACCOUNT: nmae"):
+        OperatorConfig.from_env({"GRAFT_TRAINER_SERVICE_ACCOUNT": '{"nmae": "x"}'})

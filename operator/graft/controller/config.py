@@ -23,6 +23,7 @@
 | GRAFT_HF_ENDPOINT | Hub (or mirror) URL trainer pods fetch hf:// sources from (their HF_ENDPOINT) | "" (the public Hub) |
 | GRAFT_HF_OFFLINE | trainer pods read hf:// sources only from their cache (HF_HUB_OFFLINE=1) | false |
 | GRAFT_MODEL_CACHE_CLAIM | PersistentVolumeClaim (in each job's namespace) trainer pods use as their download cache | "" (none) |
+| GRAFT_TRAINER_SERVICE_ACCOUNT | JSON {name, annotations}: trainer pods' ServiceAccount and the annotations it is created with (a namespace's policy overrides) | {} (graft-trainer) |
 | GRAFT_PREFLIGHT_POD | check a GPU FineTuneJob in a CPU pod before its GPU pod is created | true |
 | GRAFT_PREFLIGHT_CPU, GRAFT_PREFLIGHT_MEMORY | requests and limits of that pod | 1, 4Gi |
 | GRAFT_TRAINER_POD | every trainer pod's platform settings as JSON (chart `trainer.pod`: imagePullSecrets, nodeSelector, tolerations, runtimeClassName, annotations, labels) | {} |
@@ -38,7 +39,7 @@ from collections.abc import Mapping
 from pydantic import ValidationError
 
 from graft.chart_values import TrainerPodValues
-from graft.policy import PlatformPolicy, policy_from_json
+from graft.policy import PlatformPolicy, TrainerServiceAccount, policy_from_json
 
 TRUE = ("1", "true", "yes", "on")
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?$")
@@ -57,6 +58,8 @@ class OperatorConfig:
     trainer_cluster_role: str = ""
     trainer_run_as_user: int = 1000
     trainer_service_account: str = "graft-trainer"
+    # Annotations of every trainer ServiceAccount the operator creates (a policy's win).
+    trainer_service_account_annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
     trainer_scratch_size_limit: str = ""
     trainer_ephemeral_storage_request: str = ""
     output_uri: str = ""
@@ -127,6 +130,15 @@ class OperatorConfig:
                 f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
             )
             raise ConfigError(f"GRAFT_TRAINER_POD: {problems}") from None
+        try:
+            account = TrainerServiceAccount.model_validate_json(
+                env.get("GRAFT_TRAINER_SERVICE_ACCOUNT", "").strip() or "{}"
+            )
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
+            )
+            raise ConfigError(f"GRAFT_TRAINER_SERVICE_ACCOUNT: {problems}") from None
         hub_endpoint = env.get("GRAFT_HF_ENDPOINT", "").strip().rstrip("/")
         if hub_endpoint and not re.match(r"^https?://\S+$", hub_endpoint):
             raise ConfigError(
@@ -142,6 +154,8 @@ class OperatorConfig:
             trainer_extra_env={str(k): str(v) for k, v in extra.items()},
             trainer_cluster_role=env.get("GRAFT_TRAINER_CLUSTER_ROLE", "").strip(),
             trainer_run_as_user=int(number("GRAFT_TRAINER_RUN_AS_USER", 1000, 1)),
+            trainer_service_account=account.name or cls.trainer_service_account,
+            trainer_service_account_annotations=dict(account.annotations),
             trainer_scratch_size_limit=quantity("GRAFT_TRAINER_SCRATCH_SIZE_LIMIT"),
             trainer_ephemeral_storage_request=quantity("GRAFT_TRAINER_EPHEMERAL_STORAGE_REQUEST"),
             output_uri=env.get("GRAFT_OUTPUT_URI", "").strip(),

@@ -635,13 +635,15 @@ def build_preflight_job(
 
 def trainer_identity(namespace: str, config: OperatorConfig) -> list[dict[str, Any]]:
     """ServiceAccount + (Role +) RoleBinding letting trainer pods patch only resource status.
-    The ServiceAccount's name and annotations (a cloud role per tenant) come from the policy."""
+    The ServiceAccount's name and annotations come from the chart's trainer.serviceAccount (one
+    cloud role for all) and the namespace's policy (a cloud role per tenant), the policy's first."""
     account = trainer_service_account(config.policy, namespace, config.trainer_service_account)
     sa = account.name
     labels = {LABEL_MANAGED_BY: "graft-operator", LABEL_APP: "graft-trainer"}
     sa_meta: dict[str, Any] = {"name": sa, "namespace": namespace, "labels": labels}
-    if account.annotations:
-        sa_meta["annotations"] = dict(account.annotations)
+    annotations = {**config.trainer_service_account_annotations, **account.annotations}
+    if annotations:
+        sa_meta["annotations"] = annotations
     objects: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": sa_meta}
     ]
