@@ -65,9 +65,9 @@ DATASET = {
 }
 
 
-def fetch(hub: HubServer, home: Path, requests: list[dict[str, Any]], **env: str) -> list[Any]:
-    """Each request's result ({path|splits, commits} or {error, message}) from one child."""
-    full_env = {
+def child_env(hub: HubServer, home: Path, **env: str) -> dict[str, str]:
+    """A child process's environment, as a trainer pod's: the local Hub, a fresh cache."""
+    return {
         "PATH": "/usr/bin:/bin",
         "HOME": str(home),
         "HF_HOME": str(home / "hf"),
@@ -76,9 +76,13 @@ def fetch(hub: HubServer, home: Path, requests: list[dict[str, Any]], **env: str
         "GRAFT_STORE_RETRY_SECONDS": "20",
         **env,
     }
+
+
+def fetch(hub: HubServer, home: Path, requests: list[dict[str, Any]], **env: str) -> list[Any]:
+    """Each request's result ({path|splits, commits} or {error, message}) from one child."""
     done = subprocess.run(
         [sys.executable, "-c", FETCH, json.dumps(requests)],
-        env=full_env,
+        env=child_env(hub, home, **env),
         capture_output=True,
         text=True,
         timeout=300,

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.hub_server import HubServer
-from tests.integration.test_trainer_hub import publish_kit
+from tests.integration.test_trainer_hub import child_env, publish_kit
 from tests.integration.trainer_kit import job_document, run_trainer_pod, shared_kit
 
 pytestmark = [pytest.mark.trainer]
@@ -58,18 +58,6 @@ assert set(hub) == set(local), (sorted(hub)[:3], sorted(local)[:3])
 diff = max(float((hub[k].float() - local[k].float()).abs().max()) for k in local)
 print(type(model).__name__, len(local), diff)
 """
-
-
-def child_env(hub: HubServer, home: Path, **env: str) -> dict[str, str]:
-    return {
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(home),
-        "HF_HOME": str(home / "hf"),
-        "HF_ENDPOINT": hub.url,
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "GRAFT_STORE_RETRY_SECONDS": "20",
-        **env,
-    }
 
 
 def push(hub: HubServer, home: Path, requests: list[dict[str, Any]], **env: str) -> list[Any]:

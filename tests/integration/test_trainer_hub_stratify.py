@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.hub_server import HubServer
+from tests.integration.test_trainer_hub import child_env
 from tests.integration.trainer_kit import shared_kit
 
 pytestmark = [pytest.mark.trainer]
@@ -68,13 +69,7 @@ def test_stratify_by_keeps_each_labels_share_in_both_hub_splits(tmp_path: Path) 
                     ]
                 ),
             ],
-            env={
-                "PATH": "/usr/bin:/bin",
-                "HOME": str(tmp_path),
-                "HF_HOME": str(tmp_path / "hf"),
-                "HF_ENDPOINT": hub.url,
-                "HF_HUB_DISABLE_TELEMETRY": "1",
-            },
+            env=child_env(hub, tmp_path),
             capture_output=True,
             text=True,
             timeout=300,

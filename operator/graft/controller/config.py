@@ -35,18 +35,32 @@ import dataclasses
 import json
 import re
 from collections.abc import Mapping
+from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from graft.chart_values import TrainerPodValues
 from graft.policy import PlatformPolicy, TrainerServiceAccount, policy_from_json
 
 TRUE = ("1", "true", "yes", "on")
+M = TypeVar("M", bound=BaseModel)
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?$")
 
 
 class ConfigError(ValueError):
     """A configuration variable that cannot be used; the message names it."""
+
+
+def _json_model(env: Mapping[str, str], name: str, model: type[M]) -> M:
+    """The variable `name` as JSON validated by `model` ({} when unset); ConfigError naming
+    each bad field."""
+    try:
+        return model.model_validate_json(env.get(name, "").strip() or "{}")
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"{name}: {problems}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,24 +135,8 @@ class OperatorConfig:
             policy = policy_from_json(env.get("GRAFT_POLICY", ""))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        try:
-            trainer_pod = TrainerPodValues.model_validate_json(
-                env.get("GRAFT_TRAINER_POD", "").strip() or "{}"
-            )
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
-            )
-            raise ConfigError(f"GRAFT_TRAINER_POD: {problems}") from None
-        try:
-            account = TrainerServiceAccount.model_validate_json(
-                env.get("GRAFT_TRAINER_SERVICE_ACCOUNT", "").strip() or "{}"
-            )
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
-            )
-            raise ConfigError(f"GRAFT_TRAINER_SERVICE_ACCOUNT: {problems}") from None
+        trainer_pod = _json_model(env, "GRAFT_TRAINER_POD", TrainerPodValues)
+        account = _json_model(env, "GRAFT_TRAINER_SERVICE_ACCOUNT", TrainerServiceAccount)
         hub_endpoint = env.get("GRAFT_HF_ENDPOINT", "").strip().rstrip("/")
         if hub_endpoint and not re.match(r"^https?://\S+$", hub_endpoint):
             raise ConfigError(
