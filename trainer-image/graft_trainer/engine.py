@@ -166,6 +166,13 @@ class Engine:
             return
         self.warnings.append(TrainingWarning(type=kind, since_step=since, message=message))
 
+    def set_memory_metrics(self, gpu: dict[str, int], rss: int) -> None:
+        """Peak memory so far into status.metrics: host RSS, and the GPU's where one is used."""
+        self.metrics.peak_host_memory_bytes = rss
+        self.metrics.peak_gpu_memory_bytes = gpu.get("gpuAllocatedBytes") or None
+        self.metrics.peak_gpu_reserved_bytes = gpu.get("gpuReservedBytes") or None
+        self.metrics.peak_memory_bytes = self.metrics.peak_gpu_memory_bytes or rss
+
     def set_eval_metrics(self, values: dict[str, float]) -> None:
         for key, attr in (
             ("eval_loss", "eval_loss"),
@@ -443,9 +450,8 @@ class Engine:
                 self.progress.tokens_per_second = round(tps, 1)
                 self.progress.eta_seconds = int(rate * (total - step))
                 self.metrics.train_loss = last_train_loss
-                self.metrics.peak_memory_bytes = (
-                    gpu_memory().get("gpuAllocatedBytes") or peak_rss_bytes()
-                )
+                gpu, rss = gpu_memory(), peak_rss_bytes()
+                self.set_memory_metrics(gpu, rss)
                 self.record(
                     {
                         "step": step,
@@ -453,8 +459,8 @@ class Engine:
                         "lr": scheduler.get_last_lr()[0],
                         "tokens_per_second": tps,
                         "epoch": self.progress.epoch,
-                        "peak_rss_bytes": peak_rss_bytes(),
-                        **gpu_memory(),
+                        "peak_rss_bytes": rss,
+                        **gpu,
                     }
                 )
                 window_loss, window_steps, window_tokens = 0.0, 0, 0
@@ -535,6 +541,7 @@ class Engine:
         self.emit("evaluating", f"final evaluation of step {best_step}")
         final, samples = evaluator.run(model, tok, device, amp)
         self.set_eval_metrics(final)
+        self.set_memory_metrics(gpu_memory(), peak_rss_bytes())  # the final evaluation's too
         self.progress.percent = 100 if not stopped_early else self.progress.percent
 
         from graft_trainer.outputs import OutputWriter

@@ -438,7 +438,26 @@ class FineTuneMetrics(ApiModel):
     best_step: int | None = Field(
         default=None, ge=0, description="Step of the exported checkpoint."
     )
-    peak_memory_bytes: int | None = Field(default=None, ge=0, description="Peak RSS or GPU memory.")
+    peak_memory_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="peakGpuMemoryBytes where the trainer uses a GPU, else peakHostMemoryBytes.",
+    )
+    peak_host_memory_bytes: int | None = Field(
+        default=None, ge=0, description="Peak resident memory (RSS) of the training process."
+    )
+    peak_gpu_memory_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Peak GPU memory held by tensors (torch.cuda.max_memory_allocated) on the "
+        "trainer's GPU (rank 0's in data parallel runs); absent without a GPU.",
+    )
+    peak_gpu_reserved_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Peak GPU memory held by PyTorch's caching allocator (what nvidia-smi shows "
+        "of the process, less the CUDA context); absent without a GPU.",
+    )
 
 
 class TrainingWarning(ApiModel):
