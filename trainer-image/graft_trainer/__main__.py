@@ -7,8 +7,10 @@
                                        CPU pod the operator runs before the GPU pod
 
 Environment: GRAFT_ARTIFACTS_URI (the artifact prefix), GRAFT_REPORTER (rich | jsonl |
-kubernetes), AWS_* for S3, HF_TOKEN for hf://. Exit codes: 0 success, 2 invalid input (not worth
-retrying), 1 any other failure; on failure a one-line reason goes to /dev/termination-log.
+kubernetes), AWS_* for S3, HF_TOKEN for hf://, GRAFT_TRAINER_METRICS_PORT (a Prometheus
+endpoint while it runs, graft_trainer.observability; unset or 0: none). Exit codes: 0 success,
+2 invalid input (not worth retrying), 1 any other failure; on failure a one-line reason goes to
+/dev/termination-log.
 """
 
 from __future__ import annotations
@@ -66,9 +68,12 @@ def run_object(
         obj = parse_object({k: v for k, v in document.items() if k != "references"})
     except InvalidResource as exc:
         return EXIT_INVALID, f"invalid resource: {exc}"
+    from graft_trainer import observability
+
     if not isinstance(obj, FineTuneJob):
+        observability.serve_from_env()  # CPU, memory and GPU while it exports
         return run_export(document, obj, artifacts_uri, reporter_name)
-    if obj.spec.search is not None:
+    if obj.spec.search is not None:  # `graft run`: on a cluster each trial's pod serves its own
         from graft_trainer.search import run_search
 
         return run_search(document, artifacts_uri, reporter_name, work_dir=work_dir)
@@ -78,10 +83,12 @@ def run_object(
         count = parallel.processes(obj.spec)
     except GraftInputError as exc:
         return EXIT_INVALID, one_line(exc)
-    if count > 1 and not parallel.in_worker():
+    if count > 1 and not parallel.in_worker():  # rank 0 serves the metrics, not the launcher
         return parallel.run_data_parallel(
             document, artifacts_uri, reporter_name, count, work_dir=work_dir
         )
+    if parallel.rank() == 0:
+        observability.serve_from_env()
     from graft_trainer.engine import Engine, JobIdentity
     from graft_trainer.preemption import Preempted
     from graft_trainer.reporting import make_reporter
@@ -89,7 +96,7 @@ def run_object(
     meta = obj.metadata
     extra = meta.model_extra or {}
     identity = JobIdentity(meta.name, meta.namespace or "local", str(extra.get("uid", "")))
-    reporter = make_reporter(reporter_name)
+    reporter = observability.observed(make_reporter(reporter_name))
     try:
         result = Engine(obj.spec, identity, artifacts_uri, reporter, work_dir=work_dir).run()
     except Preempted as exc:

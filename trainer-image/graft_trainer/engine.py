@@ -27,7 +27,7 @@ from graft.api.finetune import (
 from graft.progress import ProgressEvent, Reporter, Stage
 from graft.storage import open_store
 from graft.storage.uri import join_uri
-from graft_trainer import attention, parallel
+from graft_trainer import attention, observability, parallel
 from graft_trainer import data as D
 from graft_trainer.checkpoints import CheckpointManager, set_rng_state
 from graft_trainer.evaluation import BestTracker, Evaluator, OverfittingDetector, metric_key
@@ -436,6 +436,7 @@ class Engine:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             train_seconds += time.perf_counter() - t0
+            observability.record_step(step, step_tokens)
             window_loss += step_loss
             window_steps += 1
             self.progress.step = step

@@ -152,6 +152,7 @@ def run_trial(
             plan.trial_uri(prefix, number),
             search.objective.metric,
             on_report,
+            reporter=_metrics_reporter(),
             work_dir=work_dir,
         )
         if outcome.store_error:
@@ -167,6 +168,16 @@ def run_trial(
     except StoreError as exc:
         return EXIT_FAILURE, str(exc).splitlines()[0], {}
     return EXIT_OK, f"trial {number}: {own.state}", _result(own)
+
+
+def _metrics_reporter() -> Any:
+    """The trial pod's progress into its metrics endpoint, when it serves one (its status is
+    the operator's: trials report through their termination message)."""
+    from graft_trainer import observability
+    from graft_trainer.reporting import NullReporter
+
+    observability.serve_from_env()
+    return observability.observed(NullReporter())
 
 
 def _result(record: plan.StudyTrial) -> dict[str, Any]:
