@@ -121,6 +121,41 @@ class PreflightValues(Values):
     )
 
 
+class PodMonitorValues(Values):
+    enabled: bool = Field(
+        default=False,
+        description=(
+            "Create a Prometheus Operator PodMonitor (in the release namespace) that scrapes "
+            "every trainer pod's port `metrics` in the namespaces the operator watches (all "
+            "when watchNamespaces is empty). Needs trainer.metrics.port."
+        ),
+    )
+    interval: str = Field(default="30s", description="Scrape interval.")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Labels the Prometheus instance selects on."
+    )
+
+
+class TrainerMetricsValues(Values):
+    port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description=(
+            "Port of each trainer pod's Prometheus endpoint (/metrics: step, tokens/s, train "
+            "and eval loss, CPU, memory, GPU memory and utilisation), declared as the container "
+            "port `metrics`. 0: no endpoint. In the host network (trainer.hostNetwork) the port "
+            "is not declared (it would be a host port: one trainer pod per node) and trainer "
+            "pods on one node share it: the first serves, the others train without an endpoint; "
+            "set GRAFT_TRAINER_METRICS_HOST in trainer.extraEnv to bind another address than "
+            "0.0.0.0."
+        ),
+    )
+    pod_monitor: PodMonitorValues = Field(
+        default_factory=PodMonitorValues, description="Prometheus Operator scraping."
+    )
+
+
 class TrainerValues(Values):
     image: str = Field(
         default="graft/trainer:0.1.0",
@@ -177,6 +212,10 @@ class TrainerValues(Values):
     preflight: PreflightValues = Field(
         default_factory=PreflightValues,
         description="The CPU pod that checks a GPU FineTuneJob before GPUs are requested.",
+    )
+    metrics: TrainerMetricsValues = Field(
+        default_factory=TrainerMetricsValues,
+        description="The Prometheus endpoint of trainer pods.",
     )
 
 

@@ -360,3 +360,64 @@ def test_trainer_service_account_values_reach_every_namespaces_identity() -> Non
         render({"trainer": {"serviceAccount": {"name": "Not A Name"}}})
     with pytest.raises(ConfigError, match="GRAFT_TRAINER_SERVICE_ACCOUNT: nmae"):
         OperatorConfig.from_env({"GRAFT_TRAINER_SERVICE_ACCOUNT": '{"nmae": "x"}'})
+
+
+def test_trainer_metrics_values_reach_the_operator_and_the_pod_monitor() -> None:
+    from graft.controller import planner
+    from graft.controller.config import OperatorConfig
+
+    values = {
+        "trainer": {
+            "metrics": {
+                "port": 9400,
+                "podMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prom"}},
+            }
+        }
+    }
+    documents = render(values)
+    (monitor,) = by_kind(documents, "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == "graft-system"
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"any": True}
+    assert spec["podMetricsEndpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "15s"}
+    ]
+    # It selects what the planner puts on trainer pods (not the pre-flight pod's component).
+    assert spec["selector"]["matchLabels"] == {
+        planner.LABEL_MANAGED_BY: "graft-operator",
+        planner.LABEL_APP: "graft-trainer",
+        planner.LABEL_COMPONENT: "trainer",
+    }
+    assert {planner.LABEL_NAME, planner.LABEL_TRIAL} <= set(spec["podTargetLabels"])
+
+    env = operator_env(documents)
+    assert env["GRAFT_TRAINER_METRICS_PORT"] == "9400"
+    config = OperatorConfig.from_env(
+        {
+            "GRAFT_TRAINER_METRICS_PORT": env["GRAFT_TRAINER_METRICS_PORT"],
+            "GRAFT_OUTPUT_URI": "s3://o/",
+        }
+    )
+    obj = yaml.safe_load((CHART_DIR.parents[1] / "examples" / "finetunejob.yaml").read_text())
+    obj["metadata"].update(namespace="team-a", uid="0123abcd-0000")
+    resolved = planner.resolve_spec(obj["spec"], config, "FineTuneJob", "team-a")
+    job = planner.build_trainer_job(obj, resolved.spec, config, spec_hash_="h")
+    template = job["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
+    assert {"name": planner.METRICS_PORT_ENV, "value": "9400"} in container["env"]
+    for key, value in spec["selector"]["matchLabels"].items():
+        assert template["metadata"]["labels"][key] == value
+
+    # Watched namespaces only, where the operator watches only some.
+    (scoped,) = by_kind(render({**values, "watchNamespaces": ["team-a", "team-b"]}), "PodMonitor")
+    assert scoped["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+    # Off by default: no endpoint, no PodMonitor; a PodMonitor without a port is refused.
+    assert by_kind(render({}), "PodMonitor") == []
+    assert operator_env(render({}))["GRAFT_TRAINER_METRICS_PORT"] == "0"
+    with pytest.raises(helm_python.HelmError, match=r"trainer\.metrics\.port"):
+        render({"trainer": {"metrics": {"podMonitor": {"enabled": True}}}})
+    with pytest.raises(helm_python.HelmError, match="port"):
+        render({"trainer": {"metrics": {"port": 70000}}})

@@ -389,3 +389,58 @@ def test_a_shared_cache_claim_is_mounted_as_the_download_cache() -> None:
     off, env = cache_of(resource(resources={"cpu": "1", "cacheClaim": ""}), platform)
     assert off is None and "GRAFT_CACHE_DIR" not in env
     assert cache_of(resource(), CONFIG)[0] is None
+
+
+def test_trainer_metrics_port_and_variable_only_when_the_platform_sets_a_port() -> None:
+    import dataclasses
+
+    import kubernetes_validate
+
+    def container_of(job: dict[str, Any]) -> dict[str, Any]:
+        container: dict[str, Any] = job["spec"]["template"]["spec"]["containers"][0]
+        return container
+
+    def env_of(job: dict[str, Any]) -> dict[str, str]:
+        return {e["name"]: e.get("value", "") for e in container_of(job)["env"]}
+
+    pod_network = dataclasses.replace(CONFIG, trainer_host_network=False)
+    off = job_for(resource(), pod_network)
+    assert "ports" not in container_of(off)
+    assert planner.METRICS_PORT_ENV not in env_of(off)
+
+    on_config = dataclasses.replace(pod_network, trainer_metrics_port=9400)
+    on = job_for(resource(), on_config)
+    kubernetes_validate.validate(on, "1.28.0", strict=True)
+    assert container_of(on)["ports"] == [
+        {"name": "metrics", "containerPort": 9400, "protocol": "TCP"}
+    ]
+    assert env_of(on)[planner.METRICS_PORT_ENV] == "9400"
+    assert restricted_violations(on["spec"]["template"]["spec"]) == []
+    # Search trials serve theirs too; the labels are what the chart's PodMonitor selects.
+    obj = resource()
+    resolved = planner.resolve_spec(obj["spec"], on_config)
+    trial = planner.build_trainer_job(obj, resolved.spec, on_config, spec_hash_="h", trial=3)
+    assert container_of(trial)["ports"][0]["name"] == "metrics"
+    labels = trial["spec"]["template"]["metadata"]["labels"]
+    assert labels[planner.LABEL_COMPONENT] == "trainer"
+    assert labels[planner.LABEL_APP] == "graft-trainer"
+    assert labels[planner.LABEL_MANAGED_BY] == "graft-operator"
+
+    # In the host network a declared port is a host port (one trainer pod per node): the
+    # trainer is told the port, nothing is declared.
+    host = job_for(resource(), dataclasses.replace(on_config, trainer_host_network=True))
+    assert "ports" not in container_of(host)
+    assert env_of(host)[planner.METRICS_PORT_ENV] == "9400"
+
+    # The pre-flight pod runs checks only: no endpoint, no port.
+    check = planner.build_preflight_job(obj, resolved.spec, on_config, spec_hash_="h")
+    assert "ports" not in container_of(check)
+    assert planner.METRICS_PORT_ENV not in env_of(check)
+
+    assert OperatorConfig.from_env({"GRAFT_TRAINER_METRICS_PORT": "9400"}).trainer_metrics_port == (
+        9400
+    )
+    assert OperatorConfig.from_env({}).trainer_metrics_port == 0
+    for bad in ("70000", "-1", "port"):
+        with pytest.raises(ConfigError, match="GRAFT_TRAINER_METRICS_PORT"):
+            OperatorConfig.from_env({"GRAFT_TRAINER_METRICS_PORT": bad})

@@ -27,6 +27,7 @@
 | GRAFT_PREFLIGHT_POD | check a GPU FineTuneJob in a CPU pod before its GPU pod is created | true |
 | GRAFT_PREFLIGHT_CPU, GRAFT_PREFLIGHT_MEMORY | requests and limits of that pod | 1, 4Gi |
 | GRAFT_TRAINER_POD | every trainer pod's platform settings as JSON (chart `trainer.pod`: imagePullSecrets, nodeSelector, tolerations, runtimeClassName, annotations, labels) | {} |
+| GRAFT_TRAINER_METRICS_PORT | port of each trainer pod's Prometheus endpoint (container port `metrics`; the pod's GRAFT_TRAINER_METRICS_PORT); 0: none | 0 |
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ class OperatorConfig:
     preflight_pod: bool = True
     preflight_cpu: str = "1"
     preflight_memory: str = "4Gi"
+    # Each trainer pod's /metrics port (graft_trainer.observability); 0: no endpoint.
+    trainer_metrics_port: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
@@ -142,6 +145,9 @@ class OperatorConfig:
             raise ConfigError(
                 f"GRAFT_HF_ENDPOINT={hub_endpoint!r}: expected an http:// or https:// URL"
             )
+        trainer_metrics_port = int(number("GRAFT_TRAINER_METRICS_PORT", 0))
+        if trainer_metrics_port > 65535:
+            raise ConfigError(f"GRAFT_TRAINER_METRICS_PORT={trainer_metrics_port} is not a port")
         namespaces = tuple(
             n.strip() for n in env.get("GRAFT_WATCH_NAMESPACES", "").split(",") if n.strip()
         )
@@ -173,4 +179,5 @@ class OperatorConfig:
             preflight_pod=(env.get("GRAFT_PREFLIGHT_POD", "").strip().lower() or "true") in TRUE,
             preflight_cpu=quantity("GRAFT_PREFLIGHT_CPU") or cls.preflight_cpu,
             preflight_memory=quantity("GRAFT_PREFLIGHT_MEMORY") or cls.preflight_memory,
+            trainer_metrics_port=trainer_metrics_port,
         )

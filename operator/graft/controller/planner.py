@@ -50,6 +50,10 @@ ANNOTATION_GPUS = "graft.dev/gpus"  # GPUs the Job's pod holds: the namespace's 
 REFERENCES = "references"  # resource.json: the referenced FineTuneJobs as resolved at launch
 
 TRAINER_CONTAINER = "trainer"
+# The trainer's Prometheus endpoint (graft_trainer.observability), when the platform sets a port:
+# the variable it reads and the container port's name, which the chart's PodMonitor selects.
+METRICS_PORT_ENV = "GRAFT_TRAINER_METRICS_PORT"
+METRICS_PORT_NAME = "metrics"
 TERMINATION_GRACE_SECONDS = 120
 RESOURCE_FILE = "resource.json"
 SPEC_MOUNT = "/etc/graft"
@@ -450,6 +454,8 @@ def build_trainer_job(
         env.append({"name": "GRAFT_TRIAL", "value": str(trial)})
     env += location_credentials_env(spec, references)
     env += hub_env(config)
+    if config.trainer_metrics_port:
+        env.append({"name": METRICS_PORT_ENV, "value": str(config.trainer_metrics_port)})
     env.extend({"name": k, "value": v} for k, v in sorted(config.trainer_extra_env.items()))
 
     # Scratch disk: bounded when the platform says so (a pod over it is evicted, not the node).
@@ -531,6 +537,18 @@ def build_trainer_job(
     if config.trainer_host_network:
         pod_spec["hostNetwork"] = True
         pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+    elif config.trainer_metrics_port:
+        # Declared for the PodMonitor. Not in the host network: there a declared port is a
+        # host port, and the scheduler would put at most one trainer pod on a node. Undeclared,
+        # pods on one node share the port: the first serves, the others log a warning and
+        # train without an endpoint.
+        container["ports"] = [
+            {
+                "name": METRICS_PORT_NAME,
+                "containerPort": config.trainer_metrics_port,
+                "protocol": "TCP",
+            }
+        ]
     platform = config.trainer_pod
     node_selector = {**platform.node_selector, **(scheduling.get("nodeSelector") or {})}
     if node_selector:
@@ -627,6 +645,9 @@ def build_preflight_job(
     pod["spec"]["terminationGracePeriodSeconds"] = 30
     container = pod["spec"]["containers"][0]
     container["command"] = ["graft-trainer", "preflight-resource", f"{SPEC_MOUNT}/{RESOURCE_FILE}"]
+    # The checks serve no metrics (and the PodMonitor selects trainer pods only).
+    container.pop("ports", None)
+    container["env"] = [e for e in container["env"] if e["name"] != METRICS_PORT_ENV]
     # One retry for a store or Hub hiccup; a finding of the user's (exit 2) ends it at once.
     job["spec"]["backoffLimit"] = 1
     job["spec"]["activeDeadlineSeconds"] = PREFLIGHT_DEADLINE_SECONDS
