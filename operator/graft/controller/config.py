@@ -84,6 +84,8 @@ class OperatorConfig:
     metrics_port: int = 8080
     metrics_host: str = "0.0.0.0"
     resync_seconds: float = 60.0
+    # How long a watch may owe a version the API server already showed before /healthz fails.
+    watch_stale_seconds: float = 180.0
     disruption_allowance: int = 10
     workers: int = 32
     policy: PlatformPolicy = dataclasses.field(default_factory=PlatformPolicy)
@@ -169,6 +171,7 @@ class OperatorConfig:
             metrics_port=int(number("GRAFT_METRICS_PORT", 8080)),
             metrics_host=text("GRAFT_METRICS_HOST", "0.0.0.0"),
             resync_seconds=number("GRAFT_RESYNC_SECONDS", 60.0, 1),
+            watch_stale_seconds=number("GRAFT_WATCH_STALE_SECONDS", 180.0, 1),
             disruption_allowance=int(number("GRAFT_DISRUPTION_ALLOWANCE", 10)),
             workers=int(number("GRAFT_WORKERS", 32, 1)),
             policy=policy,

@@ -24,6 +24,7 @@ from graft.controller.config import OperatorConfig
 from graft.controller.kube import Kube
 from graft.controller.metrics import Metrics, serve
 from graft.controller.reconciler import Caches, Reconciler
+from graft.controller.watch_health import WatchHealth
 from graft.controller.workqueue import WorkQueue
 
 logger = logging.getLogger("graft.controller")
@@ -35,6 +36,7 @@ CHILD_LABELS: dict[str, Any] = {
 # The same, as the server-side label selector of the children's watches.
 CHILD_SELECTOR = f"{planner.LABEL_KIND},{planner.LABEL_NAME}"
 CHILD_RESOURCES = (("batch", "v1", "jobs"), ("v1", "pods"), ("v1", "configmaps"))
+CHILD_KINDS = {"Job": "jobs", "Pod": "pods", "ConfigMap": "configmaps"}
 
 
 def plain(value: Any) -> Any:
@@ -106,6 +108,13 @@ class Runtime:
         self.resources: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._server: Any = None
+        self.watch_health = WatchHealth(
+            {**CHILD_KINDS, **{k: KINDS_BY_NAME[k].plural for k in planner.KINDS}},
+            children=CHILD_KINDS,
+            child_labels=CHILD_LABELS,
+            stale_after=config.watch_stale_seconds,
+        )
+        self._stale: list[str] = []
 
     def enqueue(
         self, kind: str | None, namespace: str | None, name: str | None, *, urgent: bool = False
@@ -123,7 +132,9 @@ class Runtime:
         self.caches.configmaps = _lookup(indices.get("graft_configmaps"))
         self.caches.namespace_jobs = _namespace_lookup(indices.get("graft_jobs"))
         self.resources = [indices.get(f"graft_resources_{k.lower()}") for k in planner.KINDS]
-        self.kube = await Kube.connect(self.kubeconfig, self.metrics.count_api_response)
+        self.kube = await Kube.connect(
+            self.kubeconfig, self.metrics.count_api_response, self.watch_health.seen_in_api
+        )
         self.reconciler = Reconciler(self.kube, self.config, self.caches, self.metrics)
         self.queue = WorkQueue(self.reconciler, workers=self.config.workers)
         self.reconciler.busy = lambda: bool(self.queue and self.queue.urgent_pending())
@@ -131,7 +142,10 @@ class Runtime:
         self._tasks.append(asyncio.create_task(self._resync()))
         if self.config.metrics_port:
             self._server = await serve(
-                self.metrics, self.config.metrics_port, self.config.metrics_host
+                self.metrics,
+                self.config.metrics_port,
+                self.config.metrics_host,
+                problems=self.stale_watches,
             )
 
     async def _resync(self) -> None:
@@ -144,6 +158,46 @@ class Runtime:
                 for key in list(index.keys()) if index is not None else []:
                     self.queue.add(key)
             self.metrics.queue_depth.set(len(self.queue))
+            await self._audit_watches()
+            self.stale_watches()
+
+    async def _audit_watches(self) -> None:
+        """What the watches owe, read from the API server: the versions of every watched object
+        (metadata only), so a watch that stopped delivering shows even where the operator writes
+        nothing (see watch_health)."""
+        if self.kube is None:
+            return
+        streams = [
+            (kind, f"/api/v1/{plural}" if kind != "Job" else f"/apis/batch/v1/{plural}", True)
+            for kind, plural in CHILD_KINDS.items()
+        ] + [
+            (kind, f"/apis/{GROUP}/{VERSION}/{KINDS_BY_NAME[kind].plural}", False)
+            for kind in planner.KINDS
+        ]
+        for namespace in self.config.watch_namespaces or ("",):
+            for kind, path, child in streams:
+                if namespace:
+                    head, plural = path.rsplit("/", 1)
+                    path = f"{head}/namespaces/{namespace}/{plural}"
+                try:
+                    items = await self.kube.list_metadata(path, CHILD_SELECTOR if child else None)
+                except Exception as exc:  # an outage: the watches are judged on the next pass
+                    logger.debug("watch audit of %s failed: %s", path, exc)
+                    continue
+                for item in items:
+                    self.watch_health.seen_in_api({**item, "kind": kind})
+
+    def stale_watches(self) -> list[str]:
+        """The watches that stopped delivering (see watch_health), logged when the verdict
+        changes and counted in a gauge."""
+        stale = self.watch_health.stale()
+        self.metrics.stale_watches.set(len(stale))
+        if stale != self._stale and stale:
+            logger.error("watches stopped delivering; /healthz fails: %s", "; ".join(stale))
+        elif self._stale and not stale:
+            logger.info("the watches deliver again")
+        self._stale = stale
+        return stale
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -190,6 +244,7 @@ def register(runtime: Runtime, registry: kopf.OperatorRegistry) -> None:
 
     @kopf.index("v1", "configmaps", labels=CHILD_LABELS, registry=registry, id="graft_configmaps")
     async def graft_configmaps(**kw: Any) -> Any:
+        runtime.watch_health.delivered(kw["body"])
         key = (kw["namespace"], kw["labels"][planner.LABEL_NAME])
         return {key: _slim(kw["body"], keep_data=True)}
 
@@ -198,6 +253,7 @@ def register(runtime: Runtime, registry: kopf.OperatorRegistry) -> None:
         "batch", "v1", "jobs", labels=CHILD_LABELS, registry=registry, id="graft_job_event"
     )
     async def graft_job_event(**kw: Any) -> None:
+        runtime.watch_health.delivered(kw["body"])
         labels = kw["labels"]
         runtime.enqueue(
             labels.get(planner.LABEL_KIND), kw["namespace"], labels.get(planner.LABEL_NAME)
@@ -205,6 +261,7 @@ def register(runtime: Runtime, registry: kopf.OperatorRegistry) -> None:
 
     @kopf.on.event("v1", "pods", labels=CHILD_LABELS, registry=registry, id="graft_pod_event")
     async def graft_pod_event(**kw: Any) -> None:
+        runtime.watch_health.delivered(kw["body"])
         labels = kw["labels"]
         runtime.enqueue(
             labels.get(planner.LABEL_KIND), kw["namespace"], labels.get(planner.LABEL_NAME)
@@ -224,6 +281,7 @@ def _register_kind(runtime: Runtime, registry: kopf.OperatorRegistry, kind: str)
     @kopf.on.event(*resource, registry=registry, id=f"graft_resource_event_{suffix}")
     async def graft_resource_event(**kw: Any) -> None:
         body = kw["body"]
+        runtime.watch_health.delivered(body)
         gone = kw.get("type") == "DELETED"
         if runtime.reconciler is not None:
             runtime.reconciler.observe(

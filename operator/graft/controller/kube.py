@@ -142,6 +142,8 @@ def resource_of(path: str) -> str:
 
 # Called after every API response with (method, resource, HTTP status).
 ResponseHook = Callable[[str, str, int], None]
+# Called with every object a successful API response returns (not lists).
+ObjectHook = Callable[[dict[str, Any]], None]
 # How often the pod's ServiceAccount token file is read again: the kubelet rotates bound tokens
 # (they expire after an hour, with a grace period) well before they run out.
 TOKEN_REREAD_SECONDS = 60.0
@@ -172,16 +174,21 @@ class Kube:
         server: str,
         on_response: ResponseHook | None = None,
         token_file: TokenFile | None = None,
+        on_object: ObjectHook | None = None,
     ) -> None:
         self.session = session
         self.server = server.rstrip("/")
         self.instance = os.environ.get("HOSTNAME", "graft-operator")
         self.on_response = on_response
         self.token_file = token_file
+        self.on_object = on_object
 
     @classmethod
     async def connect(
-        cls, kubeconfig: str | None = None, on_response: ResponseHook | None = None
+        cls,
+        kubeconfig: str | None = None,
+        on_response: ResponseHook | None = None,
+        on_object: ObjectHook | None = None,
     ) -> Kube:
         from graft.controller.login import SERVICE_ACCOUNT
 
@@ -210,7 +217,7 @@ class Kube:
             ),
             timeout=aiohttp.ClientTimeout(total=30),
         )
-        return cls(session, str(info.server), on_response, token_file)
+        return cls(session, str(info.server), on_response, token_file, on_object)
 
     async def close(self) -> None:
         await self.session.close()
@@ -223,10 +230,13 @@ class Kube:
         *,
         content_type: str = "application/json",
         query: list[tuple[str, str]] | None = None,
+        accept: str | None = None,
     ) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else None
         for fresh in (False, True):
             headers = {"Content-Type": content_type}
+            if accept:
+                headers["Accept"] = accept
             if self.token_file is not None:
                 headers["Authorization"] = f"Bearer {self.token_file.current(fresh=fresh)}"
             async with self.session.request(
@@ -243,6 +253,8 @@ class Kube:
             break
         result = json.loads(text) if text else {}
         assert isinstance(result, dict)
+        if self.on_object is not None and "metadata" in result and "items" not in result:
+            self.on_object(result)
         return result
 
     async def get(self, path: str) -> dict[str, Any] | None:
@@ -274,6 +286,18 @@ class Kube:
 
     async def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
         return await self.request("PATCH", path, patch, content_type="application/merge-patch+json")
+
+    async def list_metadata(self, path: str, selector: str | None = None) -> list[dict[str, Any]]:
+        """Names, labels and resourceVersions of a collection, from the API server's watch cache
+        (resourceVersion=0): a few hundred bytes per object, whatever its size."""
+        query = [("resourceVersion", "0")] + ([("labelSelector", selector)] if selector else [])
+        listing = await self.request(
+            "GET",
+            path,
+            query=query,
+            accept="application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1",
+        )
+        return [dict(i) for i in listing.get("items") or []]
 
     async def list(
         self, path: str, selector: str | None = None, fields: str | None = None

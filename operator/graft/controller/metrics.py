@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -50,6 +52,12 @@ class Metrics:
         self.queue_depth = Gauge(
             "graft_workqueue_depth", "Keys queued or being reconciled.", registry=self.registry
         )
+        self.stale_watches = Gauge(
+            "graft_stale_watches",
+            "Watches (resource and namespace) that owe a version the API server showed longer "
+            "than GRAFT_WATCH_STALE_SECONDS ago; /healthz fails while any does.",
+            registry=self.registry,
+        )
 
     def count_api_response(self, method: str, resource: str, code: int) -> None:
         self.api_requests.labels(method, resource, str(code)).inc()
@@ -58,11 +66,21 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-async def serve(metrics: Metrics, port: int, host: str = "0.0.0.0") -> web.AppRunner:
+async def serve(
+    metrics: Metrics,
+    port: int,
+    host: str = "0.0.0.0",
+    problems: Callable[[], list[str]] = list,
+) -> web.AppRunner:
+    """/metrics, and /healthz: 200 "ok", or 503 with one line per `problems()` (dead watches)."""
+
     async def handle_metrics(_: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def handle_health(_: web.Request) -> web.Response:
+        found = problems()
+        if found:
+            return web.Response(status=503, text="\n".join(found) + "\n")
         return web.Response(text="ok")
 
     app = web.Application()
