@@ -64,6 +64,7 @@ def test_helm_install_runs_the_quickstart_chain_and_uninstalls_cleanly(
     s3: S3Info,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
+    import helm_python
     from kubernetes import client as k8s
 
     api = full_cluster.api_client()
@@ -86,6 +87,23 @@ def test_helm_install_runs_the_quickstart_chain_and_uninstalls_cleanly(
         quickstart.seed_store(s3.client(), s3.bucket, tmp_path_factory.mktemp("seed"))
         k8s.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
         quickstart.copy_secret(api, "graft-s3", "default", namespace)
+
+        # `helm test`: its pod makes a suspended FineTuneJob in the watched namespace and
+        # passes once the operator has reconciled it; its pod and rights are gone after.
+        helm = helm_python.Config(
+            kubeconfig_path=str(full_cluster.kubeconfig), namespace=operator_ns
+        )
+        tested = helm.test(release, timeout=180, logs=True)
+        assert "Validated=True (Valid)" in tested["logs"], tested["logs"]
+        listed = k8s.CustomObjectsApi(api).list_namespaced_custom_object(
+            "graft.dev", "v1alpha1", namespace, "finetunejobs"
+        )
+        assert listed["items"] == []
+        assert not [
+            p.metadata.name
+            for p in k8s.CoreV1Api(api).list_namespaced_pod(operator_ns).items
+            if p.metadata.name.endswith("-test")
+        ]
         docs = list(yaml.safe_load_all(EXAMPLE.read_text()))
         quickstart.apply(api, namespace, docs)
         job, optimize, bundle = docs[0], docs[2], docs[3]

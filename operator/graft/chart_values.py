@@ -276,6 +276,18 @@ class MetricsValues(Values):
     )
 
 
+class HelmTestValues(Values):
+    namespace: str = Field(
+        default="",
+        description="Namespace where `helm test` creates its FineTuneJob (suspended: it never "
+        "trains) and waits for the operator to reconcile it to Validated. It must be one the "
+        "operator watches. Empty: the first of watchNamespaces, else the release namespace.",
+    )
+    timeout_seconds: int = Field(
+        default=60, ge=5, description="How long the test waits for the Validated condition."
+    )
+
+
 class ResourceQuantities(Values):
     cpu: str | None = Field(default=None, description="CPU quantity.")
     memory: str | None = Field(default=None, description="Memory quantity.")
@@ -349,6 +361,10 @@ class ChartValues(Values):
         default_factory=dict,
         alias="global",
         description="Values an umbrella chart shares with its subcharts; Graft reads none.",
+    )
+    tests: HelmTestValues = Field(
+        default_factory=HelmTestValues,
+        description="`helm test`: a pod that proves the operator answers (operator image).",
     )
     policy: PlatformPolicy = Field(
         default_factory=PlatformPolicy,

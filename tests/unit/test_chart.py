@@ -19,7 +19,10 @@ NAMESPACED = {"rbac": {"scope": "namespaced"}}
 VALUE_SETS = {"default": {}, "namespaced": NAMESPACED, "local": LOCAL_VALUES}
 
 
-def render(values: dict[str, Any], namespace: str = "graft-system") -> list[dict[str, Any]]:
+def render(
+    values: dict[str, Any], namespace: str = "graft-system", tests: bool = False
+) -> list[dict[str, Any]]:
+    """What `helm install` applies (with `tests`: also what `helm test` runs)."""
     chart = helm_python.Chart.load(str(CHART_DIR))
     try:
         rendered = chart.render(values, name="graft", namespace=namespace, is_install=True)
@@ -27,8 +30,11 @@ def render(values: dict[str, Any], namespace: str = "graft-system") -> list[dict
         chart.close()
     documents = []
     for path, text in rendered.items():
-        if not path.endswith("NOTES.txt"):  # what `helm install` prints, not a manifest
-            documents += [d for d in yaml.safe_load_all(text) if d]
+        if path.endswith("NOTES.txt"):  # what `helm install` prints, not a manifest
+            continue
+        if "/templates/tests/" in path and not tests:
+            continue
+        documents += [d for d in yaml.safe_load_all(text) if d]
     return documents
 
 
@@ -71,7 +77,7 @@ def test_lint_is_clean(values: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=list(VALUE_SETS))
 def test_rendered_manifests_match_the_kubernetes_schemas(values: dict[str, Any]) -> None:
-    documents = render(values)
+    documents = render(values, tests=True)
     assert documents
     for document in documents:
         if document["kind"] == "ServiceMonitor":
@@ -421,3 +427,59 @@ def test_trainer_metrics_values_reach_the_operator_and_the_pod_monitor() -> None
         render({"trainer": {"metrics": {"podMonitor": {"enabled": True}}}})
     with pytest.raises(helm_python.HelmError, match="port"):
         render({"trainer": {"metrics": {"port": 70000}}})
+
+
+def _helm_test(documents: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (found,) = [
+        d
+        for d in by_kind(documents, kind)
+        if (d["metadata"].get("annotations") or {}).get("helm.sh/hook") == "test"
+    ]
+    return found
+
+
+def test_helm_test_creates_its_resource_where_the_operator_watches() -> None:
+    # the first watched namespace, else the release namespace, unless tests.namespace says
+    cases = [
+        ({}, "graft-system"),
+        ({"watchNamespaces": ["team-a", "team-b"]}, "team-a"),
+        ({"watchNamespaces": ["team-a"], "tests": {"namespace": "team-c"}}, "team-c"),
+    ]
+    for values, namespace in cases:
+        documents = render(values, tests=True)
+        pod = _helm_test(documents, "Pod")
+        assert pod["metadata"]["namespace"] == "graft-system"
+        env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+        assert env["GRAFT_TEST_NAMESPACE"] == namespace, values
+        role = _helm_test(documents, "Role")
+        assert role["metadata"]["namespace"] == namespace
+        binding = _helm_test(documents, "RoleBinding")
+        assert binding["subjects"] == [
+            {
+                "kind": "ServiceAccount",
+                "name": pod["spec"]["serviceAccountName"],
+                "namespace": "graft-system",
+            }
+        ]
+        # only its own resource: get and delete by name; create cannot be limited by name
+        granted = {
+            (tuple(r.get("resourceNames") or ()), v) for r in role["rules"] for v in r["verbs"]
+        }
+        assert granted == {
+            ((env["GRAFT_TEST_NAME"],), "get"),
+            ((env["GRAFT_TEST_NAME"],), "delete"),
+            ((), "create"),
+        }
+
+
+def test_helm_test_pod_is_restricted_and_reaches_the_api_like_the_operator() -> None:
+    assert restricted_violations(_helm_test(render({}, tests=True), "Pod")["spec"]) == []
+    pod = _helm_test(render(LOCAL_VALUES, tests=True), "Pod")["spec"]
+    assert pod["hostNetwork"] is True and pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    assert container["image"] == "graft/operator:dev"
+    assert container["command"][:2] == ["python", "-c"]
+    assert "finetunejobs" in container["command"][2]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["KUBERNETES_SERVICE_HOST"] == "127.0.0.1"
+    assert "GRAFT_METRICS_HOST" not in env  # the operator's settings stay the operator's
