@@ -4,12 +4,12 @@ PY ?= .venv/bin/python
 VENV_STAMP := .venv/.graft-installed
 EXTRAS ?= operator,trainer,bench,dev
 
-.PHONY: help venv lint fmt crds test test-unit test-integration test-e2e demo
+.PHONY: help venv lint fmt crds lock test test-unit test-integration test-e2e demo
 
 help:
 	@echo "make demo   - the quickstart chain on the local cluster"
 	@echo "make test   - lint, then unit + integration + e2e tests"
-	@echo "make lint | crds | test-unit | test-integration | test-e2e | cluster-up | cluster-down"
+	@echo "make lint | crds | lock | test-unit | test-integration | test-e2e | cluster-up | cluster-down"
 
 # The project venv. uv ignores pip's configuration, so pip's find-links (where these
 # machines keep the CPU build of torch) is handed to it explicitly when set.
@@ -23,15 +23,16 @@ $(VENV_STAMP): pyproject.toml
 venv: $(VENV_STAMP)
 
 lint: venv
-	$(PY) -m ruff check operator trainer-image tests e2e bench
-	$(PY) -m ruff format --check operator trainer-image tests e2e bench
+	$(PY) -m ruff check operator trainer-image tests e2e bench tools
+	$(PY) -m ruff format --check operator trainer-image tests e2e bench tools
 	$(PY) -m mypy operator/graft
 	$(PY) -m graft.cli crds --check
 	$(PY) -m graft.cli docs --check
+	$(PY) tools/lock.py --check
 
 fmt: venv
-	$(PY) -m ruff format operator trainer-image tests e2e bench
-	$(PY) -m ruff check --fix operator trainer-image tests e2e bench
+	$(PY) -m ruff format operator trainer-image tests e2e bench tools
+	$(PY) -m ruff check --fix operator trainer-image tests e2e bench tools
 
 crds: venv
 	$(PY) -m graft.cli crds
@@ -39,6 +40,11 @@ crds: venv
 	$(PY) -m graft.argocd
 	$(PY) -m graft.chart_values
 	$(PY) -m graft.cli crds --out helm/graft/files/crds
+
+# requirements.lock, the exact versions both images install, from pyproject.toml (uv and the
+# package index; pins that still fit are kept, LOCK_ARGS=--upgrade moves them to the newest).
+lock: venv
+	$(PY) tools/lock.py $(LOCK_ARGS)
 
 test: lint
 	$(PY) -m pytest tests e2e
