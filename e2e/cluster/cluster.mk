@@ -5,7 +5,7 @@ LOCALCLUSTER ?= $(PY) e2e/cluster/localcluster.py
 CLUSTER_MODE ?= full
 CLUSTER_ARGS ?=
 
-.PHONY: cluster-up cluster-down cluster-status image-base image-trainer image-operator
+.PHONY: cluster-up cluster-down cluster-status image-base image-trainer image-trainer-cuda image-operator
 
 cluster-up: ## start the local cluster (full mode: node, images, S3); reuses ~/.cache/graft
 	$(LOCALCLUSTER) up --mode $(CLUSTER_MODE) $(CLUSTER_ARGS)
@@ -21,6 +21,9 @@ image-base: ## import the debootstrap base image into the cluster's dockerd
 
 image-trainer: ## build graft/trainer:dev from trainer-image/Dockerfile on the local base image
 	$(LOCALCLUSTER) image-trainer $(CLUSTER_ARGS)
+
+image-trainer-cuda: ## the same with torch's CUDA build from PyPI: graft/trainer:dev-cuda (GBs)
+	$(LOCALCLUSTER) image-trainer-cuda $(CLUSTER_ARGS)
 
 image-operator: ## build graft/operator:dev from operator/Dockerfile on the local base image
 	$(LOCALCLUSTER) image-operator $(CLUSTER_ARGS)

@@ -5,6 +5,7 @@
     python e2e/cluster/localcluster.py down   [--state-dir DIR] [--keep-control-plane]
     python e2e/cluster/localcluster.py status [--state-dir DIR]
     python e2e/cluster/localcluster.py image-base | image-trainer | image-operator [--tag TAG]
+    python e2e/cluster/localcluster.py image-trainer-cuda [--tag TAG]   (torch's CUDA build)
     python e2e/cluster/localcluster.py env    (prints `export ...` lines)
 
 Modes:
@@ -27,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -48,11 +50,15 @@ NODE_NAME = "localhost"  # resolves to 127.0.0.1, so the apiserver reaches the k
 PAUSE_IMAGE = "k8s.gcr.io/pause:3.2"
 BASE_IMAGE = "local/debian-python:bookworm"
 TRAINER_IMAGE = "graft/trainer:dev"
+TRAINER_CUDA_IMAGE = "graft/trainer:dev-cuda"
 OPERATOR_IMAGE = "graft/operator:dev"
-# image name -> (pyproject extra, Dockerfile, default tag)
+# The exact versions both images install (tools/lock.py, `make lock`).
+LOCK_FILE = "requirements.lock"
+# image name -> (pyproject extra, Dockerfile, default tag, torch build: the Dockerfile's TORCH)
 IMAGES = {
-    "trainer": ("trainer", "trainer-image/Dockerfile", TRAINER_IMAGE),
-    "operator": ("operator", "operator/Dockerfile", OPERATOR_IMAGE),
+    "trainer": ("trainer", "trainer-image/Dockerfile", TRAINER_IMAGE, "cpu"),
+    "trainer-cuda": ("trainer", "trainer-image/Dockerfile", TRAINER_CUDA_IMAGE, "cuda"),
+    "operator": ("operator", "operator/Dockerfile", OPERATOR_IMAGE, None),
 }
 S3_BUCKET = "graft-artifacts"
 S3_SECRET = "graft-s3"
@@ -416,19 +422,24 @@ def s3_env(cfg: ClusterConfig) -> dict[str, str]:
 
 
 def trainer_requirements(pyproject_text: str, extra: str = "trainer") -> list[str]:
-    """The requirement set of an image: core dependencies + one extra (`trainer`, `operator`)."""
+    """The requirement set of an image, as its Dockerfile computes it: core dependencies + one
+    extra (`trainer`, `operator`) + the build's own requirements (setuptools)."""
     import tomllib
 
-    proj = tomllib.loads(pyproject_text)["project"]
+    doc = tomllib.loads(pyproject_text)
+    proj = doc["project"]
     reqs = list(proj.get("dependencies", [])) + list(
         proj.get("optional-dependencies", {}).get(extra, [])
     )
-    return sorted(set([*reqs, "setuptools>=69", "wheel"]))
+    return sorted(set(reqs + list(doc.get("build-system", {}).get("requires", []))))
 
 
-def wheelhouse_key(reqs: list[str], python: str = "3.11") -> str:
-    h = hashlib.sha256(("\n".join(sorted(reqs)) + f"\npy{python}\nlinux-x86_64").encode())
-    return h.hexdigest()[:16]
+def wheelhouse_key(
+    reqs: list[str], python: str = "3.11", lock: str = "", torch: str | None = "cpu"
+) -> str:
+    """The wheelhouse's cache key: the requirements, the lock's text and torch's build."""
+    text = "\n".join(sorted(reqs)) + f"\npy{python}\nlinux-x86_64\ntorch:{torch}\n{lock}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1144,18 +1155,20 @@ class LocalCluster:
         self.build_image("trainer", tag)
 
     def build_image(self, name: str, tag: str | None = None) -> None:
-        """Build the trainer or operator image on the local base image, offline."""
-        extra, dockerfile, default_tag = IMAGES[name]
+        """Build the trainer (CPU or CUDA torch) or operator image on the local base image,
+        offline: the wheels are fetched on this machine at the lock's versions."""
+        extra, dockerfile, default_tag, torch = IMAGES[name]
         tag = tag or default_tag
         t0 = time.monotonic()
         self.require_docker()
         with step("base image", cache_dir() / "logs" / "debootstrap.log"):
             self.ensure_base_image()
         reqs = trainer_requirements((REPO / "pyproject.toml").read_text(), extra)
-        wh = cache_dir() / "wheelhouse" / wheelhouse_key(reqs)
+        lock = (REPO / LOCK_FILE).read_text()
+        wh = cache_dir() / "wheelhouse" / wheelhouse_key(reqs, lock=lock, torch=torch)
         lf = cache_dir() / "logs" / "wheelhouse.log"
-        with step(f"wheelhouse ({len(reqs)} requirements) in {wh}", lf):
-            ensure_wheelhouse(reqs, wh, lf)
+        with step(f"wheelhouse ({len(reqs)} requirements, torch {torch}) in {wh}", lf):
+            ensure_wheelhouse(reqs, wh, lf, torch=torch)
         ctx = cache_dir() / f"{name}-context"
         with step("assemble build context"):
             assemble_context(ctx, wh)
@@ -1171,6 +1184,7 @@ class LocalCluster:
                     f"BASE_IMAGE={BASE_IMAGE}",
                     "--build-arg",
                     "WHEELHOUSE=wheelhouse",
+                    *(["--build-arg", f"TORCH={torch}"] if torch else []),
                     "-t",
                     tag,
                     str(ctx),
@@ -1197,13 +1211,16 @@ def find_links() -> list[str]:
     return val.split()
 
 
-def ensure_wheelhouse(reqs: list[str], wh: Path, logfile: Path) -> None:
+def ensure_wheelhouse(reqs: list[str], wh: Path, logfile: Path, torch: str | None = "cpu") -> None:
+    """The wheels of `reqs` at the lock's versions. torch `cpu`: pip's find-links folders (where
+    these machines keep the CPU build) are searched too; `cuda`: the index alone."""
     if (wh / ".complete").exists():
         log(f"    cached: {len(list(wh.glob('*.whl')))} wheels")
         return
     wh.mkdir(parents=True, exist_ok=True)
     (wh / "requirements.in").write_text("\n".join(reqs) + "\n")
-    fl = find_links()
+    fl = find_links() if torch != "cuda" else []
+    lock = ["-c", str(REPO / LOCK_FILE)]
     pinned = wh / "requirements.txt"
     uv = shutil.which("uv")
     pip = [sys.executable, "-m", "pip"]
@@ -1223,25 +1240,39 @@ def ensure_wheelhouse(reqs: list[str], wh: Path, logfile: Path) -> None:
                 "--python-platform",
                 "x86_64-manylinux_2_28",
                 *fl_args,
+                *lock,
                 str(wh / "requirements.in"),
                 "-o",
                 str(pinned),
             ],
             logfile,
         )
+        if torch == "cuda":
+            # pip reads its configured find-links whatever we pass, and `torch==2.13.0` also
+            # matches a CPU `2.13.0+cpu` found there; `===` matches the index's build only.
+            text = pinned.read_text()
+            pinned.write_text(re.sub(r"(?m)^torch==", "torch===", text))
         # `pip wheel` downloads wheels and builds the few sdist-only packages (rouge-score).
-        run([*pip, "wheel", "--no-deps", "-w", str(wh), *fl_args, "-r", str(pinned)], logfile)
+        wheel = [*pip, "wheel", "--no-deps", "--no-cache-dir", "-w", str(wh), *fl_args]
+        run([*wheel, "-r", str(pinned)], logfile)
     else:
-        run([*pip, "wheel", "-w", str(wh), *fl_args, "-r", str(wh / "requirements.in")], logfile)
+        run(
+            [*pip, "wheel", "-w", str(wh), *fl_args, *lock, "-r", str(wh / "requirements.in")],
+            logfile,
+        )
     (wh / ".complete").write_text("ok\n")
     log(f"    downloaded {len(list(wh.glob('*.whl')))} wheels")
+
+
+# What the Dockerfiles COPY from the repository.
+CONTEXT_ITEMS = ("pyproject.toml", LOCK_FILE, "README.md", "operator", "trainer-image")
 
 
 def assemble_context(ctx: Path, wh: Path) -> None:
     """A build context = the project's files + the wheelhouse (hard links, no copies)."""
     ctx.mkdir(parents=True, exist_ok=True)
     excl = ["--exclude=__pycache__", "--exclude=*.pyc", "--exclude=*.egg-info"]
-    for item in ("pyproject.toml", "README.md", "operator", "trainer-image"):
+    for item in CONTEXT_ITEMS:
         src = REPO / item
         if src.is_dir():
             run(["rsync", "-a", "--delete", *excl, f"{src}/", f"{ctx / item}/"])
@@ -1265,7 +1296,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument(
         "command",
-        choices=["up", "down", "status", "image-base", "image-trainer", "image-operator", "env"],
+        choices=[
+            "up",
+            "down",
+            "status",
+            "image-base",
+            "image-trainer",
+            "image-trainer-cuda",
+            "image-operator",
+            "env",
+        ],
     )
     ap.add_argument("--mode", choices=list(MODES), default="full")
     ap.add_argument("--state-dir", type=Path, default=None)
@@ -1296,7 +1336,7 @@ def main(argv: list[str] | None = None) -> int:
             c.require_docker()
             with step("base image", cache_dir() / "logs" / "debootstrap.log"):
                 c.ensure_base_image()
-        elif a.command in ("image-trainer", "image-operator"):
+        elif a.command in ("image-trainer", "image-trainer-cuda", "image-operator"):
             c.build_image(a.command.removeprefix("image-"), a.tag)
         elif a.command == "env":
             for f in ("cluster.env", "s3.env"):

@@ -90,6 +90,9 @@ def test_trainer_requirements_and_cache_key() -> None:
     assert "torch==2.13.0" in reqs and "boto3>=1" in reqs and "kopf" not in reqs
     assert lc.wheelhouse_key(reqs) == lc.wheelhouse_key(list(reversed(reqs)))
     assert lc.wheelhouse_key(reqs) != lc.wheelhouse_key([*reqs, "x"])
+    # a new lock or the other torch build is another wheelhouse
+    assert lc.wheelhouse_key(reqs, lock="a==1\n") != lc.wheelhouse_key(reqs, lock="a==2\n")
+    assert lc.wheelhouse_key(reqs, torch="cpu") != lc.wheelhouse_key(reqs, torch="cuda")
 
 
 def test_pidfile_identity_check(tmp_path: Path) -> None:
