@@ -86,6 +86,19 @@ def test_operator_latency_smoke(control_plane: ClusterInfo) -> None:
     assert positive(report["operator_rss_mib"])
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_operator_scale_smoke(control_plane: ClusterInfo) -> None:
+    report = run_smoke("operator_scale.py", "--kubeconfig", str(control_plane.kubeconfig))
+    assert report["objects"] == 40 and report["smoke"] is True
+    empty, busy = report["operators"]["empty"], report["operators"]["busy"]
+    for operator in (empty, busy):
+        # both operators served their namespace: a launch each, and memory measured
+        assert operator["api_requests"] >= 2 * report["jobs"], report
+        assert positive(operator["rss_mib"]) and positive(operator["idle_rss_mib"]), report
+    assert positive(report["busy_over_empty"]["rss_mib"]), report
+
+
 @pytest.mark.trainer
 @pytest.mark.timeout(300)
 def test_model_cache_smoke() -> None:
