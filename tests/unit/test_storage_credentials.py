@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from graft.storage.store import bucket_credentials, s3_client
+from graft.storage.store import StoreAccessError, bucket_credentials, s3_client
 
 ENV = {
     "AWS_ACCESS_KEY_ID": "ambient",
@@ -41,6 +41,24 @@ def test_clients_sign_with_the_buckets_credentials(monkeypatch: pytest.MonkeyPat
     results = s3_client(bucket="results")
     assert results._get_credentials().access_key == "ambient"
     assert results.meta.endpoint_url == "http://127.0.0.1:9000"
+
+
+def test_the_addressing_style_is_path_unless_a_bucket_or_the_environment_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("GRAFT_SECRET_0_AWS_S3_ADDRESSING_STYLE", "virtual")
+    monkeypatch.setenv("GRAFT_SECRET_0_AWS_ENDPOINT_URL", "http://store.test:9100")  # not an IP
+    assert s3_client(bucket="results").meta.config.s3["addressing_style"] == "path"
+    models = s3_client(bucket="models")
+    assert models.meta.config.s3["addressing_style"] == "virtual"
+    # the request itself goes to the bucket-named host
+    url = models.generate_presigned_url("get_object", {"Bucket": "models", "Key": "a"})
+    assert url.startswith("http://models.store.test:9100/a?"), url
+    monkeypatch.setenv("AWS_S3_ADDRESSING_STYLE", "sideways")
+    with pytest.raises(StoreAccessError, match="AWS_S3_ADDRESSING_STYLE is 'sideways'.*path"):
+        s3_client(bucket="results")
 
 
 def test_an_hf_repository_uses_its_own_secrets_token() -> None:

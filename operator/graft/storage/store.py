@@ -204,7 +204,9 @@ CREDENTIAL_KEYS = (
     "AWS_ENDPOINT_URL",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
+    "AWS_S3_ADDRESSING_STYLE",
 )
+ADDRESSING_STYLES = ("path", "virtual", "auto")
 HF_TOKENS_ENV = "GRAFT_HF_TOKENS"
 
 
@@ -245,12 +247,22 @@ def bucket_credentials(bucket: str, env: dict[str, str] | None = None) -> dict[s
 
 def s3_client(endpoint_url: str | None = None, bucket: str | None = None) -> Any:
     """A boto3 S3 client from the environment (the bucket's own credentials, when it has any),
-    path-style, with short connect timeouts."""
+    path-style unless AWS_S3_ADDRESSING_STYLE says otherwise, with short connect timeouts."""
     import boto3
     from botocore.config import Config
 
+    settings = bucket_credentials(bucket or "")
+    # Path-style works with MinIO, Ceph RGW and moto, and with AWS; a store that serves only
+    # bucket-named hosts (virtual) says so in its Secret or in trainer.extraEnv.
+    style = settings.get("AWS_S3_ADDRESSING_STYLE", "path").strip().lower()
+    if style not in ADDRESSING_STYLES:
+        raise StoreAccessError(
+            f"AWS_S3_ADDRESSING_STYLE is {style!r} (from the credentials Secret of bucket "
+            f"{bucket!r} or the trainer's environment): expected one of "
+            + ", ".join(ADDRESSING_STYLES)
+        )
     config = Config(
-        s3={"addressing_style": "path"},
+        s3={"addressing_style": style},
         connect_timeout=float(os.environ.get("GRAFT_S3_CONNECT_TIMEOUT", "5")),
         read_timeout=120,
         retries={
@@ -259,7 +271,6 @@ def s3_client(endpoint_url: str | None = None, bucket: str | None = None) -> Any
         },
         max_pool_connections=DEFAULT_WORKERS * 2,
     )
-    settings = bucket_credentials(bucket or "")
     region = settings.get("AWS_REGION") or settings.get("AWS_DEFAULT_REGION") or "us-east-1"
     return boto3.client(
         "s3",
