@@ -29,33 +29,35 @@ def test_healthz_fails_while_the_watches_starve_and_recovers_when_they_deliver(
     control_plane: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     tmp = tmp_path_factory.mktemp("health")
-    with ApiProxy(control_plane.kubeconfig) as proxy:
-        with operator_namespace(
+    with (
+        ApiProxy(control_plane.kubeconfig) as proxy,
+        operator_namespace(
             control_plane,
             tmp,
             KUBECONFIG=str(proxy.kubeconfig(tmp / "kubeconfig")),
             GRAFT_PREFLIGHT_POD="false",
             GRAFT_RESYNC_SECONDS="1",
             GRAFT_WATCH_STALE_SECONDS=str(STALE_SECONDS),
-        ) as (op, cluster):
-            port = op.metrics_port
-            # Working watches: a resource launches, its status patches come back on the watch.
-            cluster.create_ftj("alive")
-            wait_for("the Job of alive", lambda: cluster.jobs("alive"), 60)
-            wait_for("a Pending phase", lambda: cluster.phase("alive") == "Pending", 30)
-            wait_for("a healthy operator", lambda: health(port) == (200, "ok"), 30)
+        ) as (op, cluster),
+    ):
+        port = op.metrics_port
+        # Working watches: a resource launches, its status patches come back on the watch.
+        cluster.create_ftj("alive")
+        wait_for("the Job of alive", lambda: cluster.jobs("alive"), 60)
+        wait_for("a Pending phase", lambda: cluster.phase("alive") == "Pending", 30)
+        wait_for("a healthy operator", lambda: health(port) == (200, "ok"), 30)
 
-            proxy.starve_watches()
-            # The API server still answers: the resync reads the resource at its new version
-            # (and suspends it), and that version never arrives on the starved watch.
-            cluster.patch_ftj("alive", {"suspend": True})
-            code, text = wait_for(
-                "a failing /healthz", lambda: (h := health(port))[0] == 503 and h, 30
-            )
-            assert "the finetunejobs watch in namespace " + cluster.ns in text, text
-            assert "graft_stale_watches 1.0" in op.metrics()
-            assert op.proc is not None and op.proc.poll() is None  # the probe decides, not us
+        proxy.starve_watches()
+        # The API server still answers: the resync's watch audit lists the resource at its new
+        # version, and that version never arrives on the starved watch.
+        cluster.patch_ftj("alive", {"suspend": True})
+        _code, text = wait_for(
+            "a failing /healthz", lambda: (h := health(port))[0] == 503 and h, 30
+        )
+        assert "the finetunejobs watch in namespace " + cluster.ns in text, text
+        assert "graft_stale_watches 1.0" in op.metrics()
+        assert op.proc is not None and op.proc.poll() is None  # the probe decides, not us
 
-            proxy.feed_watches()  # kopf reconnects from its last version and catches up
-            wait_for("a healthy operator again", lambda: health(port) == (200, "ok"), 60)
-            assert "graft_stale_watches 0.0" in op.metrics()
+        proxy.feed_watches()  # kopf reconnects from its last version and catches up
+        wait_for("a healthy operator again", lambda: health(port) == (200, "ok"), 60)
+        assert "graft_stale_watches 0.0" in op.metrics()

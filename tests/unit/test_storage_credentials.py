@@ -57,7 +57,7 @@ def test_the_addressing_style_is_path_unless_a_bucket_or_the_environment_says(
     url = models.generate_presigned_url("get_object", {"Bucket": "models", "Key": "a"})
     assert url.startswith("http://models.store.test:9100/a?"), url
     monkeypatch.setenv("AWS_S3_ADDRESSING_STYLE", "sideways")
-    with pytest.raises(StoreAccessError, match="AWS_S3_ADDRESSING_STYLE is 'sideways'.*path"):
+    with pytest.raises(StoreAccessError, match=r"AWS_S3_ADDRESSING_STYLE is 'sideways'.*path"):
         s3_client(bucket="results")
 
 
