@@ -99,6 +99,19 @@ def test_operator_scale_smoke(control_plane: ClusterInfo) -> None:
     assert positive(report["busy_over_empty"]["rss_mib"]), report
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_operator_soak_smoke(control_plane: ClusterInfo) -> None:
+    report = run_smoke("operator_soak.py", "--kubeconfig", str(control_plane.kubeconfig))
+    assert report["smoke"] is True and len(report["samples"]) >= 3, report
+    assert report["actions"]["delete"] > 0 and report["actions"]["resume"] > 0, report
+    # what the operator keeps per resource follows the live resources, and goes with them
+    assert report["tracked_with_live_resources"]["bodies"] >= 1, report
+    assert report["tracked_with_live_resources"]["bodies"] <= report["live_at_end"] + 10, report
+    left = report["tracked_after_deleting_all"]
+    assert all(v == 0 for v in left.values()), left
+
+
 @pytest.mark.trainer
 @pytest.mark.timeout(300)
 def test_model_cache_smoke() -> None:
@@ -109,3 +122,52 @@ def test_model_cache_smoke() -> None:
         # every source served the whole model both times, from a cache the first job filled
         assert fetch["bytes"] > 1 << 20, (name, fetch)
         assert positive(fetch["first_seconds"]) and positive(fetch["second_seconds"]), fetch
+
+
+def check_realistic(report: dict[str, Any], models: set[str], contenders: set[str]) -> None:
+    assert report["smoke"] is True and report["steps"] == 2
+    assert positive(report["matmul_peak_gflops"])
+    assert set(report["models"]) == models, report["models"].keys()
+    for key, entry in report["models"].items():
+        results = entry["results"]
+        assert set(results) == contenders, (key, results.keys())
+        losses = []
+        for name, r in results.items():
+            # each contender trained: tokens, targets among them, a finite loss, a FLOP rate
+            assert r["tokens"] > r["target_tokens"] > 0, (key, name, r)
+            for field in ("tokens_per_second", "peak_rss_bytes", "gflops_per_second"):
+                assert positive(r[field]), (key, name, field, r)
+            assert math.isfinite(r["final_loss"]), (key, name, r)
+            losses.append(r["final_loss"])
+        # same model, data and steps: the losses agree (random weights, ~ln(vocab))
+        assert max(losses) <= 1.05 * min(losses), (key, losses)
+        for k, v in entry["summary"].items():
+            assert math.isfinite(v) and (v > 0 or "loss_diff" in k), (key, k, v)
+
+
+@pytest.mark.trainer
+@pytest.mark.timeout(600)
+def test_trainer_realistic_smoke() -> None:
+    report = run_smoke("trainer_realistic.py")
+    check_realistic(report, {"smoke-smollm", "smoke-qwen"}, {"plain", "trl", "graft"})
+    assert report["precision"] == "fp32"
+    summary = report["models"]["smoke-qwen"]["summary"]
+    assert {"graft_vs_trl_tokens_per_second", "graft_vs_plain_peak_rss"} <= set(summary)
+
+
+@pytest.mark.trainer
+@pytest.mark.timeout(600)
+def test_gpu_check_dry_run(tmp_path: Path) -> None:
+    """bench/gpu_check.sh --dry-run: the GPU check's own code path (LoRA and QLoRA, the engine
+    against TRL) on the CPU with tiny shapes."""
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=500,
+        env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable},
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    check_realistic(report, {"smoke-qwen", "smoke-qwen/qlora"}, {"trl", "graft"})

@@ -158,6 +158,10 @@ class Runtime:
                 for key in list(index.keys()) if index is not None else []:
                     self.queue.add(key)
             self.metrics.queue_depth.set(len(self.queue))
+            if self.reconciler is not None:
+                sizes = {**self.reconciler.state_sizes(), **self.queue.state_sizes()}
+                for name, size in sizes.items():
+                    self.metrics.tracked.labels(name).set(size)
             await self._audit_watches()
             self.stale_watches()
 

@@ -52,6 +52,13 @@ class Metrics:
         self.queue_depth = Gauge(
             "graft_workqueue_depth", "Keys queued or being reconciled.", registry=self.registry
         )
+        self.tracked = Gauge(
+            "graft_tracked_entries",
+            "Entries the operator keeps per resource, by map (set at every resync): they follow "
+            "the number of resources and fall when resources go.",
+            ["map"],
+            registry=self.registry,
+        )
         self.stale_watches = Gauge(
             "graft_stale_watches",
             "Watches (resource and namespace) that owe a version the API server showed longer "

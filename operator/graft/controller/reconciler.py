@@ -153,6 +153,17 @@ class Reconciler:
         # namespace -> {Job name: (GPUs, when created)}.
         self._gpu_claims: dict[str, dict[str, tuple[int, float]]] = {}
 
+    def state_sizes(self) -> dict[str, int]:
+        """Entries of each per-resource map: a resource gone must leave none behind."""
+        return {
+            "resolved": len(self._resolved),
+            "bodies": len(self.bodies),
+            "phases": len(self._phases),
+            "pods_seen": len(self._pods_seen),
+            "dependents": sum(len(v) for v in self.dependents.values()),
+            "gpu_claims": sum(len(v) for v in self._gpu_claims.values()),
+        }
+
     async def __call__(self, key: Hashable) -> float | None:
         assert isinstance(key, tuple)
         started = time.perf_counter()

@@ -65,6 +65,10 @@ class WorkQueue:
         self._timers.pop(key, None)
         self.add(key)
 
+    def state_sizes(self) -> dict[str, int]:
+        """Keys held by each of the queue's maps (timers: reconciles due later)."""
+        return {"failures": len(self._failures), "timers": len(self._timers)}
+
     def __len__(self) -> int:
         return len(self._queued) + len(self._active)
 
