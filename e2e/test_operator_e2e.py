@@ -134,6 +134,47 @@ def test_deleted_trainer_pod_resumes_from_checkpoint(env: Any) -> None:
     assert (metrics["run"]["resumedFrom"] or 0) > 0, metrics["run"]
 
 
+def test_a_running_trainer_rides_out_an_api_server_restart(env: Any) -> None:
+    """kube-apiserver and etcd stopped for 15 s while a real trainer pod trains: the pod runs on
+    (its progress reports meanwhile are dropped), the job succeeds on its first attempt in the
+    same pod, and its final status is complete."""
+    from tests.fixtures.cluster import lc
+
+    full_cluster, cluster, s3, op = env
+    doc = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text()))
+    doc["metadata"] = {"name": "outage", "namespace": cluster.ns}
+    doc["spec"]["training"].update(maxSteps=300, loggingSteps=5, evalSteps=100, saveSteps=100)
+    doc["spec"]["training"].pop("earlyStopping", None)
+    doc["spec"]["resources"]["cpu"] = "1"
+    cluster.custom.create_namespaced_custom_object(
+        "graft.dev", "v1alpha1", cluster.ns, "finetunejobs", doc
+    )
+
+    def training() -> Any:
+        status = (cluster.ftj("outage") or {}).get("status") or {}
+        return ((status.get("progress") or {}).get("step") or 0) >= 10 and status
+
+    wait_for("training under way", training, 600, interval=0.3)
+    (pod,) = cluster.pods("outage")
+    lc.LocalCluster(full_cluster.state_dir).restart_api_server(down_seconds=15)
+
+    obj, _ = finish(cluster, "outage")
+    status = obj["status"]
+    assert status["attempts"] == 1, status
+    assert [p.metadata.name for p in cluster.pods("outage")] == [pod.metadata.name]
+    assert len(cluster.jobs("outage")) == 1
+    assert op.proc is not None and op.proc.poll() is None, "the operator exited"
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+    assert conditions["Succeeded"][0] == "True" and conditions["Failed"][0] == "False"
+    artifacts = status["artifacts"]
+    assert {"adapter", "metrics"} <= set(artifacts), artifacts
+    bucket, key = split_s3(artifacts["metrics"])
+    metrics = json.loads(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert not metrics["run"]["resumedFrom"], metrics["run"]  # never restarted
+    assert metrics["run"]["finalStep"] == 300, metrics["run"]
+    assert status["metrics"]["evalLoss"] < status["metrics"]["baselineEvalLoss"], status["metrics"]
+
+
 def test_pvc_input_and_output(env: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
     """examples/finetunejob-pvc.yaml: model, data and artifacts on a PersistentVolumeClaim (a
     hostPath PersistentVolume bound by the controller manager). The claim is mounted where
