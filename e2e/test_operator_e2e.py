@@ -109,6 +109,7 @@ def test_apply_example_succeeds_with_progress_and_artifacts(env: Any) -> None:
     assert obj["status"]["completionTime"] and obj["status"]["startTime"]
 
 
+@pytest.mark.faults
 def test_deleted_trainer_pod_resumes_from_checkpoint(env: Any) -> None:
     _, cluster, s3, _ = env
     doc = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text()))
@@ -134,6 +135,7 @@ def test_deleted_trainer_pod_resumes_from_checkpoint(env: Any) -> None:
     assert (metrics["run"]["resumedFrom"] or 0) > 0, metrics["run"]
 
 
+@pytest.mark.faults
 def test_a_running_trainer_rides_out_an_api_server_restart(env: Any) -> None:
     """kube-apiserver and etcd stopped for 15 s while a real trainer pod trains: the pod runs on
     (its progress reports meanwhile are dropped), the job succeeds on its first attempt in the
@@ -143,7 +145,7 @@ def test_a_running_trainer_rides_out_an_api_server_restart(env: Any) -> None:
     full_cluster, cluster, s3, op = env
     doc = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text()))
     doc["metadata"] = {"name": "outage", "namespace": cluster.ns}
-    doc["spec"]["training"].update(maxSteps=300, loggingSteps=5, evalSteps=100, saveSteps=100)
+    doc["spec"]["training"].update(maxSteps=150, loggingSteps=5, evalSteps=75, saveSteps=75)
     doc["spec"]["training"].pop("earlyStopping", None)
     doc["spec"]["resources"]["cpu"] = "1"
     cluster.custom.create_namespaced_custom_object(
@@ -171,7 +173,7 @@ def test_a_running_trainer_rides_out_an_api_server_restart(env: Any) -> None:
     bucket, key = split_s3(artifacts["metrics"])
     metrics = json.loads(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
     assert not metrics["run"]["resumedFrom"], metrics["run"]  # never restarted
-    assert metrics["run"]["finalStep"] == 300, metrics["run"]
+    assert metrics["run"]["finalStep"] == 150, metrics["run"]
     assert status["metrics"]["evalLoss"] < status["metrics"]["baselineEvalLoss"], status["metrics"]
 
 
@@ -376,6 +378,7 @@ def test_reference_to_a_missing_finetunejob_fails_naming_the_field(env: Any) -> 
     assert not cluster.jobs("orphan")
 
 
+@pytest.mark.faults
 def test_search_runs_a_job_per_trial_and_survives_operator_kills(env: Any) -> None:
     from e2e.quickstart import apply
 

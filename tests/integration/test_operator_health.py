@@ -12,7 +12,7 @@ import pytest
 from tests.integration.api_proxy import ApiProxy
 from tests.integration.operator_kit import operator_namespace, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(240)]
 
 STALE_SECONDS = 4
 

@@ -15,7 +15,7 @@ import pytest
 
 from tests.integration.operator_kit import GROUP, PLURAL, VERSION, operator_namespace, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(600)]
 
 COUNT = 50
 

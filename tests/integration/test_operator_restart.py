@@ -11,7 +11,7 @@ import pytest
 
 from tests.integration.operator_kit import operator_namespace, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(400)]
 
 COUNT = 20
 

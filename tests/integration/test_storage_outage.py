@@ -15,7 +15,7 @@ from moto.server import ThreadedMotoServer
 
 from graft.storage import S3Store, StoreError, download_artifact, read_manifest, write_artifact
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 OUTAGE_SECONDS = 4.0
 

@@ -21,7 +21,7 @@ from graft_trainer.engine import Engine, JobIdentity, RunResult
 from graft_trainer.reporting import NullReporter
 from tests.integration.trainer_kit import job_document, run_trainer_pod, shared_kit
 
-pytestmark = [pytest.mark.trainer, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.faults, pytest.mark.trainer, pytest.mark.timeout(600)]
 
 TRAINING = {"maxSteps": 30, "saveSteps": 10, "evalSteps": 10, "loggingSteps": 5}
 
