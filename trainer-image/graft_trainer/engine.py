@@ -27,7 +27,7 @@ from graft.api.finetune import (
 from graft.progress import ProgressEvent, Reporter, Stage
 from graft.storage import open_store
 from graft.storage.uri import join_uri
-from graft_trainer import attention, observability, parallel
+from graft_trainer import attention, lm_loss, observability, parallel
 from graft_trainer import data as D
 from graft_trainer.checkpoints import CheckpointManager, set_rng_state
 from graft_trainer.evaluation import BestTracker, Evaluator, OverfittingDetector, metric_key
@@ -390,8 +390,11 @@ class Engine:
         window_start = time.perf_counter()
         last_train_loss: float | None = None
         batches = data.batches(t.seed, batch, pad_id, start=step * per_step, flatten=flatten)
-        # DDP averages the gradients of the processes' shares of each step.
-        train_model = acc.prepare_model(model) if acc is not None else model
+        # The loss through the LM head at target positions only (lm_loss; stock forward for
+        # models it cannot wrap). DDP averages the gradients of the processes' shares of each
+        # step: it wraps the module whose forward runs.
+        loss_of = lm_loss.loss_module(model)
+        train_model = acc.prepare_model(loss_of) if acc is not None else loss_of
         self.emit("training", f"training {total} steps ({per_epoch} per epoch)")
         termination = self._termination = TerminationRequest().install()
         while step < total:
@@ -416,8 +419,8 @@ class Engine:
                         if amp is not None
                         else contextlib.nullcontext()
                     ):
-                        out = train_model(**inputs)
-                    loss = out.loss * (b.target_tokens / targets)
+                        raw = train_model(inputs)
+                    loss = raw * (b.target_tokens / targets)
                     # DDP averages over the processes; undo its division.
                     (loss * world if world > 1 else loss).backward()
                 step_loss += float(loss.detach())

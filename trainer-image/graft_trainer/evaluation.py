@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from graft_trainer.data import Example, PromptText, collate_padded
+from graft_trainer.lm_loss import causal_lm_loss
 
 LOWER_IS_BETTER = {"eval_loss", "perplexity", "loss"}
 
@@ -77,8 +78,8 @@ def eval_loss(
             batch = collate_padded([examples[j] for j in order[i : i + batch_size]], pad_id)
             if batch.target_tokens == 0:
                 continue
-            out = model(**batch.tensors(device))
-            total += float(out.loss) * batch.target_tokens
+            loss = causal_lm_loss(model, batch.tensors(device))
+            total += float(loss) * batch.target_tokens
             count += batch.target_tokens
     model.train()
     return total / count if count else float("nan")
