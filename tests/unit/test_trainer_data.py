@@ -185,3 +185,21 @@ def test_testkit_dataset_is_deterministic_and_balanced(tmp_path: Path) -> None:
     assert a == b
     tones = Counter(json.loads(line)["tone"] for line in a.splitlines())
     assert tones == {"positive": 30, "negative": 30, "neutral": 30}
+
+
+def test_flattened_batches_are_not_grouped_by_length() -> None:
+    """Flattened micro-batches have no padding to save: drawn at random (as unflattened ones
+    without grouping), so the longest texts do not all land in one batch (the peak memory)."""
+    from graft_trainer.data import Example, TrainData, epoch_order
+
+    train = [Example(list(range(n)), list(range(n))) for n in range(3, 403, 4)]
+    data = TrainData(train, [], [], len(train), 0)
+    it = data.batches(7, 4, 0, flatten=True)
+    drawn = [next(it)[1] for _ in range(len(train) // 4)]
+    expected = epoch_order(len(train), 7, 0, 4, None)
+    assert [b.seq_starts[-1] for b in drawn] == [
+        sum(len(train[i]) for i in batch) for batch in expected
+    ]
+    padded = data.batches(7, 4, 0)
+    grouped = epoch_order(len(train), 7, 0, 4, [len(e) for e in train])
+    assert next(padded)[1].tokens == sum(len(train[i]) for i in grouped[0])

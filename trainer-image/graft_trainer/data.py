@@ -532,7 +532,10 @@ class TrainData:
         """(micro-batch index, batch) forever, from global micro-batch `start` on. The order
         depends only on the seed, so a resumed run sees exactly the batches it would have."""
         n = self.units
-        lengths = None if self.packed_rows is not None else [len(e) for e in self.train]
+        # Grouping by length only saves padding; flattened batches have none, and grouping
+        # would put the longest texts together (the peak memory of a step is its longest batch).
+        group = self.packed_rows is None and not flatten
+        lengths = [len(e) for e in self.train] if group else None
         per_epoch = (n + batch_size - 1) // batch_size
         index = start
         while True:
