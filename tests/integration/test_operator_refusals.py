@@ -43,3 +43,36 @@ def test_a_refused_job_and_a_refused_pod_are_named_and_recover(
         cluster.core.delete_namespaced_resource_quota("no-pods", cluster.ns)
         wait_for("the pod once the quota is gone", lambda: cluster.pods("podless"), 180)
         cluster.wait_reason("podless", "Running", "PodPending")
+
+
+def test_a_namespace_deleted_and_made_anew_runs_a_new_resource(
+    control_plane: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The operator ensured the trainer identity there minutes ago (it is cached for
+    IDENTITY_TTL); the namespace is deleted and created again, without it. A new resource there
+    gets its pod: the Job controller's "serviceaccount not found" makes the operator ensure the
+    identity again at once."""
+    from kubernetes import client
+
+    with operator_namespace(control_plane, tmp_path_factory.mktemp("renamespace")) as (_, cluster):
+        cluster.create_ftj("first")
+        cluster.wait_pod("first")
+        account = cluster.pods("first")[0].spec.service_account_name
+        cluster.core.delete_namespace(cluster.ns)
+
+        def gone() -> bool:
+            try:
+                cluster.core.read_namespace(cluster.ns)
+            except client.exceptions.ApiException as exc:
+                return exc.status == 404
+            return False
+
+        wait_for("the namespace gone", gone, 120, interval=0.5)
+        cluster.core.create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=cluster.ns))
+        )
+        cluster.create_ftj("second")
+        wait_for("second's Job", lambda: cluster.jobs("second"), 60)
+        cluster.wait_pod("second", timeout=150)
+        accounts = cluster.core.list_namespaced_service_account(cluster.ns).items
+        assert account in [a.metadata.name for a in accounts]

@@ -280,6 +280,11 @@ class Reconciler:
                 and not job_condition(job, "Suspended")
             ):
                 pod_refused = await self._pod_refusal(job)
+                if pod_refused and _missing_service_account(pod_refused):
+                    # The namespace was deleted and made anew (or the account deleted by hand)
+                    # since the identity was ensured: ensure it now, not after IDENTITY_TTL.
+                    self._identities.pop(namespace, None)
+                    await self._ensure_identity(namespace)
             observed = Observed(
                 issues=issues,
                 launched_hash=launched_hash,
@@ -651,6 +656,12 @@ class Reconciler:
         if phase is not None:
             self._phases[key] = phase
             self.metrics.phases.labels(key[0], phase).inc()
+
+
+def _missing_service_account(refusal: str) -> bool:
+    """A FailedCreate saying the pod's ServiceAccount does not exist (the API server's words:
+    `error looking up service account <ns>/<name>: serviceaccount "<name>" not found`)."""
+    return "serviceaccount" in refusal.lower() and "not found" in refusal
 
 
 def job_name(job: dict[str, Any]) -> str:
