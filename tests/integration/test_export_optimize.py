@@ -1,5 +1,6 @@
-"""OptimizeJob stage on a tiny Llama: fp32 and int4 exports load in onnxruntime-genai and
-generate, parity holds for fp32 and is reported for int4, separate mode equals merge mode."""
+"""OptimizeJob stage on a tiny Llama: fp32, int8 and int4 exports load in onnxruntime-genai and
+generate, parity holds for fp32 (and int8, within 2%) and is reported for int4, separate mode
+equals merge mode. fp16 and bf16 need a GPU (bench/gpu_check.sh)."""
 
 from __future__ import annotations
 
@@ -90,6 +91,28 @@ def test_int4_export_generates_and_reports_parity(
     assert metrics.size_bytes < fp32_merged.metrics.size_bytes
     assert metrics.decode_tokens_per_second > 0
     assert all(isinstance(g.output, str) for g in result.generations)
+    assert checks.GenaiModel(result.out_dir).generate(PROMPT, 4).tokens
+
+
+def test_int8_export_generates_close_to_fp32(
+    kit: ExportKit, fp32_merged: Any, tmp_path: Path
+) -> None:
+    """int8 (the CPU's other quantized precision): smaller than fp32, and its perplexity within
+    the parity bound a user would set for it."""
+    result = stages.run_optimize(
+        spec("int8", parity=0.02),
+        model_dir=kit.base,
+        adapter_dir=kit.adapter_a,
+        eval_texts=kit.eval_texts,
+        out_dir=tmp_path / "int8",
+    )
+    metrics = result.metrics
+    print(f"int8 perplexity increase: {metrics.perplexity_increase:+.4%}")
+    assert metrics.perplexity_increase is not None and abs(metrics.perplexity_increase) < 0.02
+    assert metrics.perplexity_py_torch == pytest.approx(fp32_merged.metrics.perplexity_py_torch)
+    assert metrics.size_bytes < fp32_merged.metrics.size_bytes
+    genai_config = json.loads((result.out_dir / "genai_config.json").read_text())
+    assert genai_config["model"]["decoder"]["filename"] == "model.onnx"
     assert checks.GenaiModel(result.out_dir).generate(PROMPT, 4).tokens
 
 
