@@ -18,13 +18,9 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -32,6 +28,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import machine_facts
+from bench.operator_process import (
+    api_requests,
+    cpu_seconds,
+    delete_namespaces,
+    prepare,
+    rss_mib,
+    start_operator,
+    stop_operator,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 NO_NODE = {"graft.dev/bench-no-node": "true"}
@@ -50,33 +55,6 @@ def summary(values: list[float]) -> dict[str, float]:
         "max_ms": round(max(ms), 1),
         "mean_ms": round(statistics.mean(ms), 1),
     }
-
-
-def rss_mib(pid: int) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = round(int(value.split()[0]) / 1024, 1)
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def api_requests(port: int) -> dict[str, float]:
-    """The operator's own count of API requests, `METHOD resource code` -> n."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    counts: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("graft_api_requests_total{"):
-            labels, value = line[len("graft_api_requests_total{") :].split("} ")
-            fields = dict(part.split("=", 1) for part in labels.split(","))
-            key = " ".join(fields[k].strip('"') for k in ("method", "resource", "code"))
-            counts[key] = float(value)
-    return counts
 
 
 def ftj(name: str, ns: str) -> dict[str, Any]:
@@ -237,41 +215,12 @@ def main() -> int:
     if args.smoke:
         args.count = 3
 
-    kubectl = Path.home() / ".cache/graft/k8s-v1.20.2/bin/kubectl"
-    kc = [str(kubectl) if kubectl.exists() else "kubectl", f"--kubeconfig={args.kubeconfig}"]
-    subprocess.run([*kc, "apply", "-f", str(REPO / "crds")], check=True, capture_output=True)
-    for ns in (NS_OP, NS_BARE):
-        subprocess.run([*kc, "create", "namespace", ns], check=True, capture_output=True)
-
+    prepare(args.kubeconfig, (NS_OP, NS_BARE))
     port = 18000 + os.getpid() % 1000
-    fd, log_name = tempfile.mkstemp(prefix="graft-operator-bench-", suffix=".log")
-    log = os.fdopen(fd, "wb")
-    env = {
-        **os.environ,
-        "KUBECONFIG": args.kubeconfig,
-        "GRAFT_WATCH_NAMESPACES": NS_OP,
-        "GRAFT_LOG_FORMAT": "text",
-        "GRAFT_METRICS_HOST": "127.0.0.1",
-        "GRAFT_METRICS_PORT": str(port),
-        "GRAFT_TRAINER_IMAGE": "graft/trainer:bench",
-    }
     profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
-    proc = subprocess.Popen(
-        [sys.executable, *profile, "-m", "graft.controller"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    proc = None
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit(f"operator did not start; log: {log_name}") from None
-                time.sleep(0.2)
+        proc, log_name = start_operator(args.kubeconfig, NS_OP, port, python_args=profile)
         time.sleep(2)  # initial listings done
         idle = rss_mib(proc.pid)
         result = asyncio.run(burst(args.kubeconfig, args.count, proc.pid))
@@ -290,16 +239,10 @@ def main() -> int:
         result["smoke"] = args.smoke
         print(json.dumps(result))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if proc is not None:
+            stop_operator(proc)
         if not args.keep:
-            for ns in (NS_OP, NS_BARE):
-                subprocess.run(
-                    [*kc, "delete", "namespace", ns, "--wait=false"], capture_output=True
-                )
+            delete_namespaces(args.kubeconfig, (NS_OP, NS_BARE))
     return 0
 
 

@@ -18,12 +18,9 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -31,7 +28,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import machine_facts
-from bench.operator_latency import api_requests, cpu_seconds, ftj, rss_mib
+from bench.operator_latency import ftj
+from bench.operator_process import (
+    api_requests,
+    cpu_seconds,
+    delete_namespaces,
+    prepare,
+    rss_mib,
+    start_operator,
+    stop_operator,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = uuid.uuid4().hex[:5]
@@ -141,43 +147,6 @@ async def workload(kubeconfig: str, jobs: int, churn: int, objects: int) -> floa
         return time.monotonic() - start
 
 
-def start_operator(
-    kubeconfig: str, namespace: str, port: int
-) -> tuple[subprocess.Popen[bytes], str]:
-    fd, log_name = tempfile.mkstemp(prefix=f"graft-operator-{namespace}-", suffix=".log")
-    env = {
-        **os.environ,
-        "KUBECONFIG": kubeconfig,
-        "GRAFT_WATCH_NAMESPACES": namespace,
-        "GRAFT_LOG_FORMAT": "text",
-        "GRAFT_METRICS_HOST": "127.0.0.1",
-        "GRAFT_METRICS_PORT": str(port),
-        "GRAFT_TRAINER_IMAGE": "graft/trainer:bench",
-        "GRAFT_PREFLIGHT_POD": "false",
-        "GRAFT_RESYNC_SECONDS": "10",  # resyncs (and their watch audits) inside the window
-    }
-    with os.fdopen(fd, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "graft.controller"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    return proc, log_name
-
-
-def wait_healthy(port: int, proc: subprocess.Popen[bytes], log: str) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read()
-            return
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit(f"operator did not start; log: {log}") from None
-            time.sleep(0.2)
-
-
 def ratio(busy: float | None, empty: float | None) -> float | None:
     return round(busy / empty, 3) if busy is not None and empty else None
 
@@ -197,20 +166,20 @@ def main() -> int:
         args.objects, args.jobs, args.churn, args.settle = 40, 2, 20, 2.0
     args.churn = min(args.churn, args.objects)
 
-    kubectl = Path.home() / ".cache/graft/k8s-v1.20.2/bin/kubectl"
-    kc = [str(kubectl) if kubectl.exists() else "kubectl", f"--kubeconfig={args.kubeconfig}"]
-    subprocess.run([*kc, "apply", "-f", str(REPO / "crds")], check=True, capture_output=True)
-    for ns in (NS_EMPTY, NS_BUSY):
-        subprocess.run([*kc, "create", "namespace", ns], check=True, capture_output=True)
+    prepare(args.kubeconfig, (NS_EMPTY, NS_BUSY))
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         fill_seconds = asyncio.run(fill(args.kubeconfig, args.objects))
         ports = {NS_EMPTY: 19000 + os.getpid() % 500, NS_BUSY: 19500 + os.getpid() % 500}
         logs = {}
         for ns, port in ports.items():
-            procs[ns], logs[ns] = start_operator(args.kubeconfig, ns, port)
-        for ns, port in ports.items():
-            wait_healthy(port, procs[ns], logs[ns])
+            procs[ns], logs[ns] = start_operator(
+                args.kubeconfig,
+                ns,
+                port,
+                GRAFT_PREFLIGHT_POD="false",
+                GRAFT_RESYNC_SECONDS="10",  # resyncs (and their watch audits) inside the window
+            )
         time.sleep(3)  # initial listings done
         idle = {ns: rss_mib(p.pid) for ns, p in procs.items()}
         cpu_start = {ns: cpu_seconds(p.pid) for ns, p in procs.items()}
@@ -250,16 +219,8 @@ def main() -> int:
         print(json.dumps(report))
     finally:
         for proc in procs.values():
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for ns in (NS_EMPTY, NS_BUSY):
-            subprocess.run(
-                [*kc, "delete", "namespace", ns, "--wait=false"], check=False, capture_output=True
-            )
+            stop_operator(proc)
+        delete_namespaces(args.kubeconfig, (NS_EMPTY, NS_BUSY))
     return 0
 
 

@@ -18,10 +18,7 @@ import argparse
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -32,7 +29,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import machine_facts
-from bench.operator_latency import ftj, rss_mib
+from bench.operator_latency import ftj
+from bench.operator_process import (
+    delete_namespaces,
+    prepare,
+    rss_mib,
+    start_operator,
+    stop_operator,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 NS = f"bench-soak-{uuid.uuid4().hex[:5]}"
@@ -133,40 +137,17 @@ def main() -> int:
 
     from kubernetes import config
 
-    kubectl = Path.home() / ".cache/graft/k8s-v1.20.2/bin/kubectl"
-    kc = [str(kubectl) if kubectl.exists() else "kubectl", f"--kubeconfig={args.kubeconfig}"]
-    subprocess.run([*kc, "apply", "-f", str(REPO / "crds")], check=True, capture_output=True)
-    subprocess.run([*kc, "create", "namespace", NS], check=True, capture_output=True)
+    prepare(args.kubeconfig, (NS,))
     port = 20000 + os.getpid() % 1000
-    fd, log_name = tempfile.mkstemp(prefix="graft-operator-soak-", suffix=".log")
-    env = {
-        **os.environ,
-        "KUBECONFIG": args.kubeconfig,
-        "GRAFT_WATCH_NAMESPACES": NS,
-        "GRAFT_LOG_FORMAT": "text",
-        "GRAFT_METRICS_HOST": "127.0.0.1",
-        "GRAFT_METRICS_PORT": str(port),
-        "GRAFT_TRAINER_IMAGE": "graft/trainer:bench",
-        "GRAFT_PREFLIGHT_POD": "false",
-        "GRAFT_RESYNC_SECONDS": "5" if args.smoke else "15",
-    }
-    with os.fdopen(fd, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "graft.controller"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    proc = None
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit(f"operator did not start; log: {log_name}") from None
-                time.sleep(0.2)
+        proc, log_name = start_operator(
+            args.kubeconfig,
+            NS,
+            port,
+            GRAFT_PREFLIGHT_POD="false",
+            GRAFT_RESYNC_SECONDS="5" if args.smoke else "15",
+        )
         churn = Churn(config.new_client_from_config(config_file=args.kubeconfig), args.resources)
         samples: list[dict[str, Any]] = []
         start = time.monotonic()
@@ -229,14 +210,9 @@ def main() -> int:
         }
         print(json.dumps(report))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        subprocess.run(
-            [*kc, "delete", "namespace", NS, "--wait=false"], check=False, capture_output=True
-        )
+        if proc is not None:
+            stop_operator(proc)
+        delete_namespaces(args.kubeconfig, (NS,))
     return 0
 
 

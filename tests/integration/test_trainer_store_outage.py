@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from graft.storage import S3Store, download_artifact, latest_complete_checkpoint, read_manifest
+from tests.integration.operator_kit import free_port
 from tests.integration.trainer_kit import job_document, shared_kit
 
 pytestmark = [pytest.mark.faults, pytest.mark.trainer, pytest.mark.timeout(600)]
@@ -27,12 +27,6 @@ pytestmark = [pytest.mark.faults, pytest.mark.trainer, pytest.mark.timeout(600)]
 OUTAGE_SECONDS = 30.0
 # The last step's weights go to the outputs, not to a checkpoint.
 TRAINING = {"maxSteps": 20, "saveSteps": 10, "evalSteps": 10, "loggingSteps": 1}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Outages:
