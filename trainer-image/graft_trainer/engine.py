@@ -27,7 +27,7 @@ from graft.api.finetune import (
 from graft.progress import ProgressEvent, Reporter, Stage
 from graft.storage import open_store
 from graft.storage.uri import join_uri
-from graft_trainer import attention, lm_loss, observability, parallel
+from graft_trainer import attention, lm_loss, observability, parallel, swiglu
 from graft_trainer import data as D
 from graft_trainer.checkpoints import CheckpointManager, set_rng_state
 from graft_trainer.evaluation import BestTracker, Evaluator, OverfittingDetector, metric_key
@@ -232,6 +232,7 @@ class Engine:
         if self.main_process:
             pins.save()
         model = load_model(spec, prep.model_dir, prep.device)
+        swiglu.enable(model)  # SwiGLU MLPs keep two activations for the backward, not three
         model.train()
         # Ragged texts without padding: each micro-batch becomes one row with block-diagonal
         # attention (the same loss as padded batches, no pad tokens, no cross-text attention).
