@@ -224,6 +224,7 @@ class Counter:
     def __init__(self) -> None:
         self.tokens = 0
         self.targets = 0
+        self.largest = 0  # tokens of the largest micro-batch (what sets peak activation memory)
 
     def hook(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
         if not module.training:
@@ -235,7 +236,9 @@ class Counter:
         )
         if ids is None and args:
             ids = args[0]
-        self.tokens += int(mask.sum()) if mask is not None else int(ids.numel())
+        tokens = int(mask.sum()) if mask is not None else int(ids.numel())
+        self.tokens += tokens
+        self.largest = max(self.largest, int(ids.numel()))  # padded: pads take memory too
         if labels is not None:
             self.targets += int((labels[:, 1:] != -100).sum())
 
@@ -345,6 +348,7 @@ def run_hf(
         trainer.train()
         seconds = time.perf_counter() - t0
     return {
+        "largest_batch_tokens": counter.largest,
         "tokens": counter.tokens,
         "target_tokens": counter.targets,
         "seconds": seconds,
@@ -391,12 +395,13 @@ def run_graft(
         }
     spec = FineTuneJobSpec.model_validate(spec_dict)
     # The engine reports tokens, not targets: count the targets of the batches it draws.
-    targets = {"n": 0}
+    targets = {"n": 0, "largest": 0}
     draw = D.TrainData.batches
 
     def counting(self: Any, *a: Any, **k: Any) -> Any:
         for i, b in draw(self, *a, **k):
             targets["n"] += b.target_tokens
+            targets["largest"] = max(targets["largest"], sum(map(len, b.input_ids)))
             yield i, b
 
     D.TrainData.batches = counting  # type: ignore[method-assign]
@@ -405,6 +410,7 @@ def run_graft(
         run = json.loads((Path(out) / "metrics.json").read_text())["run"]
     losses = [h["train_loss"] for h in result.history if "train_loss" in h]
     return {
+        "largest_batch_tokens": targets["largest"],
         "tokens": run["tokens"],
         "target_tokens": targets["n"],
         "seconds": run["trainSeconds"],
@@ -539,6 +545,10 @@ def main() -> int:
         "flops_count": "4 x decoder linear parameters per token + 4 x vocab x hidden per target token",
         "models": {},
     }
+    if args.device == "cuda":
+        import torch
+
+        report["gpu"] = torch.cuda.get_device_name(0)
     if args.smoke:
         report["smoke"] = True
     for model in [m for m in args.models.split(",") if m]:
@@ -598,6 +608,7 @@ def main() -> int:
                         for rr in rounds
                     ]
                 report["models"][key] = entry
+    report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     print(json.dumps(report))
