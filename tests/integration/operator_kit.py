@@ -291,6 +291,22 @@ class Cluster:
             },
         )
 
+    def assert_succeeded_on_first_attempt(self, name: str) -> None:
+        """Succeeded, in its first pod, with the spec it has now and every condition settled."""
+        obj = self.ftj(name)
+        assert obj is not None, name
+        status = obj["status"]
+        assert status["attempts"] == 1 and status["completionTime"], status
+        assert status["observedGeneration"] == obj["metadata"]["generation"]
+        types = {c["type"]: c["status"] for c in status["conditions"]}
+        assert types == {
+            "Validated": "True",
+            "Running": "False",
+            "Succeeded": "True",
+            "Failed": "False",
+            "Suspended": "False",
+        }, status["conditions"]
+
     def events(self, name: str) -> list[tuple[str, str]]:
         items = self.core.list_namespaced_event(
             self.ns, field_selector=f"involvedObject.name={name},involvedObject.kind=FineTuneJob"

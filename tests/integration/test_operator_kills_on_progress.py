@@ -139,16 +139,4 @@ def test_kill_the_operator_five_times_on_observed_progress(
             len(jobs) == COUNT and len(seen.jobs) == COUNT
         )  # never a second Job, not even briefly
         for name in names:
-            obj = cluster.ftj(name)
-            assert obj is not None
-            status = obj["status"]
-            assert status["attempts"] == 1 and status["completionTime"], status
-            assert status["observedGeneration"] == obj["metadata"]["generation"]
-            types = {c["type"]: c["status"] for c in status["conditions"]}
-            assert types == {
-                "Validated": "True",
-                "Running": "False",
-                "Succeeded": "True",
-                "Failed": "False",
-                "Suspended": "False",
-            }, status["conditions"]
+            cluster.assert_succeeded_on_first_attempt(name)

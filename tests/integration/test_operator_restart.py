@@ -62,16 +62,4 @@ def test_kill_the_operator_three_times_during_a_batch(control_plane: Any, tmp_pa
         wait_for("every resource Succeeded", all_succeeded, 120, interval=0.5)
         assert len(cluster.jobs()) == COUNT
         for name in names:
-            obj = cluster.ftj(name)
-            assert obj is not None
-            status = obj["status"]
-            assert status["observedGeneration"] == obj["metadata"]["generation"]
-            assert status["completionTime"] and status["attempts"] == 1
-            types = {c["type"]: c["status"] for c in status["conditions"]}
-            assert types == {
-                "Validated": "True",
-                "Running": "False",
-                "Succeeded": "True",
-                "Failed": "False",
-                "Suspended": "False",
-            }
+            cluster.assert_succeeded_on_first_attempt(name)
