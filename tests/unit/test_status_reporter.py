@@ -74,7 +74,65 @@ def test_throttles_but_flushes_stage_changes_artifacts_and_close() -> None:
 
 
 def test_never_raises_into_training() -> None:
-    reporter = KubernetesStatusReporter(FakeApi(fail=True), clock=lambda: 0.0)
+    reporter = KubernetesStatusReporter(FakeApi(fail=True), clock=lambda: 0.0, retry_seconds=0)
     reporter.report(event(1))
     reporter.close()
     assert reporter.patches == 0
+
+
+class Outage(FakeApi):
+    """An API server that refuses every patch until `until` on the fake clock."""
+
+    def __init__(self, clock: list[float], until: float) -> None:
+        super().__init__()
+        self.clock, self.until = clock, until
+
+    def patch_namespaced_custom_object_status(self, *args: Any, **kwargs: Any) -> None:
+        if self.clock[0] < self.until:
+            raise RuntimeError("connection refused")
+        super().patch_namespaced_custom_object_status(*args, **kwargs)
+
+
+def outage_reporter(until: float, budget: float) -> tuple[KubernetesStatusReporter, Outage]:
+    now = [0.0]
+    api = Outage(now, until)
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    reporter = KubernetesStatusReporter(
+        api, clock=lambda: now[0], retry_seconds=budget, sleep=sleep
+    )
+    return reporter, api
+
+
+def test_the_last_state_lands_after_an_api_outage() -> None:
+    """The run ended while the API server was down: its artifacts still reach the status."""
+    reporter, api = outage_reporter(until=40.0, budget=180.0)
+    reporter.report(event(100, stage="done", adapter="s3://b/adapter/"))  # refused
+    assert api.calls == []
+    reporter.close()  # retried with backoff until the API answers at t=40
+    (call,) = api.calls
+    assert call[5]["status"]["artifacts"] == {"adapter": "s3://b/adapter/"}
+    assert call[5]["status"]["progress"]["step"] == 100
+    assert 40.0 <= api.clock[0] <= 40.0 + 15.0
+
+
+def test_the_last_state_is_given_up_after_the_budget_without_raising() -> None:
+    reporter, api = outage_reporter(until=1e9, budget=60.0)
+    reporter.report(event(100, stage="done", adapter="s3://b/adapter/"))
+    reporter.close()
+    assert api.calls == [] and 60.0 <= api.clock[0] < 61.0
+
+
+def test_a_finished_exports_status_waits_out_an_outage_and_fails_after_the_budget() -> None:
+    reporter, api = outage_reporter(until=30.0, budget=180.0)
+    reporter.patch_status({"artifacts": {"model": "s3://b/onnx/"}})
+    (call,) = api.calls
+    assert call[5] == {"status": {"artifacts": {"model": "s3://b/onnx/"}}}
+    reporter, api = outage_reporter(until=1e9, budget=20.0)
+    with pytest.raises(
+        RuntimeError, match="could not record the status of FineTuneJob team-a/tone"
+    ):
+        reporter.patch_status({"artifacts": {"model": "s3://b/onnx/"}})
+    assert 20.0 <= api.clock[0] < 21.0

@@ -6,7 +6,10 @@ status subresource, as the `graft-trainer` ServiceAccount whose Role allows noth
 `patch` on `<kinds>/status`. Conditions and phase belong to the operator and are never sent.
 
 Patches are throttled (about one per two seconds; the last state is always flushed on `close`
-and on stage changes) and failures are logged, never raised into the training loop.
+and on stage changes) and failures are logged, never raised into the training loop. The last
+state (the finished run's artifacts and metrics) must land before the pod exits, since the
+operator reports success when it does: `close` and `patch_status` retry through an API outage
+for up to GRAFT_STATUS_RETRY_SECONDS (default 180 s), as the store's operations do.
 """
 
 from __future__ import annotations
@@ -26,6 +29,17 @@ from graft.progress import ProgressEvent
 log = logging.getLogger("graft_trainer.status")
 
 MIN_INTERVAL = 2.0
+DEFAULT_STATUS_RETRY_SECONDS = 180.0
+
+
+def status_retry_seconds() -> float:
+    """GRAFT_STATUS_RETRY_SECONDS: how long the final status is retried through an outage."""
+    try:
+        return max(0.0, float(os.environ.get("GRAFT_STATUS_RETRY_SECONDS", "").strip()))
+    except ValueError:
+        return DEFAULT_STATUS_RETRY_SECONDS
+
+
 TRAINER_FIELDS = ("progress", "metrics", "warnings", "artifacts")
 
 
@@ -62,6 +76,8 @@ class KubernetesStatusReporter:
         *,
         min_interval: float = MIN_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
+        retry_seconds: float | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.kind = os.environ.get("GRAFT_RESOURCE_KIND", "FineTuneJob")
         self.name = os.environ.get("GRAFT_RESOURCE_NAME", "")
@@ -77,6 +93,9 @@ class KubernetesStatusReporter:
         self._last_stage = ""
         self._last_artifacts: dict[str, str] = {}
         self._failures = 0
+        self._unsent: ProgressEvent | None = None  # the newest event whose patch failed
+        self._retry_seconds = status_retry_seconds() if retry_seconds is None else retry_seconds
+        self._sleep = sleep
         self.patches = 0
 
     def report(self, event: ProgressEvent) -> None:
@@ -94,34 +113,49 @@ class KubernetesStatusReporter:
             log.warning("status report dropped: %s", exc)
 
     def close(self) -> None:
+        """Send the last state, retrying through an outage for the retry budget; never raises."""
         try:
-            with self._lock:
-                self._flush_locked()
+            self._retry(self._flush_last)
         except Exception as exc:
             log.warning("final status report dropped: %s", exc)
 
-    def patch_status(self, status: dict[str, Any], attempts: int = 4) -> None:
-        """Record a finished stage's status fields (artifacts, metrics, ...) once, retrying.
+    def _flush_last(self) -> None:
+        with self._lock:
+            if self._pending is None:
+                self._pending, self._unsent = self._unsent, None
+            if self._flush_locked() is False:
+                raise RuntimeError(f"{self._failures} failed status patches")
+
+    def patch_status(self, status: dict[str, Any]) -> None:
+        """Record a finished stage's status fields (artifacts, metrics, ...) once, retrying
+        through an outage for the retry budget; raises when it runs out.
 
         Unlike progress, this must land before the pod succeeds: the operator reports success
         as soon as the Job completes, and a reader then looks here for the artifacts.
         """
         if not self.name:
             return
+        try:
+            self._retry(lambda: self._send({"status": status}))
+        except Exception as exc:
+            raise RuntimeError(
+                f"could not record the status of {self.kind} {self.namespace}/{self.name}: {exc}"
+            ) from None
+
+    def _retry(self, send: Callable[[], None]) -> None:
+        deadline = self._clock() + self._retry_seconds
         delay = 1.0
-        for attempt in range(1, attempts + 1):
+        while True:
             try:
-                self._send({"status": status})
+                send()
                 return
             except Exception as exc:
-                if attempt == attempts:
-                    raise RuntimeError(
-                        f"could not record the status of {self.kind} "
-                        f"{self.namespace}/{self.name}: {exc}"
-                    ) from None
-                log.warning("status patch failed (attempt %d): %s", attempt, exc)
-                time.sleep(delay)
-                delay *= 2
+                left = deadline - self._clock()
+                if left <= 0:
+                    raise
+                log.warning("status patch failed; retrying for up to %.0f s more: %s", left, exc)
+                self._sleep(min(delay, left))
+                delay = min(delay * 2, 15.0)
 
     def _send(self, body: dict[str, Any]) -> None:
         """One merge patch of the resource's status subresource (secret values redacted)."""
@@ -141,18 +175,23 @@ class KubernetesStatusReporter:
         )
         self.patches += 1
 
-    def _flush_locked(self) -> None:
+    def _flush_locked(self) -> bool | None:
+        """Send the pending event: True when sent, False when the patch failed (the event is
+        kept for `close`), None when there was nothing to send."""
         event, self._pending = self._pending, None
         if event is None or not self.name:
-            return
+            return None
         self._last_sent = self._clock()
         self._last_stage = event.stage
         self._last_artifacts = dict(event.artifacts)
         try:
             self._send(status_body(event))
             self._failures = 0
+            self._unsent = None
+            return True
         except Exception as exc:
             self._failures += 1
+            self._unsent = event
             if self._failures in (1, 10) or self._failures % 100 == 0:
                 log.warning(
                     "could not patch %s %s/%s status (%d failures): %s",
@@ -162,3 +201,4 @@ class KubernetesStatusReporter:
                     self._failures,
                     exc,
                 )
+            return False
