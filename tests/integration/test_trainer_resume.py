@@ -4,10 +4,7 @@ with the local store and with the S3 server."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +16,12 @@ from graft.api.kinds import FineTuneJob, parse_object
 from graft.storage import latest_complete_checkpoint, read_manifest
 from graft_trainer.engine import Engine, JobIdentity, RunResult
 from graft_trainer.reporting import NullReporter
-from tests.integration.trainer_kit import job_document, run_trainer_pod, shared_kit
+from tests.integration.trainer_kit import (
+    job_document,
+    run_trainer_pod,
+    shared_kit,
+    start_trainer_pod,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.trainer, pytest.mark.timeout(600)]
 
@@ -102,21 +104,7 @@ def test_sigterm_checkpoints_the_current_step_and_the_next_run_redoes_nothing(
     training = {"maxSteps": 200, "saveSteps": 1000, "evalSteps": 1000, "loggingSteps": 1}
     doc = job_document(kit, name="sigterm", training=training)
     uri = f"file://{tmp_path}/out/"
-    spec_file = tmp_path / "sigterm.json"
-    spec_file.write_text(json.dumps(doc))
-    env = {
-        **os.environ,
-        "GRAFT_ARTIFACTS_URI": uri,
-        "GRAFT_REPORTER": "jsonl",
-        "HF_HUB_OFFLINE": "1",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "graft_trainer", "run-resource", str(spec_file)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_trainer_pod(doc, uri, tmp_path)
     assert proc.stdout is not None
     seen = 0
     for line in proc.stdout:  # progress events, one JSON object per line

@@ -6,9 +6,6 @@ checkpoints and outputs complete and verified, and nothing visible without its m
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +17,7 @@ from moto.server import ThreadedMotoServer
 
 from graft.storage import S3Store, download_artifact, latest_complete_checkpoint, read_manifest
 from tests.integration.operator_kit import free_port
-from tests.integration.trainer_kit import job_document, shared_kit
+from tests.integration.trainer_kit import job_document, shared_kit, start_trainer_pod
 
 pytestmark = [pytest.mark.faults, pytest.mark.trainer, pytest.mark.timeout(600)]
 
@@ -72,25 +69,10 @@ def test_a_run_rides_out_two_store_outages_without_a_retry(
     boto3.client("s3", endpoint_url=store_env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="runs")
     uri = "s3://runs/team-a/outage/"
     doc = job_document(shared_kit(), name="outage", training=TRAINING)
-    spec_file = tmp_path / "outage.json"
-    spec_file.write_text(json.dumps(doc))
-    env = {
-        **os.environ,
-        **store_env,
-        "GRAFT_ARTIFACTS_URI": uri,
-        "GRAFT_REPORTER": "jsonl",
-        "HF_HUB_OFFLINE": "1",
-    }
-    env.pop("GRAFT_STORE_RETRY_SECONDS", None)  # the default budget is what is shown
+    monkeypatch.delenv("GRAFT_STORE_RETRY_SECONDS", raising=False)  # the default budget
     outages = Outages(server)
     began = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "graft_trainer", "run-resource", str(spec_file)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_trainer_pod(doc, uri, tmp_path, **store_env)
     assert proc.stdout is not None
     stderr_lines: list[str] = []
     reader = threading.Thread(target=lambda: stderr_lines.extend(proc.stderr or []), daemon=True)

@@ -90,3 +90,26 @@ def run_trainer_pod(
         text=True,
         timeout=500,
     )
+
+
+def start_trainer_pod(
+    doc: dict[str, Any], uri: str, work: Path, **env: str
+) -> subprocess.Popen[str]:
+    """`graft-trainer run-resource` started as the trainer pod runs it, its progress events as
+    JSON lines on stdout (GRAFT_REPORTER=jsonl) for a test to act on while it trains."""
+    path = work / f"{doc['metadata']['name']}.json"
+    path.write_text(json.dumps(doc))
+    full_env = {
+        **os.environ,
+        "GRAFT_ARTIFACTS_URI": uri,
+        "GRAFT_REPORTER": "jsonl",
+        "HF_HUB_OFFLINE": "1",
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "graft_trainer", "run-resource", str(path)],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
