@@ -403,7 +403,7 @@ class FineTuneJobSpec(RunSpec):
         if self.search is not None:
             if no_eval:
                 raise FieldPathError(("search",), "search compares trials on dataset.evalSplit")
-            self.search.check_against(self.to_api())
+            self.search.check_against(self.to_api(), FineTuneJobSpec)
         return self
 
 

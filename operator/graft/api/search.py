@@ -6,11 +6,11 @@ import copy
 import math
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic.config import JsonDict
 
 from graft.api.base import ApiModel
-from graft.api.errors import FieldPathError
+from graft.api.errors import FieldPathError, format_path
 
 Scalar = str | int | float | bool
 
@@ -142,14 +142,9 @@ class SearchSpec(ApiModel):
             )
         return self
 
-    def check_against(self, spec: dict[str, Any]) -> None:
-        """Check every path names a searchable field and its edge values make a valid spec."""
-        # Imported here: finetune imports this module.
-        from pydantic import ValidationError
-
-        from graft.api.errors import format_path
-        from graft.api.finetune import FineTuneJobSpec
-
+    def check_against(self, spec: dict[str, Any], model: type[ApiModel]) -> None:
+        """Check every path names a searchable field of `model` (the FineTuneJob spec's model,
+        passed in: it imports this module) and its edge values make a valid spec."""
         base = {k: v for k, v in spec.items() if k != "search"}
         for path, param in self.space.items():
             if not path.startswith(SEARCHABLE_PREFIXES):
@@ -158,12 +153,12 @@ class SearchSpec(ApiModel):
                     f"cannot search {path!r}; searchable: training.*, lora.*, quantization.*, "
                     "dataset.maxSeqLength, method",
                 )
-            if not _path_exists(FineTuneJobSpec, path.split(".")):
+            if not _path_exists(model, path.split(".")):
                 raise FieldPathError(("search", "space", path), f"no field {path!r} in the spec")
             for value in param.extremes():
                 trial = apply_params(base, {path: value})
                 try:
-                    FineTuneJobSpec.model_validate(trial)
+                    model.model_validate(trial)
                 except ValidationError as exc:
                     first = exc.errors(include_url=False)[0]
                     where = format_path(first["loc"])
