@@ -7,17 +7,23 @@ Owns `status.conditions` (Validated, Running, Succeeded, Failed, Suspended), `st
 Level-based: the result depends only on the resource (spec and the previous status, for
 transition times and the terminal outcome, which outlives the deleted Job), the Job, its pods
 and the clock. Calling it twice with the same input gives the same answer.
+
+`compute_status` runs an ordered chain of small rules per kind (`RULES`, at the end): each one
+looks at a `Run` and either decides or passes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from graft.api.errors import FieldIssue
 from graft.controller.planner import (
     ANNOTATION_SPEC_HASH,
+    KIND,
     KUEUE_QUEUE,
     attempts_before,
     kind_of,
@@ -30,7 +36,7 @@ from graft.controller.pods import (
     failure_summary,
 )
 from graft.controller.sources import GATE_REASONS, SourceGate
-from graft.controller.study import TrialObserved, plan_study
+from graft.controller.study import StudyPlan, TrialObserved, plan_study
 from graft.exit_codes import NOT_RETRIED
 from graft.policy import GpuBudget, PolicyIssue
 
@@ -263,261 +269,6 @@ def _events(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[E
     return events
 
 
-def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Plan:
-    """The operator-owned status of `obj` and the actions that make the cluster match it."""
-    prev: dict[str, Any] = dict(obj.get("status") or {})
-    before: list[dict[str, Any]] = list(prev.get("conditions") or [])
-    generation = int(obj["metadata"].get("generation") or 1)
-    spec = obj.get("spec") or {}
-    kind = kind_of(obj)
-    suspend = bool(spec.get("suspend"))
-    ttl = spec.get("ttlSecondsAfterFinished")
-    launched = observed.launched_hash is not None or observed.job is not None
-    if observed.study is not None:
-        launched = launched or bool(observed.study.trials)
-    status: dict[str, Any] = {k: prev[k] for k in OPERATOR_FIELDS if k in prev}
-    status["observedGeneration"] = generation
-    conds = before
-    plan = Plan(status=status)
-
-    def cond(type_: str, value: Literal["True", "False"], reason: str, message: str) -> None:
-        nonlocal conds
-        conds = set_condition(conds, type_, value, reason, message, generation=generation, now=now)
-
-    def finish() -> Plan:
-        if kind == "AdapterBundle":
-            _set_ready(cond, conds)
-        status["conditions"] = conds
-        status["phase"] = derive_phase(conds)
-        plan.events = _events(before, conds) + plan.events
-        return plan
-
-    # Validated: the current spec, and whether it still matches what was launched.
-    issues_text = "; ".join(str(i) for i in observed.issues)
-    # The platform's rules refused it (a spec edit can still fix it), or the API's did.
-    refusal = (
-        "PolicyDenied"
-        if any(isinstance(i, PolicyIssue) for i in observed.issues)
-        else "InvalidSpec"
-    )
-    if observed.issues:
-        suffix = " (the launched spec keeps running)" if launched else ""
-        cond("Validated", "False", refusal, issues_text + suffix)
-    elif launched and observed.launched_hash not in (None, observed.current_hash):
-        fields = ", ".join(observed.changed) or "the spec"
-        cond(
-            "Validated",
-            "False",
-            "SpecChangeRefused",
-            f"{fields} changed after the Job was created and is ignored: only spec.suspend and "
-            "spec.ttlSecondsAfterFinished take effect once a run started. Revert the change, "
-            "or create a new resource.",
-        )
-    else:
-        checked = find_condition(before, "Validated") or {}
-        if (checked.get("reason") == PREFLIGHT_PASSED and launched) or (
-            checked.get("reason") == PREFLIGHT_FAILED and is_terminal(prev)
-        ):
-            # What the pre-flight pod found stays the word on the spec it checked.
-            cond(
-                "Validated",
-                checked["status"],
-                checked["reason"],
-                str(checked.get("message") or ""),
-            )
-        else:
-            cond("Validated", "True", "Valid", "the spec is valid")
-
-    if not launched and observed.issues:
-        not_launched = "nothing is launched until the spec is valid"
-        if refusal == "PolicyDenied":
-            not_launched = "nothing is launched until the spec meets the platform's policy"
-        cond("Failed", "True", refusal, issues_text)
-        cond("Running", "False", refusal, not_launched)
-        cond("Succeeded", "False", refusal, not_launched)
-        cond("Suspended", "False", "NotSuspended", "not suspended")
-        return finish()
-
-    job = observed.job
-    if is_terminal(prev):
-        succeeded = is_true(before, "Succeeded")
-        cond("Running", "False", "Completed" if succeeded else "Failed", "the run has ended")
-        if not succeeded and job is not None and not job_finished(job):
-            plan.delete_job = True
-        if ttl is not None:
-            done = parse_time(status.get("completionTime")) or now
-            due = done + timedelta(seconds=int(ttl))
-            if now >= due:
-                plan.delete_resource = True
-                plan.events.append(
-                    Event("Normal", "TTLExpired", f"deleting the resource {ttl}s after it ended")
-                )
-            else:
-                plan.requeue_after = (due - now).total_seconds()
-        return finish()
-
-    if find_condition(conds, "Failed") is None or is_true(conds, "Failed"):
-        cond("Failed", "False", "NotFailed", "no failure")
-    if find_condition(conds, "Succeeded") is None or is_true(conds, "Succeeded"):
-        cond("Succeeded", "False", "NotFinished", "not finished")
-
-    if suspend:
-        if job is not None or (observed.study is not None and observed.study.trials):
-            plan.delete_job = True
-        cond(
-            "Suspended",
-            "True",
-            "Suspended",
-            "spec.suspend is true: the trainer pod is stopped and checkpoints are kept; "
-            "setting it to false resumes from the last checkpoint",
-        )
-        cond("Running", "False", "Suspended", "suspended")
-        return finish()
-    if is_true(before, "Suspended"):
-        cond(
-            "Suspended",
-            "False",
-            "Resumed",
-            "resumed: the new pod continues from the last checkpoint",
-        )
-    elif find_condition(conds, "Suspended") is None:
-        cond("Suspended", "False", "NotSuspended", "not suspended")
-
-    gate = observed.source
-    if job is None and not launched and gate is not None and gate.state != "ready":
-        if gate.state == "waiting":
-            cond("Running", "False", gate.reason, gate.message)
-            plan.requeue_after = 30.0  # the FineTuneJob's own events usually come first
-        else:
-            cond("Failed", "True", gate.reason, gate.message)
-            cond(
-                "Running", "False", gate.reason, "nothing is launched until the sources are usable"
-            )
-        return finish()
-
-    pre = observed.preflight
-    if (
-        pre is not None
-        and job is None
-        and not launched
-        and _preflight(pre, observed.current_hash, cond, status, plan, now)
-    ):
-        return finish()
-
-    if observed.study is not None:
-        _study(observed, obj, status, plan, cond, now)
-        return finish()
-
-    if job is None:
-        budget = observed.gpu_budget
-        if budget is not None and observed.gpus > budget.free:
-            cond("Running", "False", GPU_WAIT_REASON, budget.wait_message(observed.gpus))
-            plan.requeue_after = GPU_WAIT_REQUEUE
-            return finish()
-        plan.create_job = True
-        cond("Running", "False", "Launching", "creating the trainer Job")
-        return finish()
-
-    status["jobName"] = job["metadata"]["name"]
-    job_status = job.get("status") or {}
-    outcomes = [classify_pod(p) for p in observed.pods]
-    seen = max(len(outcomes), observed.pods_seen or 0)
-    status["attempts"] = max(int(prev.get("attempts") or 0), attempts_before(job) + seen)
-    if not status.get("startTime"):
-        started = job_status.get("startTime")
-        if started or outcomes:
-            status["startTime"] = started or rfc3339(now)
-
-    failures = sorted((o for o in outcomes if o.kind == "failed"), key=lambda o: o.name)
-    invalid = [o for o in failures if o.exit_code in NOT_RETRIED]
-    complete = job_condition(job, "Complete")
-    job_failed = job_condition(job, "Failed")
-    if invalid:
-        reason, message = failure_summary(invalid[0], observed.memory)
-        _fail(cond, status, plan, reason, message, now, job)
-        return finish()
-    if complete is not None:
-        cond("Succeeded", "True", "Completed", DONE_MESSAGES.get(kind, "finished"))
-        cond("Running", "False", "Completed", DONE_MESSAGES.get(kind, "finished"))
-        status["completionTime"] = job_status.get("completionTime") or rfc3339(now)
-        return finish()
-    if len(failures) > observed.backoff_limit:
-        reason, message = failure_summary(failures[-1], observed.memory)
-        if reason == "TrainerFailed":
-            reason = "BackoffLimitExceeded"
-        message = f"{len(failures)} failed attempts (backoffLimit {observed.backoff_limit}); last: {message}"
-        _fail(cond, status, plan, reason, message, now, job)
-        return finish()
-    if job_failed is not None:
-        job_reason = str(job_failed.get("reason") or "JobFailed")
-        if job_reason == "DeadlineExceeded":
-            deadline = (job.get("spec") or {}).get("activeDeadlineSeconds")
-            message = (
-                f"the attempt ran longer than its deadline ({deadline} s: "
-                "spec.activeDeadlineSeconds, or the platform's default)"
-            )
-        elif job_reason == "BackoffLimitExceeded":
-            job_reason = "TooManyDisruptions"
-            message = "the pod was lost too often (evictions or node failures)"
-        else:
-            message = str(job_failed.get("message") or "the Job failed")
-        _fail(cond, status, plan, job_reason, message, now, job)
-        return finish()
-
-    held = job_condition(job, "Suspended")
-    if held is not None and not any(o.kind in ("running", "pending") for o in outcomes):
-        # Graft deletes its Jobs to suspend them: a suspended Job is a queue's (Kueue) hold.
-        queue = (job["metadata"].get("labels") or {}).get(KUEUE_QUEUE)
-        where = f"queue {queue}" if queue else "its queue"
-        cond(
-            "Running",
-            "False",
-            "Queued",
-            f"the Job waits for {where} to admit it (the Job is suspended until then)",
-        )
-        return finish()
-    running = [o for o in outcomes if o.kind == "running"]
-    if running:
-        cond("Running", "True", "TrainerRunning", f"pod {running[0].name} is training")
-        return finish()
-    if any(o.kind == "succeeded" for o in outcomes):
-        cond("Running", "False", "Finishing", "the trainer pod succeeded; the Job is finishing")
-        return finish()
-    lost = [o for o in outcomes if o.kind in ("disrupted", "failed")]
-    if lost:
-        last = lost[-1]
-        if last.kind == "disrupted":
-            detail = (
-                f"pod {last.name} was lost ({last.reason}: {last.message}); it does not count "
-                "toward backoffLimit"
-            )
-        else:
-            detail = failure_summary(last, observed.memory)[1]
-            detail += f" (attempt {len(failures)} of {observed.backoff_limit + 1})"
-        cond(
-            "Running",
-            "False",
-            "Restarting",
-            f"{detail}; a new pod resumes from the last checkpoint",
-        )
-        return finish()
-    pending = [o for o in outcomes if o.kind == "pending"]
-    waiting = next((o for o in pending if o.reason), None)
-    if not outcomes and observed.pod_refused:
-        cond(
-            "Running",
-            "False",
-            POD_REFUSED,
-            f"the Job controller cannot create the trainer pod: {observed.pod_refused}",
-        )
-        plan.requeue_after = POD_REFUSED_RECHECK
-    elif waiting is not None:
-        cond("Running", "False", "PodPending", f"{waiting.reason}: {waiting.message}".rstrip(": "))
-    else:
-        cond("Running", "False", "PodPending", "waiting for the trainer pod to start")
-    return finish()
-
-
 def launch_refused(
     obj: dict[str, Any], status: dict[str, Any], message: str, now: datetime
 ) -> Event | None:
@@ -541,142 +292,8 @@ def launch_refused(
     return Event("Warning", LAUNCH_REFUSED, text)
 
 
-def _study(
-    observed: Observed,
-    obj: dict[str, Any],
-    status: dict[str, Any],
-    plan: Plan,
-    cond: Any,
-    now: datetime,
-) -> None:
-    """The conditions of a searched FineTuneJob from its trials (see `study`)."""
-    assert observed.study is not None
-    study = plan_study(
-        observed.study.spec,
-        observed.study.prefix,
-        (obj.get("status") or {}).get("search"),
-        list(observed.study.trials),
-        observed.backoff_limit,
-        obj["metadata"]["name"],
-    )
-    status["search"] = study.search
-    status["progress"] = study.progress
-    if study.artifacts is not None:
-        status["artifacts"] = study.artifacts
-    status["attempts"] = max(int(status.get("attempts") or 0), study.pods)
-    plan.create_trials = study.launch
-    budget = observed.gpu_budget
-    held_back = 0
-    if budget is not None and observed.gpus and study.launch:
-        fits = budget.free // observed.gpus
-        held_back = max(0, len(study.launch) - fits)
-        plan.create_trials = study.launch[:fits]
-        if held_back:
-            plan.requeue_after = GPU_WAIT_REQUEUE
-    if observed.study.trials and not status.get("startTime"):
-        status["startTime"] = rfc3339(now)
-    if study.outcome == "succeeded":
-        cond("Succeeded", "True", "Completed", f"search finished: {study.message}")
-        cond("Running", "False", "Completed", f"search finished: {study.message}")
-        status["completionTime"] = rfc3339(now)
-    elif study.outcome == "failed":
-        cond("Failed", "True", "AllTrialsFailed", f"the search failed: {study.message}")
-        cond("Running", "False", "Failed", f"the search failed: {study.message}")
-        status["completionTime"] = rfc3339(now)
-    elif held_back and not plan.create_trials and not study.active:
-        assert budget is not None
-        cond("Running", "False", GPU_WAIT_REASON, budget.wait_message(observed.gpus))
-    else:
-        waiting = f"; {held_back} trials wait for GPUs" if held_back else ""
-        cond("Running", "True", "TrialsRunning", study.message + waiting)
-
-
-def _set_ready(cond: Any, conds: list[dict[str, Any]]) -> None:
-    """An AdapterBundle is Ready once it Succeeded: the trainer succeeds only if the contract
-    (one base digest, adapter tensors matching the graph, smoke tests) passed."""
-    if is_true(conds, "Succeeded"):
-        cond("Ready", "True", "BundleReady", "every adapter passed the compatibility checks")
-        return
-    failed = find_condition(conds, "Failed")
-    if failed is not None and failed.get("status") == "True":
-        cond("Ready", "False", str(failed["reason"]), str(failed["message"]))
-        return
-    running = find_condition(conds, "Running") or {}
-    cond("Ready", "False", str(running.get("reason") or "NotReady"), "not built yet")
-
-
 def job_finished(job: dict[str, Any]) -> bool:
     return job_condition(job, "Complete") is not None or job_condition(job, "Failed") is not None
-
-
-def _preflight(
-    pre: PreflightObserved,
-    current_hash: str | None,
-    cond: Any,
-    status: dict[str, Any],
-    plan: Plan,
-    now: datetime,
-) -> bool:
-    """The pre-flight step of a GPU FineTuneJob; True while it holds the launch back (checking,
-    or failed), False once it passed and the GPU pod may be created."""
-    job = pre.job
-    if job is None:
-        plan.create_preflight = True
-        cond("Running", "False", PREFLIGHT_CHECKING, PREFLIGHT_WAIT)
-        return True
-    if (job["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC_HASH) != current_hash:
-        # The spec changed before the GPU pod was created: the new one is checked anew.
-        plan.delete_preflight, plan.requeue_after = True, 2.0
-        cond("Running", "False", PREFLIGHT_CHECKING, "the spec changed; " + PREFLIGHT_WAIT)
-        return True
-    outcomes = [classify_pod(p) for p in pre.pods]
-    passed = next((o for o in outcomes if o.kind == "succeeded"), None)
-    if passed is not None or job_condition(job, "Complete") is not None:
-        findings = passed.message if passed is not None and passed.message else "passed"
-        cond("Validated", "True", PREFLIGHT_PASSED, findings)
-        return False
-    failures = [o for o in outcomes if o.kind == "failed"]
-    refused = next((o for o in failures if o.exit_code in NOT_RETRIED), None)
-    gave_up = job_condition(job, "Failed")
-    if refused is not None or gave_up is not None:
-        last = refused or (failures[-1] if failures else None)
-        if last is not None:
-            reason, message = failure_summary(last, None)
-        else:  # no failed pod to read: the deadline, or pods lost
-            reason = str(gave_up.get("reason") if gave_up else "") or "PreflightFailed"
-            message = str(gave_up.get("message") if gave_up else "") or "the pre-flight Job failed"
-        message = f"pre-flight pod, before any GPU was requested: {message}"
-        cond("Validated", "False", PREFLIGHT_FAILED, message)
-        _fail(cond, status, plan, reason, message, now, job)
-        plan.delete_job = False
-        plan.delete_preflight = not job_finished(job)  # no second pod for the same finding
-        return True
-    pending = next((o for o in outcomes if o.kind == "pending" and o.reason), None)
-    if failures:
-        detail = f"; its last pod failed ({failure_summary(failures[-1], None)[1]}), retrying"
-    elif pending is not None:
-        detail = f" ({pending.reason}: {pending.message})".replace(": )", ")")
-    else:
-        detail = ""
-    cond("Running", "False", PREFLIGHT_CHECKING, PREFLIGHT_WAIT + detail)
-    return True
-
-
-def _fail(
-    cond: Any,
-    status: dict[str, Any],
-    plan: Plan,
-    reason: str,
-    message: str,
-    now: datetime,
-    job: dict[str, Any],
-) -> None:
-    cond("Failed", "True", reason, message)
-    cond("Running", "False", "Failed", message)
-    status["completionTime"] = rfc3339(now)
-    # A Job the controller has not finished would keep starting pods: stop it. A finished one
-    # stays (with its pods, for `kubectl logs`) until the resource is deleted.
-    plan.delete_job = not job_finished(job)
 
 
 def status_patch(
@@ -689,3 +306,629 @@ def status_patch(
     """
     owned = OPERATOR_FIELDS + (STUDY_FIELDS if study else ())
     return {k: v for k, v in desired.items() if k in owned and current.get(k) != v}
+
+
+# --- compute_status: an ordered chain of small rules per kind ------------------------------
+#
+# Each rule looks at a `Run` (the resource, what the reconciler saw, the clock, and the status
+# and plan built so far) and either decides (sets the conditions that settle this pass and
+# returns True: later rules do not run) or passes on (returns False, possibly after setting a
+# condition that later rules build on). The first rule that decides ends the chain; `_finish`
+# then derives the phase and the Events. Rules are pure like the rest of this module.
+
+
+@dataclasses.dataclass
+class Run:
+    """A typed view of one status computation: its inputs and the status and plan being built."""
+
+    obj: dict[str, Any]
+    observed: Observed
+    now: datetime
+    prev: dict[str, Any]  # the previous status
+    before: list[dict[str, Any]]  # the previous conditions
+    generation: int
+    kind: str
+    launched: bool  # a Job, a spec ConfigMap or a trial Job exists (or existed)
+    plan: Plan
+    conds: list[dict[str, Any]]  # the conditions so far
+
+    @classmethod
+    def start(cls, obj: dict[str, Any], observed: Observed, now: datetime) -> Run:
+        prev: dict[str, Any] = dict(obj.get("status") or {})
+        generation = int(obj["metadata"].get("generation") or 1)
+        launched = observed.launched_hash is not None or observed.job is not None
+        if observed.study is not None:
+            launched = launched or bool(observed.study.trials)
+        status: dict[str, Any] = {k: prev[k] for k in OPERATOR_FIELDS if k in prev}
+        status["observedGeneration"] = generation
+        before: list[dict[str, Any]] = list(prev.get("conditions") or [])
+        return cls(
+            obj=obj,
+            observed=observed,
+            now=now,
+            prev=prev,
+            before=before,
+            generation=generation,
+            kind=kind_of(obj),
+            launched=launched,
+            plan=Plan(status=status),
+            conds=before,
+        )
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.obj.get("spec") or {}
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.plan.status
+
+    @property
+    def job(self) -> dict[str, Any]:
+        """The trainer Job: the rules after `_launch` run only once it exists."""
+        assert self.observed.job is not None
+        return self.observed.job
+
+    @functools.cached_property
+    def outcomes(self) -> list[PodOutcome]:
+        """What each pod of the Job shows, oldest first."""
+        return [classify_pod(p) for p in self.observed.pods]
+
+    @functools.cached_property
+    def failures(self) -> list[PodOutcome]:
+        return sorted((o for o in self.outcomes if o.kind == "failed"), key=lambda o: o.name)
+
+    @property
+    def refusal(self) -> str:
+        """Why the current spec is refused: the platform's rules (a spec edit can still fix
+        it), or the API's."""
+        policy = any(isinstance(i, PolicyIssue) for i in self.observed.issues)
+        return "PolicyDenied" if policy else "InvalidSpec"
+
+    @property
+    def issues_text(self) -> str:
+        return "; ".join(str(i) for i in self.observed.issues)
+
+    def cond(self, type_: str, value: Literal["True", "False"], reason: str, message: str) -> None:
+        self.conds = set_condition(
+            self.conds, type_, value, reason, message, generation=self.generation, now=self.now
+        )
+
+
+Rule = Callable[[Run], bool]
+
+
+def _first(run: Run, rules: Iterable[Rule]) -> bool:
+    """Run `rules` in order until one decides; whether one did."""
+    return any(rule(run) for rule in rules)
+
+
+def compute_status(obj: dict[str, Any], observed: Observed, now: datetime) -> Plan:
+    """The operator-owned status of `obj` and the actions that make the cluster match it."""
+    run = Run.start(obj, observed, now)
+    _first(run, RULES.get(run.kind, RULES[KIND]))
+    return _finish(run)
+
+
+def _finish(run: Run) -> Plan:
+    """The kind's closing rules (whatever decided), the phase and the Events."""
+    for rule in CLOSING_RULES.get(run.kind, ()):
+        rule(run)
+    run.status["conditions"] = run.conds
+    run.status["phase"] = derive_phase(run.conds)
+    run.plan.events = _events(run.before, run.conds) + run.plan.events
+    return run.plan
+
+
+# --- Validated: the current spec, and whether it still matches what was launched ------------
+
+
+def _validated(run: Run) -> bool:
+    """Sets Validated and passes on."""
+    _first(run, VALIDATED_RULES)
+    return False
+
+
+def _invalid_spec(run: Run) -> bool:
+    if not run.observed.issues:
+        return False
+    suffix = " (the launched spec keeps running)" if run.launched else ""
+    run.cond("Validated", "False", run.refusal, run.issues_text + suffix)
+    return True
+
+
+def _spec_changed(run: Run) -> bool:
+    observed = run.observed
+    if not run.launched or observed.launched_hash in (None, observed.current_hash):
+        return False
+    fields = ", ".join(observed.changed) or "the spec"
+    run.cond(
+        "Validated",
+        "False",
+        "SpecChangeRefused",
+        f"{fields} changed after the Job was created and is ignored: only spec.suspend and "
+        "spec.ttlSecondsAfterFinished take effect once a run started. Revert the change, "
+        "or create a new resource.",
+    )
+    return True
+
+
+def _preflight_finding(run: Run) -> bool:
+    """What the pre-flight pod found stays the word on the spec it checked."""
+    checked = find_condition(run.before, "Validated") or {}
+    if not (
+        (checked.get("reason") == PREFLIGHT_PASSED and run.launched)
+        or (checked.get("reason") == PREFLIGHT_FAILED and is_terminal(run.prev))
+    ):
+        return False
+    run.cond("Validated", checked["status"], checked["reason"], str(checked.get("message") or ""))
+    return True
+
+
+def _valid(run: Run) -> bool:
+    run.cond("Validated", "True", "Valid", "the spec is valid")
+    return True
+
+
+# --- Before the run: what ends, stops or holds back a launch --------------------------------
+
+
+def _refused_before_launch(run: Run) -> bool:
+    """An invalid (or denied) spec never launched: Failed until it is fixed."""
+    if run.launched or not run.observed.issues:
+        return False
+    refusal = run.refusal
+    not_launched = "nothing is launched until the spec is valid"
+    if refusal == "PolicyDenied":
+        not_launched = "nothing is launched until the spec meets the platform's policy"
+    run.cond("Failed", "True", refusal, run.issues_text)
+    run.cond("Running", "False", refusal, not_launched)
+    run.cond("Succeeded", "False", refusal, not_launched)
+    run.cond("Suspended", "False", "NotSuspended", "not suspended")
+    return True
+
+
+def _ended(run: Run) -> bool:
+    """The outcome outlives the Job: a terminal status stays, until the TTL deletes it all."""
+    if not is_terminal(run.prev):
+        return False
+    succeeded = is_true(run.before, "Succeeded")
+    run.cond("Running", "False", "Completed" if succeeded else "Failed", "the run has ended")
+    job = run.observed.job
+    if not succeeded and job is not None and not job_finished(job):
+        run.plan.delete_job = True
+    _expire(run)
+    return True
+
+
+def _expire(run: Run) -> None:
+    """spec.ttlSecondsAfterFinished: delete the resource once due, else look again then."""
+    ttl = run.spec.get("ttlSecondsAfterFinished")
+    if ttl is None:
+        return
+    done = parse_time(run.status.get("completionTime")) or run.now
+    due = done + timedelta(seconds=int(ttl))
+    if run.now >= due:
+        run.plan.delete_resource = True
+        run.plan.events.append(
+            Event("Normal", "TTLExpired", f"deleting the resource {ttl}s after it ended")
+        )
+    else:
+        run.plan.requeue_after = (due - run.now).total_seconds()
+
+
+def _not_ended(run: Run) -> bool:
+    """Not terminal: Failed and Succeeded are False (a recoverable failure is lifted)."""
+    if find_condition(run.conds, "Failed") is None or is_true(run.conds, "Failed"):
+        run.cond("Failed", "False", "NotFailed", "no failure")
+    if find_condition(run.conds, "Succeeded") is None or is_true(run.conds, "Succeeded"):
+        run.cond("Succeeded", "False", "NotFinished", "not finished")
+    return False
+
+
+def _suspended(run: Run) -> bool:
+    if not run.spec.get("suspend"):
+        return False
+    study = run.observed.study
+    if run.observed.job is not None or (study is not None and study.trials):
+        run.plan.delete_job = True
+    run.cond(
+        "Suspended",
+        "True",
+        "Suspended",
+        "spec.suspend is true: the trainer pod is stopped and checkpoints are kept; "
+        "setting it to false resumes from the last checkpoint",
+    )
+    run.cond("Running", "False", "Suspended", "suspended")
+    return True
+
+
+def _not_suspended(run: Run) -> bool:
+    if is_true(run.before, "Suspended"):
+        run.cond(
+            "Suspended",
+            "False",
+            "Resumed",
+            "resumed: the new pod continues from the last checkpoint",
+        )
+    elif find_condition(run.conds, "Suspended") is None:
+        run.cond("Suspended", "False", "NotSuspended", "not suspended")
+    return False
+
+
+def _source_gate(run: Run) -> bool:
+    """The FineTuneJobs a resource not launched yet references: waiting, or unusable."""
+    gate = run.observed.source
+    if run.launched or gate is None or gate.state == "ready":
+        return False
+    if gate.state == "waiting":
+        run.cond("Running", "False", gate.reason, gate.message)
+        run.plan.requeue_after = 30.0  # the FineTuneJob's own events usually come first
+    else:
+        run.cond("Failed", "True", gate.reason, gate.message)
+        run.cond(
+            "Running", "False", gate.reason, "nothing is launched until the sources are usable"
+        )
+    return True
+
+
+def _wait_for_gpus(run: Run) -> bool:
+    """A launch over the namespace's GPU budget waits."""
+    budget = run.observed.gpu_budget
+    if run.observed.job is not None or budget is None or run.observed.gpus <= budget.free:
+        return False
+    run.cond("Running", "False", GPU_WAIT_REASON, budget.wait_message(run.observed.gpus))
+    run.plan.requeue_after = GPU_WAIT_REQUEUE
+    return True
+
+
+def _launch(run: Run) -> bool:
+    if run.observed.job is not None:
+        return False
+    run.plan.create_job = True
+    run.cond("Running", "False", "Launching", "creating the trainer Job")
+    return True
+
+
+# --- A GPU FineTuneJob's pre-flight pod, before the GPU Job is created ----------------------
+
+
+def _preflight(run: Run) -> bool:
+    """The pre-flight step; decides while it holds the launch back (checking, or failed),
+    passes on once it passed and the GPU pod may be created."""
+    pre = run.observed.preflight
+    if pre is None or run.launched:
+        return False
+    job = pre.job
+    if job is None:
+        run.plan.create_preflight = True
+        run.cond("Running", "False", PREFLIGHT_CHECKING, PREFLIGHT_WAIT)
+        return True
+    if (job["metadata"].get("annotations") or {}).get(
+        ANNOTATION_SPEC_HASH
+    ) != run.observed.current_hash:
+        # The spec changed before the GPU pod was created: the new one is checked anew.
+        run.plan.delete_preflight, run.plan.requeue_after = True, 2.0
+        run.cond("Running", "False", PREFLIGHT_CHECKING, "the spec changed; " + PREFLIGHT_WAIT)
+        return True
+    outcomes = [classify_pod(p) for p in pre.pods]
+    passed = next((o for o in outcomes if o.kind == "succeeded"), None)
+    if passed is not None or job_condition(job, "Complete") is not None:
+        findings = passed.message if passed is not None and passed.message else "passed"
+        run.cond("Validated", "True", PREFLIGHT_PASSED, findings)
+        return False
+    if _preflight_failed(run, job, outcomes):
+        return True
+    _preflight_checking(run, outcomes)
+    return True
+
+
+def _preflight_failed(run: Run, job: dict[str, Any], outcomes: list[PodOutcome]) -> bool:
+    """A pre-flight pod refused the spec, or its Job gave up: the resource fails holding no GPU."""
+    failures = [o for o in outcomes if o.kind == "failed"]
+    refused = next((o for o in failures if o.exit_code in NOT_RETRIED), None)
+    gave_up = job_condition(job, "Failed")
+    if refused is None and gave_up is None:
+        return False
+    last = refused or (failures[-1] if failures else None)
+    if last is not None:
+        reason, message = failure_summary(last, None)
+    else:  # no failed pod to read: the deadline, or pods lost
+        reason = str(gave_up.get("reason") if gave_up else "") or "PreflightFailed"
+        message = str(gave_up.get("message") if gave_up else "") or "the pre-flight Job failed"
+    message = f"pre-flight pod, before any GPU was requested: {message}"
+    run.cond("Validated", "False", PREFLIGHT_FAILED, message)
+    _fail(run, reason, message, job)
+    run.plan.delete_job = False
+    run.plan.delete_preflight = not job_finished(job)  # no second pod for the same finding
+    return True
+
+
+def _preflight_checking(run: Run, outcomes: list[PodOutcome]) -> None:
+    failures = [o for o in outcomes if o.kind == "failed"]
+    pending = next((o for o in outcomes if o.kind == "pending" and o.reason), None)
+    if failures:
+        detail = f"; its last pod failed ({failure_summary(failures[-1], None)[1]}), retrying"
+    elif pending is not None:
+        detail = f" ({pending.reason}: {pending.message})".replace(": )", ")")
+    else:
+        detail = ""
+    run.cond("Running", "False", PREFLIGHT_CHECKING, PREFLIGHT_WAIT + detail)
+
+
+# --- A searched FineTuneJob: its trials (see `study`) ---------------------------------------
+
+
+def _study(run: Run) -> bool:
+    observed = run.observed
+    if observed.study is None:
+        return False
+    study = plan_study(
+        observed.study.spec,
+        observed.study.prefix,
+        run.prev.get("search"),
+        list(observed.study.trials),
+        observed.backoff_limit,
+        run.obj["metadata"]["name"],
+    )
+    status = run.status
+    status["search"] = study.search
+    status["progress"] = study.progress
+    if study.artifacts is not None:
+        status["artifacts"] = study.artifacts
+    status["attempts"] = max(int(status.get("attempts") or 0), study.pods)
+    held_back = _launch_trials(run, study.launch)
+    if observed.study.trials and not status.get("startTime"):
+        status["startTime"] = rfc3339(run.now)
+    _study_conditions(run, study, held_back)
+    return True
+
+
+def _launch_trials(run: Run, wanted: list[int]) -> int:
+    """The trials to create now, as many as the GPU budget allows; how many wait."""
+    run.plan.create_trials = wanted
+    budget, gpus = run.observed.gpu_budget, run.observed.gpus
+    if budget is None or not gpus or not wanted:
+        return 0
+    fits = budget.free // gpus
+    held_back = max(0, len(wanted) - fits)
+    run.plan.create_trials = wanted[:fits]
+    if held_back:
+        run.plan.requeue_after = GPU_WAIT_REQUEUE
+    return held_back
+
+
+def _study_conditions(run: Run, study: StudyPlan, held_back: int) -> None:
+    if study.outcome == "succeeded":
+        run.cond("Succeeded", "True", "Completed", f"search finished: {study.message}")
+        run.cond("Running", "False", "Completed", f"search finished: {study.message}")
+        run.status["completionTime"] = rfc3339(run.now)
+    elif study.outcome == "failed":
+        run.cond("Failed", "True", "AllTrialsFailed", f"the search failed: {study.message}")
+        run.cond("Running", "False", "Failed", f"the search failed: {study.message}")
+        run.status["completionTime"] = rfc3339(run.now)
+    elif held_back and not run.plan.create_trials and not study.active:
+        budget = run.observed.gpu_budget
+        assert budget is not None
+        run.cond("Running", "False", GPU_WAIT_REASON, budget.wait_message(run.observed.gpus))
+    else:
+        waiting = f"; {held_back} trials wait for GPUs" if held_back else ""
+        run.cond("Running", "True", "TrialsRunning", study.message + waiting)
+
+
+# --- The trainer Job: what it and its pods show ---------------------------------------------
+
+
+def _job_seen(run: Run) -> bool:
+    """Bookkeeping of a created Job (its name, attempts, start time); passes on."""
+    job, status = run.job, run.status
+    status["jobName"] = job["metadata"]["name"]
+    seen = max(len(run.outcomes), run.observed.pods_seen or 0)
+    status["attempts"] = max(int(run.prev.get("attempts") or 0), attempts_before(job) + seen)
+    if not status.get("startTime"):
+        started = (job.get("status") or {}).get("startTime")
+        if started or run.outcomes:
+            status["startTime"] = started or rfc3339(run.now)
+    return False
+
+
+def _trainer_refused(run: Run) -> bool:
+    """A pod exited with a code that is never retried (an invalid spec, data or model)."""
+    invalid = [o for o in run.failures if o.exit_code in NOT_RETRIED]
+    if not invalid:
+        return False
+    _fail(run, *failure_summary(invalid[0], run.observed.memory), run.job)
+    return True
+
+
+def _completed(run: Run) -> bool:
+    if job_condition(run.job, "Complete") is None:
+        return False
+    done = DONE_MESSAGES.get(run.kind, "finished")
+    run.cond("Succeeded", "True", "Completed", done)
+    run.cond("Running", "False", "Completed", done)
+    completed = (run.job.get("status") or {}).get("completionTime")
+    run.status["completionTime"] = completed or rfc3339(run.now)
+    return True
+
+
+def _backoff_exceeded(run: Run) -> bool:
+    failures, limit = run.failures, run.observed.backoff_limit
+    if len(failures) <= limit:
+        return False
+    reason, message = failure_summary(failures[-1], run.observed.memory)
+    if reason == "TrainerFailed":
+        reason = "BackoffLimitExceeded"
+    message = f"{len(failures)} failed attempts (backoffLimit {limit}); last: {message}"
+    _fail(run, reason, message, run.job)
+    return True
+
+
+def _job_failed(run: Run) -> bool:
+    """The Job controller gave up without a pod failure to read (deadline, disruptions)."""
+    job_failed = job_condition(run.job, "Failed")
+    if job_failed is None:
+        return False
+    reason = str(job_failed.get("reason") or "JobFailed")
+    if reason == "DeadlineExceeded":
+        deadline = (run.job.get("spec") or {}).get("activeDeadlineSeconds")
+        message = (
+            f"the attempt ran longer than its deadline ({deadline} s: "
+            "spec.activeDeadlineSeconds, or the platform's default)"
+        )
+    elif reason == "BackoffLimitExceeded":
+        reason = "TooManyDisruptions"
+        message = "the pod was lost too often (evictions or node failures)"
+    else:
+        message = str(job_failed.get("message") or "the Job failed")
+    _fail(run, reason, message, run.job)
+    return True
+
+
+def _queued(run: Run) -> bool:
+    """Graft deletes its Jobs to suspend them: a suspended Job is a queue's (Kueue) hold."""
+    if job_condition(run.job, "Suspended") is None or any(
+        o.kind in ("running", "pending") for o in run.outcomes
+    ):
+        return False
+    queue = (run.job["metadata"].get("labels") or {}).get(KUEUE_QUEUE)
+    where = f"queue {queue}" if queue else "its queue"
+    run.cond(
+        "Running",
+        "False",
+        "Queued",
+        f"the Job waits for {where} to admit it (the Job is suspended until then)",
+    )
+    return True
+
+
+def _running(run: Run) -> bool:
+    running = [o for o in run.outcomes if o.kind == "running"]
+    if not running:
+        return False
+    run.cond("Running", "True", "TrainerRunning", f"pod {running[0].name} is training")
+    return True
+
+
+def _finishing(run: Run) -> bool:
+    if not any(o.kind == "succeeded" for o in run.outcomes):
+        return False
+    run.cond("Running", "False", "Finishing", "the trainer pod succeeded; the Job is finishing")
+    return True
+
+
+def _restarting(run: Run) -> bool:
+    """A pod failed (within backoffLimit) or was lost: the Job makes a new one."""
+    lost = [o for o in run.outcomes if o.kind in ("disrupted", "failed")]
+    if not lost:
+        return False
+    last = lost[-1]
+    if last.kind == "disrupted":
+        detail = (
+            f"pod {last.name} was lost ({last.reason}: {last.message}); it does not count "
+            "toward backoffLimit"
+        )
+    else:
+        detail = failure_summary(last, run.observed.memory)[1]
+        detail += f" (attempt {len(run.failures)} of {run.observed.backoff_limit + 1})"
+    run.cond(
+        "Running", "False", "Restarting", f"{detail}; a new pod resumes from the last checkpoint"
+    )
+    return True
+
+
+def _pod_refused(run: Run) -> bool:
+    """No pod, and the Job controller says why it cannot create one."""
+    if run.outcomes or not run.observed.pod_refused:
+        return False
+    run.cond(
+        "Running",
+        "False",
+        POD_REFUSED,
+        f"the Job controller cannot create the trainer pod: {run.observed.pod_refused}",
+    )
+    run.plan.requeue_after = POD_REFUSED_RECHECK
+    return True
+
+
+def _pod_pending(run: Run) -> bool:
+    waiting = next((o for o in run.outcomes if o.kind == "pending" and o.reason), None)
+    if waiting is not None:
+        message = f"{waiting.reason}: {waiting.message}".rstrip(": ")
+        run.cond("Running", "False", "PodPending", message)
+    else:
+        run.cond("Running", "False", "PodPending", "waiting for the trainer pod to start")
+    return True
+
+
+def _fail(run: Run, reason: str, message: str, job: dict[str, Any]) -> None:
+    run.cond("Failed", "True", reason, message)
+    run.cond("Running", "False", "Failed", message)
+    run.status["completionTime"] = rfc3339(run.now)
+    # A Job the controller has not finished would keep starting pods: stop it. A finished one
+    # stays (with its pods, for `kubectl logs`) until the resource is deleted.
+    run.plan.delete_job = not job_finished(job)
+
+
+# --- Closing rules: conditions derived from the others, whatever decided --------------------
+
+
+def _ready(run: Run) -> bool:
+    """An AdapterBundle is Ready once it Succeeded: the trainer succeeds only if the contract
+    (one base digest, adapter tensors matching the graph, smoke tests) passed."""
+    conds = run.conds
+    if is_true(conds, "Succeeded"):
+        run.cond("Ready", "True", "BundleReady", "every adapter passed the compatibility checks")
+        return True
+    failed = find_condition(conds, "Failed")
+    if failed is not None and failed.get("status") == "True":
+        run.cond("Ready", "False", str(failed["reason"]), str(failed["message"]))
+        return True
+    running = find_condition(conds, "Running") or {}
+    run.cond("Ready", "False", str(running.get("reason") or "NotReady"), "not built yet")
+    return True
+
+
+# --- The chains ------------------------------------------------------------------------------
+
+VALIDATED_RULES: tuple[Rule, ...] = (_invalid_spec, _spec_changed, _preflight_finding, _valid)
+
+# Every kind: the spec, a terminal outcome, suspension, the FineTuneJobs it references.
+_BEFORE_LAUNCH: tuple[Rule, ...] = (
+    _validated,
+    _refused_before_launch,
+    _ended,
+    _not_ended,
+    _suspended,
+    _not_suspended,
+    _source_gate,
+)
+# Every kind: the launch, then what the Job and its pods show, most final first.
+_JOB: tuple[Rule, ...] = (
+    _wait_for_gpus,
+    _launch,
+    _job_seen,
+    # The one place for fields taken from the trainer's outcome (status.artifacts, metrics,
+    # warnings, read from the pod's termination message): one rule here fills them from
+    # `run.outcomes` and passes on, so every outcome rule below sees them. Today the trainer
+    # patches them itself: such a rule also adds them to what `status_patch` sends.
+    _trainer_refused,
+    _completed,
+    _backoff_exceeded,
+    _job_failed,
+    _queued,
+    _running,
+    _finishing,
+    _restarting,
+    _pod_refused,
+    _pod_pending,
+)
+RULES: dict[str, tuple[Rule, ...]] = {
+    # The pre-flight pod and the search are a FineTuneJob's (the reconciler observes them for
+    # no other kind); either decides before the trainer Job is considered.
+    KIND: (*_BEFORE_LAUNCH, _preflight, _study, *_JOB),
+    "OptimizeJob": (*_BEFORE_LAUNCH, *_JOB),
+    "AdapterBundle": (*_BEFORE_LAUNCH, *_JOB),
+}
+# Run after the chain, whatever decided.
+CLOSING_RULES: dict[str, tuple[Rule, ...]] = {"AdapterBundle": (_ready,)}
