@@ -427,20 +427,62 @@ def build_trainer_job(
     """The batch/v1 Job that runs the trainer for `obj` with the launched (resolved) `spec`;
     with `trial`, the Job of that trial of the resource's search."""
     meta = obj["metadata"]
-    name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
-    kind = kind_of(obj)
-    labels = selection_labels(obj)
-    scheduling = spec.get("scheduling") or {}
-    job_labels = {**labels, LABEL_COMPONENT: "trainer"}
+    name, namespace, kind = meta["name"], meta["namespace"], kind_of(obj)
+    job_labels = _trainer_job_labels(obj, spec, trial)
+    container = _trainer_container(obj, spec, config, references, trial)
+    pod_spec = _trainer_pod_spec(obj, config, container)
+    _mount_claims(pod_spec, container, spec, config, references)
+    if spec_gpus(spec) > 1:
+        # One training process per GPU (data parallel): NCCL passes tensors through shared
+        # memory, and a container's default /dev/shm (64 MiB) is too small for it.
+        pod_spec["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
+    _trainer_network(pod_spec, container, config)
+    _schedule_trainer_pod(pod_spec, spec, config, namespace)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(name, kind) if trial is None else trial_job_name(name, trial),
+            "namespace": namespace,
+            "labels": job_labels,
+            "annotations": {
+                ANNOTATION_SPEC_HASH: spec_hash_,
+                ANNOTATION_ATTEMPTS_BEFORE: str(attempts_before),
+                ANNOTATION_GPUS: str(spec_gpus(spec)),
+            },
+            "ownerReferences": [owner_reference(obj)],
+        },
+        "spec": _trainer_job_spec(spec, config, job_labels, pod_spec),
+    }
+
+
+def _trainer_job_labels(
+    obj: dict[str, Any], spec: dict[str, Any], trial: int | None
+) -> dict[str, str]:
+    job_labels = {**selection_labels(obj), LABEL_COMPONENT: "trainer"}
     if trial is not None:
         job_labels[LABEL_TRIAL] = str(trial)
-    if scheduling.get("queueName"):
-        job_labels[KUEUE_QUEUE] = scheduling["queueName"]
+    queue = (spec.get("scheduling") or {}).get("queueName")
+    if queue:
+        job_labels[KUEUE_QUEUE] = queue
+    return job_labels
 
+
+def _trainer_env(
+    obj: dict[str, Any],
+    spec: dict[str, Any],
+    config: OperatorConfig,
+    references: dict[str, Any] | None,
+    trial: int | None,
+) -> list[dict[str, Any]]:
+    """The trainer container's environment (the model cache's variables come with its mount)."""
+    meta = obj["metadata"]
+    name, namespace, kind = meta["name"], meta["namespace"], kind_of(obj)
     env = [
         {
             "name": "GRAFT_ARTIFACTS_URI",
-            "value": artifact_prefix(spec["output"]["uri"], namespace, kind, name, uid),
+            "value": artifact_prefix(spec["output"]["uri"], namespace, kind, name, meta["uid"]),
         },
         # Trials report through their termination message: parallel trials must not write
         # the resource's status over each other.
@@ -457,19 +499,22 @@ def build_trainer_job(
     if config.trainer_metrics_port:
         env.append({"name": METRICS_PORT_ENV, "value": str(config.trainer_metrics_port)})
     env.extend({"name": k, "value": v} for k, v in sorted(config.trainer_extra_env.items()))
+    return env
 
-    # Scratch disk: bounded when the platform says so (a pod over it is evicted, not the node).
-    scratch = (
-        {"sizeLimit": config.trainer_scratch_size_limit}
-        if config.trainer_scratch_size_limit
-        else {}
-    )
-    container: dict[str, Any] = {
+
+def _trainer_container(
+    obj: dict[str, Any],
+    spec: dict[str, Any],
+    config: OperatorConfig,
+    references: dict[str, Any] | None,
+    trial: int | None,
+) -> dict[str, Any]:
+    return {
         "name": TRAINER_CONTAINER,
         "image": spec.get("image") or config.trainer_image,
         "imagePullPolicy": config.trainer_image_pull_policy,
         "command": ["graft-trainer", "run-resource", f"{SPEC_MOUNT}/{RESOURCE_FILE}"],
-        "env": env,
+        "env": _trainer_env(obj, spec, config, references, trial),
         "envFrom": [
             {"secretRef": {"name": secret, "optional": False}}
             for secret in credential_secrets(spec, references)
@@ -486,25 +531,48 @@ def build_trainer_job(
             {"name": "home", "mountPath": HOME},
         ],
     }
-    pod_spec: dict[str, Any] = {
+
+
+def _trainer_pod_spec(
+    obj: dict[str, Any], config: OperatorConfig, container: dict[str, Any]
+) -> dict[str, Any]:
+    """The pod around `container`: identity, security context, the spec and scratch volumes."""
+    meta = obj["metadata"]
+    # Scratch disk: bounded when the platform says so (a pod over it is evicted, not the node).
+    scratch = (
+        {"sizeLimit": config.trainer_scratch_size_limit}
+        if config.trainer_scratch_size_limit
+        else {}
+    )
+    return {
         "restartPolicy": "Never",
         # On SIGTERM the trainer finishes its step and uploads a checkpoint before it exits.
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "serviceAccountName": trainer_service_account(
-            config.policy, namespace, config.trainer_service_account
+            config.policy, meta["namespace"], config.trainer_service_account
         ).name,
         "automountServiceAccountToken": True,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(config),
         "containers": [container],
         "volumes": [
-            {"name": "spec", "configMap": {"name": configmap_name(name, kind)}},
+            {"name": "spec", "configMap": {"name": configmap_name(meta["name"], kind_of(obj))}},
             {"name": "tmp", "emptyDir": scratch},
             {"name": "home", "emptyDir": dict(scratch)},
         ],
     }
-    # Claims named by pvc:// locations, at the path the URI maps to (graft.storage.uri):
-    # read-only unless the resource writes its output there.
+
+
+def _mount_claims(
+    pod_spec: dict[str, Any],
+    container: dict[str, Any],
+    spec: dict[str, Any],
+    config: OperatorConfig,
+    references: dict[str, Any] | None,
+) -> None:
+    """The claims named by pvc:// locations, and the shared model cache's."""
+    # At the path the URI maps to (graft.storage.uri): read-only unless the resource writes
+    # its output there.
     for claim, writable in sorted(pvc_claims(spec, references).items()):
         volume = f"pvc-{hashlib.sha256(claim.encode()).hexdigest()[:10]}"
         pod_spec["volumes"].append(
@@ -525,15 +593,15 @@ def build_trainer_job(
             {"name": "model-cache", "persistentVolumeClaim": {"claimName": cache_claim}}
         )
         container["volumeMounts"].append({"name": "model-cache", "mountPath": CACHE_MOUNT})
-        env += [
+        container["env"] += [
             {"name": "GRAFT_CACHE_DIR", "value": f"{CACHE_MOUNT}/graft"},
             {"name": "HF_HUB_CACHE", "value": f"{CACHE_MOUNT}/hub"},
         ]
-    if spec_gpus(spec) > 1:
-        # One training process per GPU (data parallel): NCCL passes tensors through shared
-        # memory, and a container's default /dev/shm (64 MiB) is too small for it.
-        pod_spec["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
-        container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
+
+
+def _trainer_network(
+    pod_spec: dict[str, Any], container: dict[str, Any], config: OperatorConfig
+) -> None:
     if config.trainer_host_network:
         pod_spec["hostNetwork"] = True
         pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
@@ -549,6 +617,14 @@ def build_trainer_job(
                 "protocol": "TCP",
             }
         ]
+
+
+def _schedule_trainer_pod(
+    pod_spec: dict[str, Any], spec: dict[str, Any], config: OperatorConfig, namespace: str
+) -> None:
+    """Where the pod may run: the platform's pod settings, then the resource's scheduling, then
+    the namespace's placement policy."""
+    scheduling = spec.get("scheduling") or {}
     platform = config.trainer_pod
     node_selector = {**platform.node_selector, **(scheduling.get("nodeSelector") or {})}
     if node_selector:
@@ -569,6 +645,13 @@ def build_trainer_job(
         pod_spec, namespace, config.policy, spec_tolerations=bool(scheduling.get("tolerations"))
     )
 
+
+def _trainer_job_spec(
+    spec: dict[str, Any],
+    config: OperatorConfig,
+    job_labels: dict[str, str],
+    pod_spec: dict[str, Any],
+) -> dict[str, Any]:
     # Graft's own labels win: the operator finds its pods by them.
     pod_metadata: dict[str, Any] = {"labels": {**config.trainer_pod.labels, **job_labels}}
     if config.trainer_pod.annotations:
@@ -584,22 +667,7 @@ def build_trainer_job(
     deadline = spec.get("activeDeadlineSeconds") or config.policy.default_active_deadline_seconds
     if deadline:
         job_spec["activeDeadlineSeconds"] = int(deadline)
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": job_name(name, kind) if trial is None else trial_job_name(name, trial),
-            "namespace": namespace,
-            "labels": job_labels,
-            "annotations": {
-                ANNOTATION_SPEC_HASH: spec_hash_,
-                ANNOTATION_ATTEMPTS_BEFORE: str(attempts_before),
-                ANNOTATION_GPUS: str(spec_gpus(spec)),
-            },
-            "ownerReferences": [owner_reference(obj)],
-        },
-        "spec": job_spec,
-    }
+    return job_spec
 
 
 def preflight_job_name(name: str) -> str:
