@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -30,6 +31,7 @@ from graft.controller.status import (
     LAUNCH_RETRY,
     Event,
     Observed,
+    Plan,
     PreflightObserved,
     StudyObserved,
     compute_status,
@@ -116,6 +118,24 @@ class Caches:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Children:
+    """What one pass sees of a resource before planning: its validated spec (or the issues),
+    its children, the launched spec, and the referenced FineTuneJobs' gate."""
+
+    resolved: planner.Resolved | None
+    issues: tuple[FieldIssue, ...]
+    configmap: dict[str, Any] | None  # the spec ConfigMap of the launch, if any
+    job: dict[str, Any] | None
+    pods: list[dict[str, Any]]  # the Job's, oldest first
+    gate: sources.SourceGate | None  # before a launch: the referenced FineTuneJobs
+    launched_spec: dict[str, Any] | None
+    launched_hash: str | None
+    effective: dict[str, Any]  # the launched spec, else the current one
+    study: StudyObserved | None
+    preflight: PreflightObserved | None
+
+
 class Reconciler:
     def __init__(
         self,
@@ -188,6 +208,27 @@ class Reconciler:
             self.metrics.latency.labels(kind).observe(time.perf_counter() - started)
 
     async def reconcile(self, key: Key) -> float | None:
+        """Read the resource and its children, plan (pure), launch or delete children, and
+        write the status; the seconds until the resource is looked at again (None: when an
+        event says so)."""
+        obj = await self._body(key)
+        if obj is None:
+            return None  # the garbage collector removes the Job, pods and ConfigMap
+        seen = await self._children(key, obj)
+        budget_lock = await self._budget_lock(key[1], seen)
+        try:
+            plan, observed, requeue = await self._plan_and_launch(
+                key, obj, seen, budget=budget_lock is not None
+            )
+        finally:
+            if budget_lock is not None:
+                budget_lock.release()
+        await self._delete_children(plan, seen, observed.backoff_limit)
+        return await self._write_status(key, obj, plan, seen, requeue)
+
+    async def _body(self, key: Key) -> dict[str, Any] | None:
+        """The resource (the remembered body, else a GET); None, with what is kept about it
+        forgotten, when it is gone or being deleted."""
         kind, namespace, name = key
         cached = self.bodies.get(key)
         obj = dict(cached) if cached is not None else None
@@ -198,13 +239,17 @@ class Reconciler:
             self._forget_dependencies(key)
             self._pods_seen.pop(key, None)
             self._resolved.pop(key, None)
-            return None  # the garbage collector removes the Job, pods and ConfigMap
+            return None
         obj.setdefault("kind", kind)
+        return obj
+
+    async def _children(self, key: Key, obj: dict[str, Any]) -> Children:
+        """The validated spec and what the caches (and, before a launch, the referenced
+        FineTuneJobs) show of the resource's children."""
+        _, namespace, name = key
         uid = str(obj["metadata"]["uid"])
         cache_key = (namespace, name)
-
         resolved, issues = self._resolve(key, obj)
-
         configmap = self.caches.configmap(cache_key, uid)
         job = self.caches.job(cache_key, uid)
         pods = self.caches.job_pods(cache_key, job["metadata"]["uid"]) if job else []
@@ -224,119 +269,160 @@ class Reconciler:
                 planner.ANNOTATION_SPEC_HASH, launched_hash
             )
         effective = launched_spec or (resolved.spec if resolved else {})
-        study: StudyObserved | None = None
-        if kind == planner.KIND and effective.get("search") and effective.get("output"):
-            trials = self.caches.trial_jobs(cache_key, uid)
-            study = StudyObserved(
-                spec=effective,
-                prefix=artifact_prefix(effective["output"]["uri"], namespace, kind, name, uid),
-                trials=tuple(
-                    TrialObserved(
-                        n, j, tuple(self.caches.job_pods(cache_key, j["metadata"]["uid"]))
-                    )
-                    for n, j in sorted(trials.items())
-                ),
+        study = self._observe_study(key, uid, effective)
+        if study is not None and study.trials and launched_hash is None:
+            launched_hash = (study.trials[0].job["metadata"].get("annotations") or {}).get(
+                planner.ANNOTATION_SPEC_HASH
             )
-            if trials and launched_hash is None:
-                first = trials[min(trials)]
-                launched_hash = (first["metadata"].get("annotations") or {}).get(
-                    planner.ANNOTATION_SPEC_HASH
-                )
         preflight: PreflightObserved | None = None
         if (
             resolved is not None
             and configmap is None
             and job is None
             and not (study is not None and study.trials)
-            and planner.needs_preflight_pod(resolved.spec, self.config, kind)
         ):
-            checker = self.caches.preflight_job(cache_key, uid)
-            preflight = PreflightObserved(
-                checker,
-                tuple(self.caches.job_pods(cache_key, checker["metadata"]["uid"]))
-                if checker is not None
-                else (),
-            )
-        gpus = planner.spec_gpus(effective)
-        budget_lock: asyncio.Lock | None = None
-        if (
-            gpus
-            and (job is None or study is not None)
-            and gpu_budget(self.config.policy, namespace) is not None
-        ):
-            # Counting the namespace's GPUs and launching are one step: two launches at once
-            # must not both see the same free GPUs.
-            budget_lock = self._budget_locks.setdefault(namespace, asyncio.Lock())
-            await budget_lock.acquire()
-        try:
-            changed: tuple[str, ...] = ()
-            if resolved and launched_spec and launched_hash != resolved.spec_hash:
-                changed = tuple(planner.changed_fields(launched_spec, resolved.spec))
-            pod_refused = None  # a Job a queue holds (Suspended) has no pod on purpose
-            if (
-                job is not None
-                and not pods
-                and not job_finished(job)
-                and not job_condition(job, "Suspended")
-            ):
-                pod_refused = await self._pod_refusal(job)
-                if pod_refused and _missing_service_account(pod_refused):
-                    # The namespace was deleted and made anew (or the account deleted by hand)
-                    # since the identity was ensured: ensure it now, not after IDENTITY_TTL.
-                    self._identities.pop(namespace, None)
-                    await self._ensure_identity(namespace)
-            observed = Observed(
-                issues=issues,
-                launched_hash=launched_hash,
-                current_hash=resolved.spec_hash if resolved else None,
-                changed=changed,
-                job=job,
-                pods=tuple(pods),
-                backoff_limit=int(effective.get("backoffLimit", 2)),
-                memory=(effective.get("resources") or {}).get("memory"),
-                source=gate,
-                study=study,
-                pods_seen=self._count_pods(key, obj, job, pods),
-                gpus=gpus,
-                pod_refused=pod_refused,
-                preflight=preflight,
-                gpu_budget=(
-                    namespace_gpu_budget(
-                        self.config.policy, namespace, self._gpus_in_use(namespace)
-                    )
-                    if budget_lock is not None
-                    else None
-                ),
-            )
-            plan = compute_status(obj, observed, datetime.now(UTC))
+            preflight = self._observe_preflight(key, uid, resolved)
+        return Children(
+            resolved=resolved,
+            issues=issues,
+            configmap=configmap,
+            job=job,
+            pods=pods,
+            gate=gate,
+            launched_spec=launched_spec,
+            launched_hash=launched_hash,
+            effective=effective,
+            study=study,
+            preflight=preflight,
+        )
 
-            requeue = plan.requeue_after
-            if plan.create_job or plan.create_preflight:
-                references = gate.references if gate is not None else None
-                try:
-                    created = await self._launch(
-                        obj,
-                        resolved,
-                        configmap,
-                        plan.status,
-                        references,
-                        preflight=plan.create_preflight,
-                    )
-                except ApiError as exc:
-                    if exc.status not in REFUSED:
-                        raise  # 5xx, 429, a timeout: the queue retries with backoff
-                    event = launch_refused(obj, plan.status, exc.message, datetime.now(UTC))
-                    plan.create_job = plan.create_preflight = False
-                    requeue = LAUNCH_RETRY
-                    plan.events += [event] if event else []
-                else:
-                    if created is None:
-                        requeue = 1.0  # a previous incarnation's children are being collected
-            if plan.create_trials:
-                await self._launch_trials(obj, resolved, configmap, plan.create_trials)
-        finally:
-            if budget_lock is not None:
-                budget_lock.release()
+    def _observe_study(self, key: Key, uid: str, effective: dict[str, Any]) -> StudyObserved | None:
+        """A searched FineTuneJob's trial Jobs and their pods (None: no search)."""
+        kind, namespace, name = key
+        if kind != planner.KIND or not effective.get("search") or not effective.get("output"):
+            return None
+        cache_key = (namespace, name)
+        trials = self.caches.trial_jobs(cache_key, uid)
+        return StudyObserved(
+            spec=effective,
+            prefix=artifact_prefix(effective["output"]["uri"], namespace, kind, name, uid),
+            trials=tuple(
+                TrialObserved(n, j, tuple(self.caches.job_pods(cache_key, j["metadata"]["uid"])))
+                for n, j in sorted(trials.items())
+            ),
+        )
+
+    def _observe_preflight(
+        self, key: Key, uid: str, resolved: planner.Resolved
+    ) -> PreflightObserved | None:
+        """The pre-flight Job of a GPU FineTuneJob not launched yet (None: no pre-flight)."""
+        kind, namespace, name = key
+        if not planner.needs_preflight_pod(resolved.spec, self.config, kind):
+            return None
+        checker = self.caches.preflight_job((namespace, name), uid)
+        if checker is None:
+            return PreflightObserved(None, ())
+        pods = self.caches.job_pods((namespace, name), checker["metadata"]["uid"])
+        return PreflightObserved(checker, tuple(pods))
+
+    async def _budget_lock(self, namespace: str, seen: Children) -> asyncio.Lock | None:
+        """The namespace's GPU budget lock, held, when this pass may launch GPU Jobs under a cap:
+        counting the namespace's GPUs and launching are one step, so two launches at once do
+        not both see the same free GPUs."""
+        if (
+            not planner.spec_gpus(seen.effective)
+            or (seen.job is not None and seen.study is None)
+            or gpu_budget(self.config.policy, namespace) is None
+        ):
+            return None
+        lock = self._budget_locks.setdefault(namespace, asyncio.Lock())
+        await lock.acquire()
+        return lock
+
+    async def _plan_and_launch(
+        self, key: Key, obj: dict[str, Any], seen: Children, *, budget: bool
+    ) -> tuple[Plan, Observed, float | None]:
+        """Observed, the plan, and the launches it asks for; with `budget` the namespace's GPU
+        budget is counted (under its lock)."""
+        namespace = key[1]
+        resolved, effective = seen.resolved, seen.effective
+        changed: tuple[str, ...] = ()
+        if resolved and seen.launched_spec and seen.launched_hash != resolved.spec_hash:
+            changed = tuple(planner.changed_fields(seen.launched_spec, resolved.spec))
+        pod_refused = await self._pod_refused(namespace, seen)
+        observed = Observed(
+            issues=seen.issues,
+            launched_hash=seen.launched_hash,
+            current_hash=resolved.spec_hash if resolved else None,
+            changed=changed,
+            job=seen.job,
+            pods=tuple(seen.pods),
+            backoff_limit=int(effective.get("backoffLimit", 2)),
+            memory=(effective.get("resources") or {}).get("memory"),
+            source=seen.gate,
+            study=seen.study,
+            pods_seen=self._count_pods(key, obj, seen.job, seen.pods),
+            gpus=planner.spec_gpus(effective),
+            pod_refused=pod_refused,
+            preflight=seen.preflight,
+            gpu_budget=(
+                namespace_gpu_budget(self.config.policy, namespace, self._gpus_in_use(namespace))
+                if budget
+                else None
+            ),
+        )
+        plan = compute_status(obj, observed, datetime.now(UTC))
+        requeue = await self._launch_planned(obj, plan, seen)
+        if plan.create_trials:
+            await self._launch_trials(obj, resolved, seen.configmap, plan.create_trials)
+        return plan, observed, requeue
+
+    async def _pod_refused(self, namespace: str, seen: Children) -> str | None:
+        """Why the Job controller made no pod for the Job (see `_pod_refusal`); a missing
+        ServiceAccount is made again at once."""
+        job = seen.job
+        # A Job a queue holds (Suspended) has no pod on purpose.
+        if job is None or seen.pods or job_finished(job) or job_condition(job, "Suspended"):
+            return None
+        pod_refused = await self._pod_refusal(job)
+        if pod_refused and _missing_service_account(pod_refused):
+            # The namespace was deleted and made anew (or the account deleted by hand) since
+            # the identity was ensured: ensure it now, not after IDENTITY_TTL.
+            self._identities.pop(namespace, None)
+            await self._ensure_identity(namespace)
+        return pod_refused
+
+    async def _launch_planned(
+        self, obj: dict[str, Any], plan: Plan, seen: Children
+    ) -> float | None:
+        """Create the Job (or the pre-flight Job) the plan asks for; the requeue delay. A
+        refusal of the API server is shown on the resource and tried again later."""
+        requeue = plan.requeue_after
+        if not (plan.create_job or plan.create_preflight):
+            return requeue
+        references = seen.gate.references if seen.gate is not None else None
+        try:
+            created = await self._launch(
+                obj,
+                seen.resolved,
+                seen.configmap,
+                plan.status,
+                references,
+                preflight=plan.create_preflight,
+            )
+        except ApiError as exc:
+            if exc.status not in REFUSED:
+                raise  # 5xx, 429, a timeout: the queue retries with backoff
+            event = launch_refused(obj, plan.status, exc.message, datetime.now(UTC))
+            plan.create_job = plan.create_preflight = False
+            plan.events += [event] if event else []
+            return LAUNCH_RETRY
+        if created is None:
+            return 1.0  # a previous incarnation's children are being collected
+        return requeue
+
+    async def _delete_children(self, plan: Plan, seen: Children, backoff_limit: int) -> None:
+        preflight, job, study = seen.preflight, seen.job, seen.study
         if plan.delete_preflight and preflight is not None and preflight.job is not None:
             await self.kube.delete(object_path(preflight.job))
         if plan.delete_job and job is not None:
@@ -344,11 +430,21 @@ class Reconciler:
             plan.events.append(Event("Normal", "JobDeleted", f"deleted Job {job_name(job)}"))
         if plan.delete_job and study is not None:
             for trial in study.trials:
-                if observe_trial(trial, observed.backoff_limit)["state"] not in FINISHED:
+                if observe_trial(trial, backoff_limit)["state"] not in FINISHED:
                     await self.kube.delete(object_path(trial.job))
 
-        patch = status_patch(obj.get("status") or {}, plan.status, study=study is not None)
-        if plan.create_job and requeue is None and preflight is None:
+    async def _write_status(
+        self,
+        key: Key,
+        obj: dict[str, Any],
+        plan: Plan,
+        seen: Children,
+        requeue: float | None,
+    ) -> float | None:
+        """Patch the status, post the Events, delete an expired resource; the requeue delay."""
+        kind, namespace, name = key
+        patch = status_patch(obj.get("status") or {}, plan.status, study=seen.study is not None)
+        if plan.create_job and requeue is None and seen.preflight is None:
             # Just launched: the Job's watch event brings this resource back for its status
             # patch. Under a burst, the queue's other launches go first. (After a pre-flight
             # pod the patch goes now: its findings exist only in this pass.)
