@@ -23,8 +23,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from graft.api.finetune import GENERATION_METRICS
-from graft.api.search import SearchBest, SearchSpec, SearchStatus, TrialRecord
+from graft.api.finetune import DEFAULT_EVAL_METRICS, GENERATION_METRICS
+from graft.api.search import (
+    DEFAULT_DIRECTION,
+    DEFAULT_OBJECTIVE_METRIC,
+    SearchBest,
+    SearchSpec,
+    SearchStatus,
+    TrialRecord,
+)
 from graft.api.search import apply_params as _apply_params
 from graft.storage.uri import join_uri
 
@@ -73,10 +80,10 @@ def trial_spec(
     """
     search = base.get("search") or {}
     spec = _apply_params({k: v for k, v in base.items() if k != "search"}, params)
-    metric = (search.get("objective") or {}).get("metric", "eval_loss")
+    metric = (search.get("objective") or {}).get("metric", DEFAULT_OBJECTIVE_METRIC)
     if metric in GENERATION_METRICS:
         evaluation = spec.setdefault("evaluation", {})
-        metrics = list(evaluation.get("metrics") or ["loss", "perplexity"])
+        metrics = list(evaluation.get("metrics") or DEFAULT_EVAL_METRICS)
         if metric not in metrics:
             evaluation["metrics"] = [*metrics, metric]
     if output_uri is not None:
@@ -315,8 +322,8 @@ class Study:
             raise ValueError(f"study.json trial numbers {numbers} are not 0..{len(trials) - 1}")
         return cls(
             fingerprint=str(data.get("fingerprint", "")),
-            direction=objective.get("direction", "minimize"),
-            metric=objective.get("metric", "eval_loss"),
+            direction=objective.get("direction", DEFAULT_DIRECTION),
+            metric=objective.get("metric", DEFAULT_OBJECTIVE_METRIC),
             trials=trials,
         )
 

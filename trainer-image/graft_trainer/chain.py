@@ -21,10 +21,13 @@ from graft_trainer.errors import (
     EXIT_INVALID,
     EXIT_OK,
     GraftInputError,
+    one_line,
     store_exit_code,
 )
 
 Say = Callable[[str], None]
+# Runs one FineTuneJob document: (document, artifacts URI, reporter) -> (exit code, message).
+RunFineTune = Callable[[dict[str, Any], str, str | None], tuple[int, str]]
 FINETUNE = "FineTuneJob"
 
 
@@ -335,11 +338,12 @@ def run_documents(
     prior: Callable[[str], str | None],
     reporter: str | None,
     say: Say,
+    run_finetune: RunFineTune,
 ) -> tuple[int, str]:
-    """Run every document in dependency order; returns (exit code, one-line message)."""
+    """Run every document in dependency order; returns (exit code, one-line message).
+    `run_finetune` runs each FineTuneJob (the pod's `run_object`)."""
     from graft.api.kinds import InvalidResource, parse_object
     from graft.storage import StoreError, read_manifest
-    from graft_trainer.__main__ import one_line, run_object
 
     objs: list[Any] = []
     raw: dict[int, dict[str, Any]] = {}
@@ -375,7 +379,7 @@ def run_documents(
         doc, uri = raw[id(obj)], uri_for(raw[id(obj)])
         label = f"{obj.kind}/{obj.metadata.name}"
         if obj.kind == FINETUNE:
-            code, message = run_object(doc, uri, reporter)
+            code, message = run_finetune(doc, uri, reporter)
             if code != EXIT_OK:
                 return code, f"{label}: {message}"
             spec = obj.spec

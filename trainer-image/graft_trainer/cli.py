@@ -89,6 +89,7 @@ def _cmd_run(args: argparse.Namespace, out: Console) -> int:
         say(f"error: {message}" if code else message)
         return int(code)
     from graft.storage import read_manifest
+    from graft_trainer.__main__ import run_object
     from graft_trainer.chain import run_documents
 
     # several documents: --out is the parent of one folder per resource
@@ -106,7 +107,13 @@ def _cmd_run(args: argparse.Namespace, out: Console) -> int:
         return uri if manifest and manifest.get("kind") == "finetune-output" else None
 
     code, message = run_documents(
-        docs, source=args.file, uri_for=uri_for, prior=prior, reporter=args.reporter, say=say
+        docs,
+        source=args.file,
+        uri_for=uri_for,
+        prior=prior,
+        reporter=args.reporter,
+        say=say,
+        run_finetune=run_object,
     )
     say(f"error: {message}" if code else message)
     return int(code)

@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from graft_trainer.methods import (
 )
 from graft_trainer.preemption import Preempted, TerminationRequest
 from graft_trainer.preflight import Prepared, prepare
+from graft_trainer.runtime import gpu_memory, peak_rss_bytes, quiet_libraries
 from graft_trainer.tensorboard import LiveTensorBoard
 
 log = logging.getLogger("graft_trainer.engine")
@@ -78,21 +78,6 @@ def spec_digest(spec: FineTuneJobSpec) -> str:
         k: api.get(k) for k in ("model", "dataset", "method", "lora", "quantization", "training")
     }
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
-
-
-def peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def gpu_memory() -> dict[str, int]:
-    import torch
-
-    if not torch.cuda.is_available():
-        return {}
-    return {
-        "gpuAllocatedBytes": int(torch.cuda.max_memory_allocated()),
-        "gpuReservedBytes": int(torch.cuda.max_memory_reserved()),
-    }
 
 
 class Engine:
@@ -632,39 +617,3 @@ class Engine:
         return D.TrainData(
             train, eval_ex, eval_texts, len(train), len(eval_ex), packed, truncated, counts, samples
         )
-
-
-def quiet_libraries() -> None:
-    """Our reporter and logs say what happens; silence per-file progress bars and notices."""
-    import warnings
-
-    with contextlib.suppress(Exception):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
-
-
-def environment_summary() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in (
-        "torch",
-        "transformers",
-        "peft",
-        "accelerate",
-        "bitsandbytes",
-        "datasets",
-        "tokenizers",
-        "sacrebleu",
-        "rouge-score",
-        "scikit-learn",
-        "graft",
-    ):
-        with contextlib.suppress(Exception):
-            out[pkg] = md.version(pkg)
-    out["python"] = os.sys.version.split()[0]  # type: ignore[attr-defined]
-    return out

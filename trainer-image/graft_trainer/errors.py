@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from graft.exit_codes import EXIT_FAILURE, EXIT_INVALID_INPUT, EXIT_OK, EXIT_UNTRUSTED_STORAGE
 
-__all__ = ["EXIT_FAILURE", "EXIT_INVALID", "EXIT_OK", "EXIT_UNTRUSTED_STORAGE", "GraftInputError"]
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_INVALID",
+    "EXIT_OK",
+    "EXIT_UNTRUSTED_STORAGE",
+    "GraftInputError",
+    "one_line",
+    "store_exit_code",
+]
 
 
 class GraftInputError(ValueError):
@@ -26,3 +34,9 @@ def store_exit_code(exc: Exception) -> int:
     if isinstance(exc, StoreAccessError):
         return EXIT_INVALID_INPUT
     return EXIT_FAILURE
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

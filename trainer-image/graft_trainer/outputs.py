@@ -10,20 +10,39 @@ import json
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import yaml
 
-from graft.storage import write_artifact
+from graft.api.finetune import FineTuneJobSpec, FineTuneMetrics, TrainingWarning
+from graft.progress import Stage
+from graft.storage import Store, write_artifact
 from graft.storage.uri import join_uri
 from graft_trainer.data import TrainData, digest_files
 from graft_trainer.model_card import render_model_card
 from graft_trainer.preflight import Prepared
 from graft_trainer.publish import Published, push_folder
+from graft_trainer.runtime import environment_summary, peak_rss_bytes
 from graft_trainer.tensorboard import write_tensorboard
 
-if TYPE_CHECKING:
-    from graft_trainer.engine import Engine
+
+class RunView(Protocol):
+    """What the writer reads of the run (graft_trainer.engine.Engine), and where it records
+    the artifacts it wrote."""
+
+    spec: FineTuneJobSpec
+    identity: Any  # engine.JobIdentity: name, namespace, uid
+    prefix: str
+    store: Store
+    work_dir: Path
+    metrics: FineTuneMetrics
+    warnings: list[TrainingWarning]
+    history: list[dict[str, Any]]
+    artifacts: dict[str, str]
+    started: datetime
+    processes: int
+
+    def emit(self, stage: Stage, message: str = "") -> None: ...
 
 
 def curves_png(history: list[dict[str, Any]]) -> bytes:
@@ -128,7 +147,7 @@ def name_base_model(config_path: Path, model: Any, commit: str | None) -> None:
 
 
 class OutputWriter:
-    def __init__(self, engine: Engine, prep: Prepared, data: TrainData) -> None:
+    def __init__(self, engine: RunView, prep: Prepared, data: TrainData) -> None:
         self.engine = engine
         self.prep = prep
         self.data = data
@@ -171,8 +190,6 @@ class OutputWriter:
         train_seconds: float,
         tokens_total: int,
     ) -> None:
-        from graft_trainer.engine import environment_summary, peak_rss_bytes
-
         eng, spec = self.engine, self.engine.spec
         out = self.out_dir
         shutil.rmtree(out, ignore_errors=True)

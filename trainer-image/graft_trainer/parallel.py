@@ -27,6 +27,8 @@ from graft_trainer.errors import EXIT_FAILURE, EXIT_INVALID, GraftInputError
 PROCESSES_ENV = "GRAFT_DATA_PARALLEL"
 # Ranks wait for rank 0 while it evaluates or uploads a checkpoint.
 COLLECTIVE_TIMEOUT_S = 2 * 3600
+# Each process runs this module (graft_trainer/parallel_worker.py): one rank of the run.
+WORKER_MODULE = "graft_trainer.parallel_worker"
 
 
 def processes(spec: Any) -> int:
@@ -98,7 +100,7 @@ def run_data_parallel(
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": port,
             }
-            args = [sys.executable, "-m", "graft_trainer.parallel", str(doc_path), artifacts_uri]
+            args = [sys.executable, "-m", WORKER_MODULE, str(doc_path), artifacts_uri]
             args += [reporter_name or "", str(work_dir or ""), str(result_path)]
             workers.append(subprocess.Popen(args, env=env))
         codes = _wait_all(workers)
@@ -129,30 +131,3 @@ def _wait_all(workers: list[subprocess.Popen[bytes]]) -> list[int]:
             break
         time.sleep(0.2)
     return [int(w.wait()) for w in workers]
-
-
-def _worker_main(argv: list[str]) -> int:
-    """One rank: run the resource; rank 0 leaves its result for the launcher."""
-    from graft_trainer.__main__ import one_line, run_object
-    from graft_trainer.reporting import setup_logging
-
-    doc_path, artifacts_uri, reporter_name, work_dir, result_path = argv
-    setup_logging(json_lines=os.environ.get("GRAFT_LOG_FORMAT", "json") == "json")
-    document = json.loads(Path(doc_path).read_text())
-    main = rank() == 0
-    try:
-        code, message = run_object(
-            document,
-            artifacts_uri,
-            (reporter_name or None) if main else "none",
-            work_dir=Path(work_dir) if work_dir and main else None,
-        )
-    except Exception as exc:  # the launcher reports rank 0's reason, not a traceback
-        code, message = EXIT_FAILURE, f"{type(exc).__name__}: {one_line(exc)}"
-    if main:
-        Path(result_path).write_text(json.dumps({"code": code, "message": message}))
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))

@@ -48,6 +48,7 @@ from graft_trainer.errors import (
     EXIT_INVALID,
     EXIT_OK,
     GraftInputError,
+    one_line,
     store_exit_code,
 )
 
@@ -149,14 +150,14 @@ def train_trial(
         return TrialOutcome("Pruned", step=exc.step, message=str(exc))
     except GraftInputError as exc:
         return TrialOutcome(
-            "Failed", step=_last(last_step), message=_one_line(exc), input_error=True
+            "Failed", step=_last(last_step), message=one_line(exc), input_error=True
         )
     except StoreError as exc:
-        return TrialOutcome("Failed", message=_one_line(exc), store_error=True)
+        return TrialOutcome("Failed", message=one_line(exc), store_error=True)
     except Exception as exc:  # one trial's failure (say, out of memory) is not the study's
         log.exception("trial failed")
         return TrialOutcome(
-            "Failed", step=_last(last_step), message=f"{type(exc).__name__}: {_one_line(exc)}"
+            "Failed", step=_last(last_step), message=f"{type(exc).__name__}: {one_line(exc)}"
         )
     value = result.final.get(metric)
     adapter = result.artifacts.get("adapter") or result.artifacts.get("model")
@@ -169,11 +170,6 @@ def train_trial(
 
 def _last(steps: list[int]) -> int | None:
     return steps[-1] if steps else None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _worker(conn: Connection, threads: int) -> None:
@@ -209,7 +205,7 @@ def _worker(conn: Connection, threads: int) -> None:
                 work_dir=Path(work_dir) if work_dir else None,
             )
         except Exception as exc:  # never leave the study waiting
-            outcome = TrialOutcome("Failed", message=f"{type(exc).__name__}: {_one_line(exc)}")
+            outcome = TrialOutcome("Failed", message=f"{type(exc).__name__}: {one_line(exc)}")
         conn.send(("done", outcome))
 
 
@@ -589,8 +585,8 @@ def run_search(
     try:
         return SearchRun(document, obj.spec, artifacts_uri, reporter, work_dir).run()
     except GraftInputError as exc:
-        return EXIT_INVALID, _one_line(exc)
+        return EXIT_INVALID, one_line(exc)
     except StoreError as exc:
-        return store_exit_code(exc), _one_line(exc)
+        return store_exit_code(exc), one_line(exc)
     finally:
         reporter.close()

@@ -25,6 +25,9 @@ QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"
 CONDITION_REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 
 LOCATION_SCHEMES = ("s3", "hf", "pvc", "file")
+# Defaults that code reading a (possibly older, stored) spec without the field falls back on.
+DEFAULT_BACKOFF_LIMIT = 2
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 
 PATTERN_HINTS[DNS1123_LABEL] = "expected a DNS-1123 label: lowercase letters, digits and '-'"
 PATTERN_HINTS[CONDITION_REASON] = "expected a CamelCase reason"
@@ -171,7 +174,7 @@ class Resources(ApiModel):
         ),
     )
     gpu_resource_name: str = Field(
-        default="nvidia.com/gpu",
+        default=DEFAULT_GPU_RESOURCE,
         max_length=253,
         pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$",
         description="Extended resource name the GPUs are requested under.",
@@ -263,7 +266,7 @@ class RunSpec(ApiModel):
         description="true stops (deletes) the running pod and keeps checkpoints; false resumes.",
     )
     backoff_limit: int = Field(
-        default=2,
+        default=DEFAULT_BACKOFF_LIMIT,
         ge=0,
         le=20,
         description="Pod failures retried. Evictions and preemptions do not count.",

@@ -21,6 +21,7 @@ PATTERN_HINTS[SPLIT_PATTERN] = (
 Method = Literal["lora", "qlora", "dora", "full"]
 EvalMetric = Literal["loss", "perplexity", "accuracy", "f1", "bleu", "rouge"]
 GENERATION_METRICS = ("accuracy", "f1", "bleu", "rouge")
+DEFAULT_EVAL_METRICS: tuple[EvalMetric, ...] = ("loss", "perplexity")
 LABEL_METRICS = ("accuracy", "f1")
 
 
@@ -300,7 +301,7 @@ class EvaluationSpec(ApiModel):
     """What is measured on the eval split, before and after training."""
 
     metrics: list[EvalMetric] = Field(
-        default_factory=lambda: list[EvalMetric](["loss", "perplexity"]),
+        default_factory=lambda: list(DEFAULT_EVAL_METRICS),
         max_length=6,
         description=(
             "loss and perplexity come from the eval split; accuracy and f1 compare generated "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic.config import JsonDict
@@ -87,14 +87,18 @@ class SearchParam(ApiModel):
         return [self.low, self.high]
 
 
+DEFAULT_OBJECTIVE_METRIC: Final = "eval_loss"
+DEFAULT_DIRECTION: Final = "minimize"
+
+
 class SearchObjective(ApiModel):
     """What the search optimizes."""
 
     metric: Literal["eval_loss", "perplexity", "accuracy", "f1", "bleu", "rouge"] = Field(
-        default="eval_loss", description="A metric computed on dataset.evalSplit."
+        default=DEFAULT_OBJECTIVE_METRIC, description="A metric computed on dataset.evalSplit."
     )
     direction: Literal["minimize", "maximize"] = Field(
-        default="minimize", description="minimize or maximize the metric."
+        default=DEFAULT_DIRECTION, description="minimize or maximize the metric."
     )
 
 

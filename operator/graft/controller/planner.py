@@ -13,7 +13,7 @@ import hashlib
 import json
 from typing import Any
 
-from graft.api.base import API_VERSION
+from graft.api.base import API_VERSION, DEFAULT_BACKOFF_LIMIT, DEFAULT_GPU_RESOURCE
 from graft.api.errors import FieldIssue
 from graft.api.kinds import InvalidResource, parse_spec
 from graft.controller.config import OperatorConfig
@@ -404,7 +404,7 @@ def container_resources(spec: dict[str, Any], ephemeral_storage: str = "") -> di
         requests["ephemeral-storage"] = ephemeral_storage
     gpu = int(res.get("gpu") or 0)
     if gpu:
-        name = res.get("gpuResourceName") or "nvidia.com/gpu"
+        name = res.get("gpuResourceName") or DEFAULT_GPU_RESOURCE
         requests[name] = limits[name] = str(gpu)
     out: dict[str, Any] = {}
     if requests:
@@ -659,7 +659,8 @@ def _trainer_job_spec(
     job_spec: dict[str, Any] = {
         # The operator enforces spec.backoffLimit itself, counting only the trainer's own
         # failures; the allowance lets evicted pods be replaced by the Job controller.
-        "backoffLimit": int(spec.get("backoffLimit", 2)) + config.disruption_allowance,
+        "backoffLimit": int(spec.get("backoffLimit", DEFAULT_BACKOFF_LIMIT))
+        + config.disruption_allowance,
         "completions": 1,
         "parallelism": 1,
         "template": {"metadata": pod_metadata, "spec": pod_spec},

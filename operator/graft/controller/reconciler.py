@@ -21,6 +21,7 @@ from collections.abc import Callable, Hashable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from graft.api.base import DEFAULT_BACKOFF_LIMIT
 from graft.api.errors import FieldIssue
 from graft.api.kinds import InvalidResource
 from graft.controller import planner, sources
@@ -357,7 +358,7 @@ class Reconciler:
             changed=changed,
             job=seen.job,
             pods=tuple(seen.pods),
-            backoff_limit=int(effective.get("backoffLimit", 2)),
+            backoff_limit=int(effective.get("backoffLimit", DEFAULT_BACKOFF_LIMIT)),
             memory=(effective.get("resources") or {}).get("memory"),
             source=seen.gate,
             study=seen.study,
