@@ -26,7 +26,7 @@ from graft.api.finetune import (
 from graft.progress import ProgressEvent, Reporter, Stage
 from graft.storage import open_store
 from graft.storage.uri import join_uri
-from graft_trainer import attention, lm_loss, observability, parallel, swiglu
+from graft_trainer import attention, lm_loss, parallel, swiglu
 from graft_trainer import data as D
 from graft_trainer.checkpoints import CheckpointManager, set_rng_state
 from graft_trainer.evaluation import BestTracker, Evaluator, OverfittingDetector, metric_key
@@ -38,10 +38,22 @@ from graft_trainer.methods import (
     precision_warnings,
     trainable_state,
 )
-from graft_trainer.preemption import Preempted, TerminationRequest
+from graft_trainer.preemption import TerminationRequest
 from graft_trainer.preflight import Prepared, prepare
 from graft_trainer.runtime import gpu_memory, peak_rss_bytes, quiet_libraries
 from graft_trainer.tensorboard import LiveTensorBoard
+from graft_trainer.training import (
+    Callback,
+    CheckpointCallback,
+    Control,
+    EarlyStoppingCallback,
+    EvaluationCallback,
+    LoggingCallback,
+    PreemptionCallback,
+    ProgressCallback,
+    PruneCallback,
+    TrainingState,
+)
 
 log = logging.getLogger("graft_trainer.engine")
 
@@ -182,10 +194,36 @@ class Engine:
                 self._tmp.cleanup()
 
     def _run(self) -> RunResult:
+        """The stages: preflight, load, resume (or measure the baseline), train, then in the
+        main process the final evaluation and the outputs."""
+        quiet_libraries()
+        prep, pins = self._preflight()
+        state = self._load(prep, pins)
+        resumed = self._resume(state)
+        self._baseline(state, measure=not resumed and self.main_process)
+        self._train(state)
+        if not self.main_process:  # the main process evaluates and writes the outputs
+            return RunResult(
+                state.step,
+                state.total,
+                state.resumed_from,
+                state.stopped_early,
+                None,
+                {},
+                {},
+                [],
+                {},
+                [],
+                None,
+            )
+        self._final_evaluation(state)
+        return self._publish(state)
+
+    def _preflight(self) -> tuple[Prepared, RevisionPins]:
+        """The output store is writable; data, tokenizer and model are what the spec says."""
         import torch
 
-        spec, t, ds = self.spec, self.spec.training, self.spec.dataset
-        quiet_libraries()
+        spec = self.spec
         self.emit("preflight", "checking the output store, data, tokenizer and model")
         self.store.check(self.prefix, write=True)
         # hf:// sources resolve to the commits of the resource's first attempt (sources.json
@@ -196,14 +234,19 @@ class Engine:
             self.warn("MemoryPressure" if "memory" in w else "Truncation", w)
         for slow in precision_warnings(spec, prep.device):
             self.warn("SlowPrecision", slow)
-        torch.manual_seed(t.seed)
+        torch.manual_seed(spec.training.seed)
+        return prep, pins
+
+    def _load(self, prep: Prepared, pins: RevisionPins) -> TrainingState:
+        """Tokenized data, the model, optimizer and schedule, the evaluator, the checkpoints."""
+        import torch
+
+        spec, ds = self.spec, self.spec.dataset
         self.emit(
             "loading",
             f"tokenizing {len(prep.train_records)} train / {len(prep.eval_records)} eval records",
         )
         data = self.tokenize(prep)
-        tok = prep.tokenizer
-        pad_id = int(tok.pad_token_id)
         device = torch.device(prep.device)
         amp = autocast_dtype(prep.precision)
         self.emit(
@@ -227,22 +270,56 @@ class Engine:
             and spec.method != "qlora"
             and attention.enable(model)
         )
+        total, per_step, per_epoch = self._schedule(data, world)
+        params, optimizer, scheduler = self._optimizer(model, prep.device, total)
+        evaluator, tracker = self._evaluator(data, prep)
+        checkpoints = self._checkpoints(world)
+        return TrainingState(
+            prep=prep,
+            data=data,
+            model=model,
+            device=device,
+            amp=amp,
+            acc=acc,
+            world=world,
+            rank=rank,
+            flatten=flatten,
+            total=total,
+            per_step=per_step,
+            per_epoch=per_epoch,
+            params=params,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            evaluator=evaluator,
+            tracker=tracker,
+            overfit=OverfittingDetector(),
+            generate_during_eval=tracker.metric in GENERATION_METRICS or self.generate_during_eval,
+            checkpoints=checkpoints,
+        )
 
-        accum = t.gradient_accumulation_steps
+    def _schedule(self, data: D.TrainData, world: int) -> tuple[int, int, int]:
+        """(optimizer steps, micro-batches per step over all processes, steps per epoch)."""
+        t = self.spec.training
         batch = t.per_device_train_batch_size
-        # Micro-batches per optimizer step, over all processes.
-        per_step = accum * world
+        per_step = t.gradient_accumulation_steps * world
         per_epoch = max(1, data.batches_per_epoch(batch) // per_step)
         total = t.max_steps or max(
             1, math.ceil((t.epochs or 1.0) * data.batches_per_epoch(batch) / per_step)
         )
         self.progress.total_steps = total
+        return total, per_step, per_epoch
 
+    def _optimizer(self, model: Any, device: str, total: int) -> tuple[list[Any], Any, Any]:
+        """AdamW (no weight decay on biases and norms) and the learning-rate schedule."""
+        import torch
+        from transformers import get_scheduler
+
+        t = self.spec.training
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         opt_kwargs: dict[str, Any] = {"lr": t.learning_rate}
-        if prep.device == "cuda":
+        if device == "cuda":
             opt_kwargs["fused"] = True
         else:
             opt_kwargs["foreach"] = True
@@ -253,15 +330,17 @@ class Engine:
             ],
             **opt_kwargs,
         )
-        from transformers import get_scheduler
-
         scheduler = get_scheduler(
             t.lr_scheduler,
             optimizer,
             num_warmup_steps=math.ceil(t.warmup_ratio * total),
             num_training_steps=total,
         )
+        return params, optimizer, scheduler
 
+    def _evaluator(self, data: D.TrainData, prep: Prepared) -> tuple[Evaluator, BestTracker]:
+        """The metrics on the eval split, and the tracker of the best (early stopping's)."""
+        spec, t, ds = self.spec, self.spec.training, self.spec.dataset
         label_field = spec.evaluation.label_field
         stop = ""
         if ds.text_template is not None and label_field:
@@ -270,7 +349,7 @@ class Engine:
             [m for m in spec.evaluation.metrics],
             data.eval,
             data.eval_texts,
-            pad_id,
+            int(prep.tokenizer.pad_token_id),
             t.per_device_eval_batch_size,
             spec.evaluation.max_new_tokens,
             spec.evaluation.max_generation_samples,
@@ -282,17 +361,17 @@ class Engine:
             patience=es.patience if es else None,
             min_delta=es.min_delta if es else 0.0,
         )
-        gen_during = tracker.metric in GENERATION_METRICS or self.generate_during_eval
-        overfit = OverfittingDetector()
-        best_weights: dict[str, Any] | None = None
+        return evaluator, tracker
 
+    def _checkpoints(self, world: int) -> CheckpointManager:
+        """The run's checkpoints (and, in the main process, its live TensorBoard file)."""
         job_manifest = {
             "job": {
                 "name": self.identity.name,
                 "namespace": self.identity.namespace,
                 "uid": self.identity.uid,
             },
-            "specDigest": spec_digest(spec),
+            "specDigest": spec_digest(self.spec),
             "processes": world,
         }
         ckpts = CheckpointManager(
@@ -302,268 +381,227 @@ class Engine:
         if self.main_process:
             self.live = LiveTensorBoard(self.work_dir / "tensorboard-live", self.prefix, self.store)
             self.artifacts["tensorboard"] = join_uri(self.prefix, "tensorboard/")
+        return ckpts
 
-        step = 0
-        resumed_from: int | None = None
-        baseline: dict[str, float] = {}
-        baseline_samples: list[dict[str, str]] = []
-        train_seconds = 0.0
-        tokens_total = 0
+    def _resume(self, state: TrainingState) -> bool:
+        """Continue from the latest checkpoint made by this spec with as many processes;
+        False when there is none."""
+        ckpts = state.checkpoints
         latest = ckpts.latest()
-        if latest is not None and latest[1].get("specDigest") != job_manifest["specDigest"]:
+        if latest is not None and latest[1].get("specDigest") != ckpts.job_manifest["specDigest"]:
             self.warn(
                 "NoImprovement", f"ignoring checkpoint {latest[0]}: it was made by a different spec"
             )
             latest = None
-        if latest is not None and int(latest[1].get("processes", 1)) != world:
+        if latest is not None and int(latest[1].get("processes", 1)) != state.world:
             # The steps were counted in micro-batches of another number of processes.
             self.warn(
                 "NoImprovement",
                 f"ignoring checkpoint {latest[0]}: it was made by "
-                f"{latest[1].get('processes', 1)} training processes, this run has {world}",
+                f"{latest[1].get('processes', 1)} training processes, this run has {state.world}",
             )
             latest = None
-        if latest is not None:
-            loaded = ckpts.load(latest[0])
-            state = loaded["state"]
-            load_trainable_state(model, loaded["trainable"])
-            optimizer.load_state_dict(loaded["optimizer"])
-            scheduler.load_state_dict(loaded["scheduler"])
-            set_rng_state(loaded["rng"])
-            best_weights = loaded["best"]
-            step = resumed_from = int(state["step"])
-            baseline = state["baseline"]
-            baseline_samples = state.get("baseline_samples", [])
-            self.history = state["history"]
-            tracker.load(state["tracker"])
-            overfit.load(state["overfit"])
-            train_seconds = float(state.get("train_seconds", 0.0))
-            tokens_total = int(state.get("tokens_total", 0))
-            self.warnings = [TrainingWarning.model_validate(w) for w in state.get("warnings", [])]
-            self.progress.step = step
-            self.emit("training", f"resumed from checkpoint at step {step} ({latest[0]})")
-        elif self.main_process:
+        if latest is None:
+            return False
+        loaded = ckpts.load(latest[0])
+        saved = loaded["state"]
+        load_trainable_state(state.model, loaded["trainable"])
+        state.optimizer.load_state_dict(loaded["optimizer"])
+        state.scheduler.load_state_dict(loaded["scheduler"])
+        set_rng_state(loaded["rng"])
+        state.best_weights = loaded["best"]
+        state.step = state.resumed_from = int(saved["step"])
+        state.baseline = saved["baseline"]
+        state.baseline_samples = saved.get("baseline_samples", [])
+        self.history = saved["history"]
+        state.tracker.load(saved["tracker"])
+        state.overfit.load(saved["overfit"])
+        state.train_seconds = float(saved.get("train_seconds", 0.0))
+        state.tokens_total = int(saved.get("tokens_total", 0))
+        self.warnings = [TrainingWarning.model_validate(w) for w in saved.get("warnings", [])]
+        self.progress.step = state.step
+        self.emit("training", f"resumed from checkpoint at step {state.step} ({latest[0]})")
+        return True
+
+    def _baseline(self, state: TrainingState, measure: bool) -> None:
+        """The base model's metrics on the eval split (measured, or from the checkpoint)."""
+        if measure:
             self.emit("baseline", "measuring the base model on the eval split")
-            baseline, baseline_samples = evaluator.run(model, tok, device, amp)
-        self.metrics.baseline_eval_loss = baseline.get("eval_loss")
-        self.metrics.baseline_accuracy = baseline.get("accuracy")
+            state.baseline, state.baseline_samples = state.evaluator.run(
+                state.model, state.tokenizer, state.device, state.amp
+            )
+        self.metrics.baseline_eval_loss = state.baseline.get("eval_loss")
+        self.metrics.baseline_accuracy = state.baseline.get("accuracy")
 
-        def save_checkpoint() -> None:
-            best = None
-            if best_weights is not None and tracker.best_step != step:
-                best = best_weights
-            state = {
-                "step": step,
-                "baseline": baseline,
-                "baseline_samples": baseline_samples,
-                "history": self.history,
-                "tracker": tracker.state(),
-                "overfit": overfit.state(),
-                "train_seconds": train_seconds,
-                "tokens_total": tokens_total,
-                "warnings": [w.to_api() for w in self.warnings],
-            }
-            if best is None and tracker.best_step == step:
-                best = None
-            ckpts.save(step, trainable_state(model), optimizer, scheduler, state, best)
-            if self.live is not None:
-                self.live.publish(force=True)
+    def save_checkpoint(self, state: TrainingState) -> None:
+        """A checkpoint of this step (with the best weights, when they are another step's)."""
+        best = None
+        if state.best_weights is not None and state.tracker.best_step != state.step:
+            best = state.best_weights
+        state.checkpoints.save(
+            state.step,
+            trainable_state(state.model),
+            state.optimizer,
+            state.scheduler,
+            state.checkpoint_state(self.history, self.warnings),
+            best,
+        )
+        if self.live is not None:
+            self.live.publish(force=True)
 
-        stopped_early = False
-        window_loss = 0.0
-        window_steps = 0
-        window_tokens = 0
-        window_start = time.perf_counter()
-        last_train_loss: float | None = None
-        batches = data.batches(t.seed, batch, pad_id, start=step * per_step, flatten=flatten)
+    def _callbacks(
+        self, logging: LoggingCallback, termination: TerminationRequest
+    ) -> list[Callback]:
+        """What happens after every optimizer step, in this order."""
+        callbacks: list[Callback] = [
+            ProgressCallback(self),
+            logging,
+            PreemptionCallback(self, termination),
+            EvaluationCallback(self),
+        ]
+        if self.on_evaluate is not None:
+            callbacks.append(PruneCallback(self.on_evaluate))
+        callbacks += [
+            EarlyStoppingCallback(self),
+            CheckpointCallback(self, self.spec.training.save_steps),
+        ]
+        return callbacks
+
+    def _train(self, state: TrainingState) -> None:
+        """Optimizer steps until the last (or an early stop), each followed by the callbacks."""
+        t = self.spec.training
+        logging = LoggingCallback(self, t.logging_steps)  # the first logging window starts
+        pad_id = int(state.tokenizer.pad_token_id)
+        batches = state.data.batches(
+            t.seed,
+            t.per_device_train_batch_size,
+            pad_id,
+            start=state.step * state.per_step,
+            flatten=state.flatten,
+        )
         # The loss through the LM head at target positions only (lm_loss; stock forward for
         # models it cannot wrap). DDP averages the gradients of the processes' shares of each
         # step: it wraps the module whose forward runs.
-        loss_of = lm_loss.loss_module(model)
-        train_model = acc.prepare_model(loss_of) if acc is not None else loss_of
-        self.emit("training", f"training {total} steps ({per_epoch} per epoch)")
+        loss_of = lm_loss.loss_module(state.model)
+        train_model = state.acc.prepare_model(loss_of) if state.acc is not None else loss_of
+        self.emit("training", f"training {state.total} steps ({state.per_epoch} per epoch)")
         termination = self._termination = TerminationRequest().install()
-        while step < total:
+        callbacks = self._callbacks(logging, termination)
+        while state.step < state.total:
             t0 = time.perf_counter()
-            step_batches = [next(batches)[1] for _ in range(per_step)]
-            # Every micro-batch of the step weighs by its target tokens, whichever process
-            # takes it: the same gradient as one process accumulating them all.
-            targets = sum(b.target_tokens for b in step_batches) or 1
-            micro = step_batches[rank::world]
-            step_loss = 0.0
-            step_tokens = 0
-            for i, b in enumerate(micro):
-                inputs = b.tensors(device)
-                last = i == len(micro) - 1
-                with (
-                    acc.no_sync(train_model)
-                    if acc is not None and not last
-                    else contextlib.nullcontext()
-                ):
-                    with (
-                        torch.autocast(device_type=device.type, dtype=amp)
-                        if amp is not None
-                        else contextlib.nullcontext()
-                    ):
-                        raw = train_model(inputs)
-                    loss = raw * (b.target_tokens / targets)
-                    # DDP averages over the processes; undo its division.
-                    (loss * world if world > 1 else loss).backward()
-                step_loss += float(loss.detach())
-                step_tokens += b.tokens
-            if acc is not None:  # the step's loss and tokens over all processes
-                stats = acc.reduce(
-                    torch.tensor([step_loss, step_tokens], dtype=torch.float64, device=acc.device),
-                    "sum",
-                )
-                step_loss, step_tokens = float(stats[0]), int(stats[1])
-            window_tokens += step_tokens
-            tokens_total += step_tokens
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            train_seconds += time.perf_counter() - t0
-            observability.record_step(step, step_tokens)
-            window_loss += step_loss
-            window_steps += 1
-            self.progress.step = step
-            self.progress.epoch = round(step / per_epoch, 4)
-            self.progress.percent = int(100 * step / total)
-
-            if step % t.logging_steps == 0 or step == total:
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
-                last_train_loss = window_loss / window_steps
-                tps = window_tokens / elapsed
-                rate = train_seconds / max(step - (resumed_from or 0), 1)
-                self.progress.tokens_per_second = round(tps, 1)
-                self.progress.eta_seconds = int(rate * (total - step))
-                self.metrics.train_loss = last_train_loss
-                gpu, rss = gpu_memory(), peak_rss_bytes()
-                self.set_memory_metrics(gpu, rss)
-                self.record(
-                    {
-                        "step": step,
-                        "train_loss": last_train_loss,
-                        "lr": scheduler.get_last_lr()[0],
-                        "tokens_per_second": tps,
-                        "epoch": self.progress.epoch,
-                        "peak_rss_bytes": rss,
-                        **gpu,
-                    }
-                )
-                window_loss, window_steps, window_tokens = 0.0, 0, 0
-                if self.live is not None:
-                    self.live.publish()
-                window_start = time.perf_counter()
-                self.emit("training")
-
-            if termination.requested and acc is None and step < total:
-                save_checkpoint()
-                self.emit("training", f"checkpoint at step {step}: stopping on SIGTERM")
-                raise Preempted(step, total)
-            evaluate = bool(data.eval) and (step % t.eval_steps == 0 or step == total)
-            stop_now = False
-            if evaluate and self.main_process:
-                values, _ = evaluator.run(model, tok, device, amp, generate_texts=gen_during)
-                self.set_eval_metrics(values)
-                self.record({"step": step, **{f"eval/{k}": v for k, v in values.items()}})
-                if self.live is not None:
-                    self.live.publish(force=True)
-                watched = values.get(tracker.metric)
-                if watched is not None and tracker.update(step, watched):
-                    best_weights = trainable_state(model)
-                    self.metrics.best_step = step
-                if last_train_loss is not None:
-                    since = overfit.update(step, last_train_loss, values["eval_loss"])
-                    if since is not None:
-                        self.warn(
-                            "Overfitting",
-                            f"eval loss rose over {overfit.window} evaluations since step {since} "
-                            "while train loss fell: consider fewer steps, more data, a lower "
-                            "learning rate or early stopping",
-                            since,
-                        )
-                self.emit("evaluating")
-                if self.on_evaluate is not None:
-                    self.on_evaluate(step, total, values)
-                if tracker.should_stop:
-                    stop_now = True
-                    self.warn(
-                        "NoImprovement",
-                        f"early stopping at step {step}: {tracker.metric} did not improve by more "
-                        f"than {tracker.min_delta} for {tracker.patience} evaluations "
-                        f"(best {tracker.best_value:.4g} at step {tracker.best_step})",
-                        tracker.best_step,
-                    )
-            if evaluate and acc is not None:  # the main process decides for all
-                import torch.distributed as dist
-
-                flag = torch.tensor([int(stop_now)], device=acc.device)
-                dist.broadcast(flag, src=0)
-                stop_now = bool(flag.item())
-            if stop_now:
-                stopped_early = True
+            self._optimizer_step(state, batches, train_model)
+            state.step += 1
+            state.train_seconds += time.perf_counter() - t0
+            control = Control(
+                evaluate=bool(state.data.eval)
+                and (state.step % t.eval_steps == 0 or state.step == state.total)
+            )
+            for callback in callbacks:
+                callback.on_step_end(state, control)
+            if control.should_stop:
+                state.stopped_early = True
                 break
-            if step % t.save_steps == 0 and step < total and self.main_process:
-                save_checkpoint()
-                self.emit("training", f"checkpoint at step {step}")
-
         termination.restore()  # past the loop, the run finishes what it started
         if self.live is not None:
             self.live.close()
-        if not self.main_process:  # the main process evaluates and writes the outputs
-            return RunResult(
-                step, total, resumed_from, stopped_early, None, {}, {}, [], {}, [], None
+
+    def _optimizer_step(self, state: TrainingState, batches: Any, train_model: Any) -> None:
+        """One optimizer step over this process's share of the step's micro-batches."""
+        import torch
+
+        acc, world, device, amp = state.acc, state.world, state.device, state.amp
+        step_batches = [next(batches)[1] for _ in range(state.per_step)]
+        # Every micro-batch of the step weighs by its target tokens, whichever process
+        # takes it: the same gradient as one process accumulating them all.
+        targets = sum(b.target_tokens for b in step_batches) or 1
+        micro = step_batches[state.rank :: world]
+        step_loss = 0.0
+        step_tokens = 0
+        for i, b in enumerate(micro):
+            inputs = b.tensors(device)
+            last = i == len(micro) - 1
+            with (
+                acc.no_sync(train_model)
+                if acc is not None and not last
+                else contextlib.nullcontext()
+            ):
+                with (
+                    torch.autocast(device_type=device.type, dtype=amp)
+                    if amp is not None
+                    else contextlib.nullcontext()
+                ):
+                    raw = train_model(inputs)
+                loss = raw * (b.target_tokens / targets)
+                # DDP averages over the processes; undo its division.
+                (loss * world if world > 1 else loss).backward()
+            step_loss += float(loss.detach())
+            step_tokens += b.tokens
+        if acc is not None:  # the step's loss and tokens over all processes
+            stats = acc.reduce(
+                torch.tensor([step_loss, step_tokens], dtype=torch.float64, device=acc.device),
+                "sum",
             )
+            step_loss, step_tokens = float(stats[0]), int(stats[1])
+        state.tokens_total += step_tokens
+        torch.nn.utils.clip_grad_norm_(state.params, 1.0)
+        state.optimizer.step()
+        state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.step_loss, state.step_tokens = step_loss, step_tokens
 
-        # ------------------------------------------------------ final evaluation and export
-        final_step = step
+    def _final_evaluation(self, state: TrainingState) -> None:
+        """The best weights back in place (early stopping's best, when not the last step),
+        then the metrics and samples the outputs report."""
+        tracker = state.tracker
         if (
-            best_weights is not None
+            state.best_weights is not None
             and tracker.best_step is not None
-            and tracker.best_step != final_step
+            and tracker.best_step != state.step
         ):
-            load_trainable_state(model, best_weights)
-        best_step = tracker.best_step if best_weights is not None else final_step
-        self.metrics.best_step = best_step
-        self.emit("evaluating", f"final evaluation of step {best_step}")
-        final, samples = evaluator.run(model, tok, device, amp)
-        self.set_eval_metrics(final)
+            load_trainable_state(state.model, state.best_weights)
+        state.best_step = tracker.best_step if state.best_weights is not None else state.step
+        self.metrics.best_step = state.best_step
+        self.emit("evaluating", f"final evaluation of step {state.best_step}")
+        state.final, state.samples = state.evaluator.run(
+            state.model, state.tokenizer, state.device, state.amp
+        )
+        self.set_eval_metrics(state.final)
         self.set_memory_metrics(gpu_memory(), peak_rss_bytes())  # the final evaluation's too
-        self.progress.percent = 100 if not stopped_early else self.progress.percent
+        self.progress.percent = 100 if not state.stopped_early else self.progress.percent
 
+    def _publish(self, state: TrainingState) -> RunResult:
+        """The outputs (weights, metrics, report, manifest last; spec.publish's push)."""
         from graft_trainer.outputs import OutputWriter
 
         self.emit("exporting", f"writing outputs to {self.prefix}")
-        writer = OutputWriter(self, prep, data)
+        writer = OutputWriter(self, state.prep, state.data)
         writer.write(
-            model=model,
-            tokenizer=tok,
-            final_step=final_step,
-            total_steps=total,
-            best_step=best_step,
-            resumed_from=resumed_from,
-            stopped_early=stopped_early,
-            baseline=baseline,
-            final=final,
-            samples=samples,
-            baseline_samples=baseline_samples,
-            train_seconds=train_seconds,
-            tokens_total=tokens_total,
+            model=state.model,
+            tokenizer=state.tokenizer,
+            final_step=state.step,
+            total_steps=state.total,
+            best_step=state.best_step,
+            resumed_from=state.resumed_from,
+            stopped_early=state.stopped_early,
+            baseline=state.baseline,
+            final=state.final,
+            samples=state.samples,
+            baseline_samples=state.baseline_samples,
+            train_seconds=state.train_seconds,
+            tokens_total=state.tokens_total,
         )
         self.emit(
-            "done", f"finished at step {final_step}" + (" (early stop)" if stopped_early else "")
+            "done",
+            f"finished at step {state.step}" + (" (early stop)" if state.stopped_early else ""),
         )
         return RunResult(
-            final_step,
-            total,
-            resumed_from,
-            stopped_early,
-            best_step,
-            baseline,
-            final,
+            state.step,
+            state.total,
+            state.resumed_from,
+            state.stopped_early,
+            state.best_step,
+            state.baseline,
+            state.final,
             list(self.warnings),
             dict(self.artifacts),
             self.history,
