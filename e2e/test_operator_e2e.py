@@ -138,7 +138,7 @@ def test_deleted_trainer_pod_resumes_from_checkpoint(env: Any) -> None:
 @pytest.mark.faults
 def test_a_running_trainer_rides_out_an_api_server_restart(env: Any) -> None:
     """kube-apiserver and etcd stopped for 15 s while a real trainer pod trains: the pod runs on
-    (its progress reports meanwhile are dropped), the job succeeds on its first attempt in the
+    (it needs no API: progress goes to its log), the job succeeds on its first attempt in the
     same pod, and its final status is complete."""
     from tests.fixtures.cluster import lc
 

@@ -88,8 +88,7 @@ class Operator:
             "GRAFT_METRICS_HOST": "127.0.0.1",
             "GRAFT_METRICS_PORT": str(self.metrics_port),
             "GRAFT_RESYNC_SECONDS": "5",
-            "GRAFT_TRAINER_EXTRA_ENV": '{"KUBERNETES_SERVICE_HOST": "127.0.0.1", '
-            '"KUBERNETES_SERVICE_PORT": "6443"}',
+            "GRAFT_PROGRESS_SECONDS": "2",
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None

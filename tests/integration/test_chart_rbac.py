@@ -96,7 +96,7 @@ NEEDED = [
     ("create", "events", "", ""),
     ("list", "events", "", ""),
     ("create", "serviceaccounts", "", ""),
-    ("create", "rolebindings", "rbac.authorization.k8s.io", ""),
+    ("get", "pods", "", "log"),
 ]
 REFUSED = [
     ("get", "secrets", "", ""),
@@ -117,6 +117,9 @@ REFUSED = [
     ("create", "events", "events.k8s.io", ""),
     ("get", "serviceaccounts", "", ""),
     ("get", "rolebindings", "rbac.authorization.k8s.io", ""),
+    ("create", "rolebindings", "rbac.authorization.k8s.io", ""),
+    ("get", "pods", "", "exec"),
+    ("create", "pods", "", "exec"),
 ]
 
 
@@ -136,49 +139,37 @@ def test_operator_is_refused_secrets_and_escalation(cluster_release: tuple[str, 
     for verb, resource, group, sub in REFUSED:
         assert not allowed(api, user, verb, resource, "team-a", group, sub), (verb, resource)
     rbac = "rbac.authorization.k8s.io"
-    assert allowed(api, user, "bind", "clusterroles", group=rbac, name=f"{name}-trainer")
-    assert not allowed(api, user, "bind", "clusterroles", group=rbac, name="cluster-admin")
+    for role in (f"{name}-trainer", "cluster-admin", "edit"):
+        assert not allowed(api, user, "bind", "clusterroles", group=rbac, name=role)
 
 
-def test_operator_can_bind_the_trainer_role_but_not_cluster_admin(
+def test_operator_can_bind_no_role_and_its_trainers_hold_none(
     cluster_release: tuple[str, str, Any], control_plane: ClusterInfo
 ) -> None:
-    """The real escalation check, not a review: act as the operator and try both bindings."""
+    """The real escalation check, not a review: act as the operator and try a binding; the
+    trainer identity it creates holds nothing."""
     from kubernetes import client as k8s
     from kubernetes.client.rest import ApiException
 
     name, namespace, _ = cluster_release
     as_operator = control_plane.api_client()
     as_operator.set_default_header("Impersonate-User", f"system:serviceaccount:{namespace}:{name}")
-    rbac = k8s.RbacAuthorizationV1Api(as_operator)
-
-    def binding(role: str) -> dict[str, Any]:
-        return {
-            "metadata": {"name": f"graft-trainer-{role}"[:63]},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": role,
-            },
-            "subjects": [
-                {"kind": "ServiceAccount", "name": "graft-trainer", "namespace": namespace}
-            ],
-        }
-
-    rbac.create_namespaced_role_binding(namespace, binding(f"{name}-trainer"))
-    # What the trainer identity then holds: its resources' status in this namespace, only.
-    admin = control_plane.api_client()
-    trainer = f"system:serviceaccount:{namespace}:graft-trainer"
-    assert allowed(admin, trainer, "patch", "finetunejobs", namespace, "graft.dev", "status")
-    assert not allowed(admin, trainer, "patch", "finetunejobs", namespace, "graft.dev")
-    assert not allowed(admin, trainer, "get", "secrets", namespace)
-    assert not allowed(admin, trainer, "patch", "finetunejobs", "team-b", "graft.dev", "status")
+    binding = {
+        "metadata": {"name": "graft-trainer-admin"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+        "subjects": [{"kind": "ServiceAccount", "name": "graft-trainer", "namespace": namespace}],
+    }
     with pytest.raises(ApiException) as caught:
-        rbac.create_namespaced_role_binding(namespace, binding("cluster-admin"))
+        k8s.RbacAuthorizationV1Api(as_operator).create_namespaced_role_binding(namespace, binding)
     assert caught.value.status == 403
     with pytest.raises(ApiException) as caught:
         k8s.CoreV1Api(as_operator).list_namespaced_secret(namespace)
     assert caught.value.status == 403
+    admin = control_plane.api_client()
+    trainer = f"system:serviceaccount:{namespace}:graft-trainer"
+    for sub in ("status", ""):
+        assert not allowed(admin, trainer, "patch", "finetunejobs", namespace, "graft.dev", sub)
+    assert not allowed(admin, trainer, "get", "secrets", namespace)
 
 
 def test_namespaced_scope_stays_in_its_namespace(

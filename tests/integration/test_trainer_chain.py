@@ -145,12 +145,16 @@ def test_pod_runs_an_optimizejob_from_the_references_the_operator_froze(
     kit: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The operator-trainer contract without a cluster: the FineTuneJob runs as its pod would,
-    the operator's planner and gate freeze the OptimizeJob's resource.json, and the trainer's
-    run-resource exports from it and records the status fields through the status API."""
+    the operator's planner and gate freeze the OptimizeJob's resource.json, the trainer's
+    run-resource exports from it and ends with its outcome in the termination message, and the
+    operator's status computation takes the status fields from that message."""
+    from datetime import UTC, datetime
+
     from graft.controller import planner, sources
     from graft.controller.config import OperatorConfig
+    from graft.controller.status import Observed, compute_status
     from graft_trainer import __main__ as trainer_main
-    from graft_trainer import status_reporter
+    from graft_trainer import outcome as ending
 
     config = OperatorConfig(trainer_image="t", output_uri=f"file://{tmp_path}/store")
     docs = _with_kit(kit, list(yaml.safe_load_all(EXAMPLE.read_text())))
@@ -169,13 +173,8 @@ def test_pod_runs_an_optimizejob_from_the_references_the_operator_froze(
         container = job["spec"]["template"]["spec"]["containers"][0]
         return path, {e["name"]: e["value"] for e in container["env"] if e["name"] != "HOME"}
 
-    patches: list[tuple[str, str, dict[str, Any]]] = []
-
-    class StatusApi:
-        def patch_namespaced_custom_object_status(self, *args: Any, **_: Any) -> None:
-            patches.append((args[3], args[4], args[5]))
-
-    monkeypatch.setattr(status_reporter, "_default_api", StatusApi)
+    termination = tmp_path / "termination-log"
+    monkeypatch.setattr(ending, "TERMINATION_LOG", str(termination))
     path, env = pod_env(ftj, None)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -190,17 +189,34 @@ def test_pod_runs_an_optimizejob_from_the_references_the_operator_froze(
     path, env = pod_env(optj, gate.references)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    patches.clear()
     assert trainer_main.main(["--log-format", "text", "run-resource", str(path)]) == 0
 
     artifacts = env["GRAFT_ARTIFACTS_URI"]
     assert artifacts == f"file://{tmp_path}/store/team/optimizejobs/quick-classifier-int4-2222bbbb/"
     out = Path(artifacts.removeprefix("file://"))
     assert "model.onnx" in json.loads((out / "manifest.json").read_text())["files"]
-    final = [body for plural, name, body in patches if plural == "optimizejobs"]
-    assert final and all(name == "quick-classifier-int4" for _, name, _ in patches)
-    status = final[-1]["status"]
+    # The pod as the kubelet shows it once it exits 0, and the operator's status from it.
+    message = termination.read_text()
+    assert len(message.encode()) <= 4096
+    pod = {
+        "metadata": {"name": "quick-classifier-int4-optimize-x"},
+        "status": {
+            "phase": "Succeeded",
+            "containerStatuses": [
+                {"name": "trainer", "state": {"terminated": {"exitCode": 0, "message": message}}}
+            ],
+        },
+    }
+    job = {
+        "metadata": {"name": "quick-classifier-int4-optimize", "uid": "j", "annotations": {}},
+        "status": {"conditions": [{"type": "Complete", "status": "True"}]},
+    }
+    optj["metadata"]["generation"] = 1
+    observed = Observed(launched_hash="h", current_hash="h", job=job, pods=(pod,))
+    status = compute_status(optj, observed, datetime.now(UTC)).status
+    assert status["phase"] == "Succeeded"
     assert status["artifacts"] == {"model": artifacts}
     assert status["metrics"]["sizeBytes"] > 0 and status["metrics"]["decodeTokensPerSecond"] > 0
     assert status["generations"][0]["prompt"].startswith("<|user|>")
-    assert "conditions" not in status and "phase" not in status  # the operator's fields
+    # the whole outcome beside the artifacts
+    assert json.loads((out / "outcome.json").read_text())["artifacts"] == {"model": artifacts}

@@ -213,17 +213,20 @@ def test_unreachable_store(
 def test_trainer_entry_point_exit_codes_and_termination_log(
     kit: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import graft_trainer.__main__ as entry
+    import graft_trainer.outcome as ending
+    from graft.contract import decode_termination
 
     log = tmp_path / "termination-log"
-    monkeypatch.setattr(entry, "TERMINATION_LOG", str(log))
+    monkeypatch.setattr(ending, "TERMINATION_LOG", str(log))
     doc = _bad(kit, tmp_path, dataset={"textTemplate": "{phrase} -> {sentiment}"})
     path = tmp_path / "job.json"
     path.write_text(json.dumps(doc))
     monkeypatch.setenv("GRAFT_ARTIFACTS_URI", f"file://{tmp_path}/out/")
     monkeypatch.setenv("GRAFT_REPORTER", "none")
     assert trainer_main(["run-resource", str(path)]) == 2
-    assert "{sentiment} is missing" in log.read_text()
+    said = decode_termination(log.read_text(), "FineTuneJob")  # the contract's outcome
+    assert said is not None and said.state == "Failed" and said.reason is None
+    assert "{sentiment} is missing" in said.message
     monkeypatch.delenv("GRAFT_ARTIFACTS_URI")
     assert trainer_main(["run-resource", str(path)]) == 2
     assert "GRAFT_ARTIFACTS_URI" in log.read_text()

@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from graft_trainer import observability
 from graft_trainer.__main__ import run_object
+from graft_trainer.outcome import event_fields
 from graft_trainer.reporting import ListReporter
-from graft_trainer.status_reporter import status_body
 from tests.integration.trainer_kit import job_document, run_trainer_pod, shared_kit
 
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(600)]
@@ -139,7 +139,7 @@ def test_endpoint_shows_the_run_while_it_trains_and_after(
     assert last.progress.step == 20 and last.progress.tokens_per_second == tokens_per_second
     assert last.metrics.train_loss == pytest.approx(train_loss)
     assert last.metrics.eval_loss == pytest.approx(eval_loss)
-    metrics = status_body(last)["status"]["metrics"]
+    metrics = event_fields(last)["metrics"]  # what the outcome hands the operator
     assert metrics["peakHostMemoryBytes"] > 2**20
     assert metrics["peakMemoryBytes"] > 0
     if not torch.cuda.is_available():

@@ -191,15 +191,13 @@ def test_namespaced_scope_watches_only_the_release_namespace() -> None:
     assert role["metadata"]["namespace"] == "team-a"
 
 
-def test_trainer_role_allows_only_status_reports() -> None:
-    rules = _rules(render({}), "ClusterRole", "graft-trainer")
-    assert rules == [
-        {
-            "apiGroups": ["graft.dev"],
-            "resources": ["finetunejobs/status", "optimizejobs/status", "adapterbundles/status"],
-            "verbs": ["get", "patch"],
-        }
-    ]
+def test_trainers_get_no_role_and_the_operator_cannot_bind_one() -> None:
+    documents = render({})
+    assert not [d for d in by_kind(documents, "ClusterRole") if "trainer" in d["metadata"]["name"]]
+    rules = _rules(documents, "ClusterRole", "graft")
+    granted = {(r, v) for rule in rules for r in rule["resources"] for v in rule["verbs"]}
+    assert ("pods/log", "get") in granted  # the trainer's progress, from its log
+    assert not {g for g in granted if g[0] in ("rolebindings", "roles", "clusterroles")}
 
 
 def test_values_file_documents_every_key() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -260,8 +261,9 @@ def test_transition_time_moves_only_on_status_change_and_patch_is_minimal() -> N
     again = compute_status(ftj(plan.status), observed(job(), pod("p1", "Running")), NOW)
     assert status_patch(plan.status, again.status) == {} and again.events == []
     assert derive_phase([]) == "Pending"
-    # The trainer's fields are never in the operator's patch.
-    assert "progress" not in status_patch({}, {**again.status, "progress": {"step": 1}})
+    # Every field is the operator's: a progress change is sent, and only it.
+    moved = {**again.status, "progress": {"step": 1}}
+    assert status_patch(again.status, moved) == {"progress": {"step": 1}}
 
 
 def test_unschedulable_pod_says_why_in_running_condition() -> None:
@@ -283,3 +285,82 @@ def test_unschedulable_pod_says_why_in_running_condition() -> None:
         {"name": "trainer", "state": {"waiting": {"reason": "ContainerCreating"}}}
     ]
     assert classify_pod(pulling).reason == "ContainerCreating"
+
+
+def outcome_message(**fields: Any) -> str:
+    import json
+
+    return json.dumps({"kind": "FineTuneJob", "state": "Succeeded", **fields})
+
+
+def test_the_succeeded_pods_outcome_fills_artifacts_and_metrics_over_what_status_held() -> None:
+    done = job("Complete", completionTime="2026-01-01T11:30:00Z")
+    said = outcome_message(
+        artifacts={"adapter": "s3://b/n/finetunejobs/a-u1/adapter/"},
+        metrics={"evalLoss": 1.25},
+        progress={"step": 10, "totalSteps": 10, "percent": 100},
+    )
+    finished = pod("p1", "Succeeded", terminated={"exitCode": 0, "message": said})
+    forged = {"artifacts": {"adapter": "s3://elsewhere/adapter/"}, "metrics": {"evalLoss": 0.01}}
+    plan = compute_status(ftj(forged), observed(done, finished), NOW)
+    assert plan.status["phase"] == "Succeeded"
+    assert plan.status["artifacts"] == {"adapter": "s3://b/n/finetunejobs/a-u1/adapter/"}
+    assert plan.status["metrics"] == {"evalLoss": 1.25}
+    assert plan.status["progress"]["percent"] == 100
+    # the same pass again, the pods gone (the Job deleted): the fields stay as they were
+    gone = compute_status(ftj(plan.status), observed(None, launched_hash="h"), NOW)
+    assert gone.status["phase"] == "Succeeded"
+    assert gone.status["artifacts"] == plan.status["artifacts"]
+    assert gone.status["metrics"] == plan.status["metrics"]
+
+
+def test_an_outcome_of_another_kind_or_a_malformed_one_fills_nothing() -> None:
+    done = job("Complete", completionTime="2026-01-01T11:30:00Z")
+    for message in (
+        outcome_message(kind="OptimizeJob", artifacts={"model": "s3://x/"}),
+        '{"kind": "FineTuneJob", "state": "Succeeded", "artifacts": {"bogus": 1}}',
+        "finished at step 10",
+    ):
+        finished = pod("p1", "Succeeded", terminated={"exitCode": 0, "message": message})
+        plan = compute_status(ftj(), observed(done, finished), NOW)
+        assert plan.status["phase"] == "Succeeded" and "artifacts" not in plan.status
+
+
+def test_progress_read_from_the_running_pod_is_shown_and_warnings_degrade() -> None:
+    live = {
+        "progress": {"step": 4, "totalSteps": 10},
+        "metrics": {"trainLoss": 2.0},
+        "warnings": [{"type": "Overfitting", "sinceStep": 3, "message": "eval loss rose"}],
+    }
+    plan = compute_status(ftj(), observed(job(), pod("p1", "Running"), progress=live), NOW)
+    assert plan.status["progress"] == {"step": 4, "totalSteps": 10}
+    degraded = cond(plan.status, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "Overfitting")
+    assert ("Warning", "Overfitting") in [(e.type, e.reason) for e in plan.events]
+    # the warning gone from the next record: Degraded turns False
+    calm = {**live, "warnings": []}
+    again = compute_status(
+        ftj(plan.status), observed(job(), pod("p1", "Running"), progress=calm), NOW
+    )
+    assert cond(again.status, "Degraded")["status"] == "False"
+    assert cond(again.status, "Running")["status"] == "True"
+
+
+def test_a_terminal_status_written_over_a_running_job_is_computed_again() -> None:
+    running = observed(job(), pod("p1", "Running"))
+    honest = compute_status(ftj(), running, NOW).status
+    for type_, reason in (("Succeeded", "Completed"), ("Failed", "TrainerFailed")):
+        forged = json.loads(json.dumps(honest))
+        forged["conditions"] = set_condition(
+            forged["conditions"], type_, "True", reason, "forged", generation=3, now=NOW
+        )
+        plan = compute_status(ftj(forged), running, NOW)
+        assert plan.status["phase"] == "Running", type_
+        assert cond(plan.status, type_)["status"] == "False"
+        assert not plan.delete_job  # the run goes on
+    # the same conditions with the Job finished as they say: they stay
+    done = job("Complete", completionTime="2026-01-01T11:30:00Z")
+    finished = pod("p1", "Succeeded", terminated={"exitCode": 0})
+    ended = compute_status(ftj(), observed(done, finished), NOW).status
+    again = compute_status(ftj(ended), observed(done, finished), NOW)
+    assert again.status["phase"] == "Succeeded" and again.events == []

@@ -35,7 +35,12 @@ def trial(number: int, phase: str = "Running", **report: Any) -> TrialObserved:
         "status": {"phase": phase},
     }
     if phase == "Succeeded":
-        message = json.dumps({"trial": number, **report})
+        outcome = {
+            "kind": "FineTuneJob",
+            "state": "Succeeded",
+            "trial": {"trial": number, **report},
+        }
+        message = json.dumps(outcome)
         pod["status"]["containerStatuses"] = [
             {"name": "trainer", "state": {"terminated": {"exitCode": 0, "message": message}}}
         ]
@@ -152,3 +157,33 @@ def test_a_reference_to_a_searched_job_uses_the_best_trial() -> None:
     assert g.references["tune"]["uri"] == "s3://b/ns/finetunejobs/tune-abcd1234/trials/2/"
     ran = g.references["tune"]["spec"]
     assert ran["training"]["learningRate"] == 0.005 and "search" not in ran
+
+
+def test_what_trial_pods_show_wins_over_records_written_into_status() -> None:
+    honest = plan_study(SPEC, PREFIX, None, [done(0, 0.5), done(1, 0.4)], 1, "tune")
+    forged = json.loads(json.dumps(honest.search))
+    for record in forged["trials"]:
+        if record["number"] == 0:  # someone claims trial 0 did far better than its pod says
+            record["value"] = 0.001
+    again = plan_study(SPEC, PREFIX, forged, [done(0, 0.5), done(1, 0.4)], 1, "tune")
+    values = {t["number"]: t.get("value") for t in again.search["trials"]}
+    assert values[0] == 0.5 and again.search["best"]["trial"] == 1
+
+
+def test_a_trial_pod_without_the_contracts_outcome_is_a_failed_trial() -> None:
+    pod: dict[str, Any] = {
+        "metadata": {"name": "tune-trial-0-x"},
+        "status": {
+            "phase": "Succeeded",
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "state": {"terminated": {"exitCode": 0, "message": '{"trial": 0}'}},
+                }
+            ],
+        },
+    }
+    job = {"metadata": {"name": "tune-trial-0", "uid": "j0", "labels": {}}}
+    plan = plan_study(SPEC, PREFIX, None, [TrialObserved(0, job, (pod,))], 1, "tune")
+    record = next(t for t in plan.search["trials"] if t["number"] == 0)
+    assert record["state"] == "Failed"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from graft_trainer.__main__ import write_termination_log
+from graft_trainer.outcome import RunEnd, failed, termination_message, write_termination_log
 from graft_trainer.redaction import REDACTED, redact, redact_strings
 
 ENV = {
@@ -52,3 +52,6 @@ def test_the_termination_message_is_redacted(
     path = tmp_path / "termination-log"
     write_termination_log("failed: auth with s3cr3t-value-42 refused", str(path))
     assert path.read_text() == f"failed: auth with {REDACTED} refused"
+    end = failed({"kind": "OptimizeJob"}, 1, "auth with s3cr3t-value-42 refused")
+    assert "s3cr3t" not in termination_message(end) and REDACTED in termination_message(end)
+    assert "s3cr3t" not in termination_message(RunEnd(1, "token s3cr3t-value-42"))

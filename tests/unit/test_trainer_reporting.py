@@ -34,14 +34,33 @@ def test_jsonl_reporter_writes_one_camelcase_object_per_event() -> None:
     assert record["artifacts"] == {"adapter": "s3://b/p/adapter/"}
 
 
-def test_make_reporter_names_and_kubernetes_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_make_reporter_names() -> None:
     assert isinstance(make_reporter("jsonl"), JsonlReporter)
     assert isinstance(make_reporter("none"), NullReporter)
     with pytest.raises(ValueError, match="unknown reporter"):
         make_reporter("carrier-pigeon")
-    # without graft_trainer.status_reporter the kubernetes reporter falls back to jsonl
-    monkeypatch.setitem(sys.modules, "graft_trainer.status_reporter", None)
+    # what pods of earlier operators were given: the operator now reads the pod's log
     assert isinstance(make_reporter("kubernetes"), JsonlReporter)
+
+
+def test_the_operator_reads_what_the_jsonl_reporter_prints(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from graft.controller.progress_log import latest_progress
+
+    monkeypatch.setenv("TENANT_TOKEN", "s3cr3t-value-42")
+    stream = io.StringIO()
+    warning = TrainingWarning(type="Overfitting", since_step=2, message="s3cr3t-value-42")
+    JsonlReporter(stream).report(
+        ProgressEvent(
+            stage="training",
+            progress=FineTuneProgress(step=3, total_steps=10),
+            warnings=[warning],
+        )
+    )
+    fields = latest_progress(stream.getvalue())
+    assert fields is not None and fields["progress"]["step"] == 3
+    assert fields["warnings"][0]["message"] == "[redacted]"
 
 
 def test_trainer_logs_drop_only_the_hub_kernel_hint_of_bitsandbytes(

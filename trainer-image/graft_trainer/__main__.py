@@ -24,33 +24,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from graft.contract import ENV_ARTIFACTS_URI, ENV_REPORTER, ENV_TRIAL
 from graft.exit_codes import EXIT_PREEMPTED
+from graft_trainer import outcome
 from graft_trainer.errors import (
     EXIT_FAILURE,
     EXIT_INVALID,
     EXIT_OK,
     GraftInputError,
+    one_line,
     store_exit_code,
 )
+from graft_trainer.outcome import RunEnd
 
-TERMINATION_LOG = "/dev/termination-log"
 log = logging.getLogger("graft_trainer")
-
-
-def write_termination_log(message: str, path: str | None = None) -> None:
-    """The message the operator reads (at most 4 KiB), with every secret value redacted."""
-    from graft_trainer.redaction import redact
-
-    try:
-        with open(path or TERMINATION_LOG, "w") as fh:
-            fh.write(redact(message)[:4000])
-    except OSError:
-        pass
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text
 
 
 def run_object(
@@ -60,35 +47,59 @@ def run_object(
     work_dir: Path | None = None,
 ) -> tuple[int, str]:
     """Validate and run one resource object; returns (exit code, one-line message)."""
+    end = run_resource(document, artifacts_uri, reporter_name, work_dir)
+    return end.code, end.message
+
+
+def run_resource(
+    document: dict[str, Any],
+    artifacts_uri: str,
+    reporter_name: str | None,
+    work_dir: Path | None = None,
+) -> RunEnd:
+    """Validate and run one resource object; how it ended, with the outcome for the operator."""
     from graft.api.kinds import FineTuneJob, InvalidResource, parse_object
-    from graft.storage import StoreError
 
     # `references`: what the operator resolved at launch, beside the object, not part of it.
     try:
         obj = parse_object({k: v for k, v in document.items() if k != "references"})
     except InvalidResource as exc:
-        return EXIT_INVALID, f"invalid resource: {exc}"
+        return outcome.failed(document, EXIT_INVALID, f"invalid resource: {exc}")
     from graft_trainer import observability
 
     if not isinstance(obj, FineTuneJob):
         observability.serve_from_env()  # CPU, memory and GPU while it exports
-        return run_export(document, obj, artifacts_uri, reporter_name)
+        return run_export(document, obj, artifacts_uri)
     if obj.spec.search is not None:  # `graft run`: on a cluster each trial's pod serves its own
         from graft_trainer.search import run_search
 
-        return run_search(document, artifacts_uri, reporter_name, work_dir=work_dir)
+        code, message = run_search(document, artifacts_uri, reporter_name, work_dir=work_dir)
+        return outcome.RunEnd(code, message)
     from graft_trainer import parallel
 
     try:
         count = parallel.processes(obj.spec)
     except GraftInputError as exc:
-        return EXIT_INVALID, one_line(exc)
+        return outcome.failed(document, EXIT_INVALID, one_line(exc))
     if count > 1 and not parallel.in_worker():  # rank 0 serves the metrics, not the launcher
         return parallel.run_data_parallel(
             document, artifacts_uri, reporter_name, count, work_dir=work_dir
         )
     if parallel.rank() == 0:
         observability.serve_from_env()
+    return run_finetune(document, obj, artifacts_uri, reporter_name, work_dir)
+
+
+def run_finetune(
+    document: dict[str, Any],
+    obj: Any,
+    artifacts_uri: str,
+    reporter_name: str | None,
+    work_dir: Path | None,
+) -> RunEnd:
+    """One training process of a FineTuneJob; its outcome carries the last event's fields."""
+    from graft.storage import StoreError
+    from graft_trainer import observability
     from graft_trainer.engine import Engine, JobIdentity
     from graft_trainer.preemption import Preempted
     from graft_trainer.reporting import make_reporter
@@ -96,29 +107,29 @@ def run_object(
     meta = obj.metadata
     extra = meta.model_extra or {}
     identity = JobIdentity(meta.name, meta.namespace or "local", str(extra.get("uid", "")))
-    reporter = observability.observed(make_reporter(reporter_name))
+    reporter = outcome.LastEventReporter(observability.observed(make_reporter(reporter_name)))
     try:
         result = Engine(obj.spec, identity, artifacts_uri, reporter, work_dir=work_dir).run()
     except Preempted as exc:
-        return EXIT_PREEMPTED, str(exc)
+        return outcome.failed(document, EXIT_PREEMPTED, str(exc))
     except GraftInputError as exc:
-        return EXIT_INVALID, one_line(exc)
+        return outcome.failed(document, EXIT_INVALID, one_line(exc))
     except StoreError as exc:
-        return store_exit_code(exc), one_line(exc)
+        return outcome.failed(document, store_exit_code(exc), one_line(exc))
     finally:
         reporter.close()
     published = result.artifacts.get("published")
-    return EXIT_OK, (
-        f"finished at step {result.final_step}; outputs in {artifacts_uri}"
-        + (f"; published {published}" if published else "")
+    message = f"finished at step {result.final_step}; outputs in {artifacts_uri}" + (
+        f"; published {published}" if published else ""
     )
+    fields = outcome.event_fields(reporter.last)
+    fields["artifacts"] = {**fields.get("artifacts", {}), **result.artifacts}
+    return outcome.succeeded(document, message, fields)
 
 
-def run_export(
-    document: dict[str, Any], obj: Any, artifacts_uri: str, reporter_name: str | None
-) -> tuple[int, str]:
-    """An OptimizeJob or AdapterBundle: export, validate, publish, then record the status."""
-    from graft.outcome import failure_text
+def run_export(document: dict[str, Any], obj: Any, artifacts_uri: str) -> RunEnd:
+    """An OptimizeJob or AdapterBundle: export, validate, publish; the outcome carries the
+    status fields (artifacts, metrics, generations, adapter reports)."""
     from graft.storage import StoreError
     from graft_trainer.chain import run_referencing_document
     from graft_trainer.export.errors import ExportError
@@ -126,18 +137,14 @@ def run_export(
     try:
         lines, status = run_referencing_document(document, obj, artifacts_uri, log.info)
     except ExportError as exc:  # its reason becomes the resource's (ParityExceeded, ...)
-        return EXIT_INVALID, failure_text(exc.reason, one_line(exc))
+        return outcome.failed(document, EXIT_INVALID, one_line(exc), exc.reason)
     except GraftInputError as exc:
-        return EXIT_INVALID, one_line(exc)
+        return outcome.failed(document, EXIT_INVALID, one_line(exc))
     except StoreError as exc:
-        return store_exit_code(exc), one_line(exc)
+        return outcome.failed(document, store_exit_code(exc), one_line(exc))
     for line in lines:
         log.info("%s", line)
-    if reporter_name == "kubernetes":
-        from graft_trainer.status_reporter import KubernetesStatusReporter
-
-        KubernetesStatusReporter().patch_status(status)
-    return EXIT_OK, f"{obj.kind} finished; outputs in {artifacts_uri}"
+    return outcome.succeeded(document, f"{obj.kind} finished; outputs in {artifacts_uri}", status)
 
 
 def check_for_gpu_pod(document: dict[str, Any], artifacts_uri: str) -> tuple[int, str]:
@@ -181,48 +188,49 @@ def _cmd_check_for_gpu_pod(args: argparse.Namespace) -> int:
         code, message = EXIT_FAILURE, f"{type(exc).__name__}: {one_line(exc)}"
     print(message if code == EXIT_OK else f"error: {message}", file=sys.stderr)
     # Success writes the findings too: the operator shows them in the Validated condition.
-    write_termination_log(message)
+    outcome.write_termination_log(message)
     return code
 
 
 def _cmd_run_resource(args: argparse.Namespace) -> int:
-    artifacts = os.environ.get("GRAFT_ARTIFACTS_URI")
+    artifacts = os.environ.get(ENV_ARTIFACTS_URI)
+    document: dict[str, Any] | None = None
     if not artifacts:
-        msg = "GRAFT_ARTIFACTS_URI is not set (expected the artifact prefix to write under)"
-        print(msg, file=sys.stderr)
-        write_termination_log(msg)
-        return EXIT_INVALID
-    try:
-        document = json.loads(Path(args.path).read_text())
-    except (OSError, ValueError) as exc:
-        msg = f"cannot read {args.path}: {one_line(exc)} (expected a Graft resource object as JSON)"
-        print(msg, file=sys.stderr)
-        write_termination_log(msg)
-        return EXIT_INVALID
-    trial = os.environ.get("GRAFT_TRIAL")
-    result: dict[str, Any] | None = None
-    try:
-        if trial is not None:  # one trial of the resource's study (the operator's search)
-            from graft_trainer.search_trial import run_trial
-
-            if not trial.isdigit():
-                code, message = EXIT_INVALID, f"GRAFT_TRIAL={trial!r} is not a trial number"
-            else:
-                code, message, result = run_trial(document, artifacts, int(trial))
+        msg = f"{ENV_ARTIFACTS_URI} is not set (expected the artifact prefix to write under)"
+        end = outcome.failed(None, EXIT_INVALID, msg)
+    else:
+        try:
+            document = json.loads(Path(args.path).read_text())
+        except (OSError, ValueError) as exc:
+            msg = f"cannot read {args.path}: {one_line(exc)} (expected a Graft resource as JSON)"
+            end = outcome.failed(None, EXIT_INVALID, msg)
         else:
-            reporter = os.environ.get("GRAFT_REPORTER", "jsonl")
-            code, message = run_object(document, artifacts, reporter)
+            end = _run_document(document, artifacts)
+    print(end.message if end.code == EXIT_OK else f"error: {end.message}", file=sys.stderr)
+    outcome.write_termination_log(outcome.termination_message(end))
+    if document is not None:
+        outcome.save_outcome(end, artifacts or "")
+    return end.code
+
+
+def _run_document(document: dict[str, Any], artifacts: str) -> RunEnd:
+    """The pod's run: one trial of the resource's study (GRAFT_TRIAL) or the resource."""
+    trial = os.environ.get(ENV_TRIAL)
+    try:
+        if trial is None:
+            return run_resource(document, artifacts, os.environ.get(ENV_REPORTER, "jsonl"))
+        from graft_trainer.search_trial import run_trial
+
+        if not trial.isdigit():
+            msg = f"{ENV_TRIAL}={trial!r} is not a trial number"
+            return outcome.failed(document, EXIT_INVALID, msg)
+        code, message, result = run_trial(document, artifacts, int(trial))
+        if code != EXIT_OK or result is None:
+            return outcome.failed(document, code, message)
+        return outcome.trial_finished(document, message, result)
     except Exception as exc:  # the reason, never a traceback with secrets, ends the pod
         log.exception("training failed")
-        code, message = EXIT_FAILURE, f"{type(exc).__name__}: {one_line(exc)}"
-    if code != EXIT_OK:
-        print(f"error: {message}", file=sys.stderr)
-        write_termination_log(message)
-    else:
-        print(message, file=sys.stderr)
-        if result is not None:  # the trial's outcome, for the operator
-            write_termination_log(json.dumps(result, default=float))
-    return code
+        return outcome.failed(document, EXIT_FAILURE, f"{type(exc).__name__}: {one_line(exc)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,11 +45,12 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from graft.contract import ENV_METRICS_PORT
 from graft.progress import ProgressEvent, Reporter
 
 log = logging.getLogger("graft_trainer.metrics")
 
-PORT_ENV = "GRAFT_TRAINER_METRICS_PORT"
+PORT_ENV = ENV_METRICS_PORT
 HOST_ENV = "GRAFT_TRAINER_METRICS_HOST"
 STAGES = ("preflight", "loading", "baseline", "training", "evaluating", "exporting", "done")
 EVAL_SCORES = ("perplexity", "accuracy", "f1", "bleu", "rouge")

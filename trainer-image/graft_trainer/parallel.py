@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from graft_trainer import outcome
 from graft_trainer.errors import EXIT_FAILURE, EXIT_INVALID, GraftInputError
 
 # Forces the number of processes (e.g. 2 on a CPU, where gloo stands in for NCCL: tests).
@@ -82,8 +83,8 @@ def run_data_parallel(
     reporter_name: str | None,
     count: int,
     work_dir: Path | None = None,
-) -> tuple[int, str]:
-    """Run the FineTuneJob as `count` processes; rank 0's (exit code, message)."""
+) -> outcome.RunEnd:
+    """Run the FineTuneJob as `count` processes; how rank 0's run ended."""
     with tempfile.TemporaryDirectory(prefix="graft-ddp-") as tmp:
         doc_path = Path(tmp) / "resource.json"
         doc_path.write_text(json.dumps(document))
@@ -105,11 +106,11 @@ def run_data_parallel(
             workers.append(subprocess.Popen(args, env=env))
         codes = _wait_all(workers)
         if result_path.exists():
-            result = json.loads(result_path.read_text())
-            return int(result["code"]), str(result["message"])
+            return outcome.RunEnd.from_json(result_path.read_text())
         failed = next((r for r, c in enumerate(codes) if c), 0)
         code = codes[failed]
-        return (
+        return outcome.failed(
+            document,
             EXIT_INVALID if code == EXIT_INVALID else EXIT_FAILURE,
             f"training process {failed} of {count} exited with code {code}",
         )

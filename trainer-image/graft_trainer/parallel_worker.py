@@ -1,6 +1,6 @@
 """One rank of a data-parallel FineTuneJob (graft_trainer.parallel starts one process per
 rank as `python -m graft_trainer.parallel_worker DOC URI REPORTER WORK_DIR RESULT`): run the
-resource; rank 0 leaves its (exit code, message) in RESULT for the launcher."""
+resource; rank 0 leaves how its run ended (exit code, message, outcome) in RESULT for the launcher."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from graft_trainer.__main__ import run_object
+from graft_trainer import outcome
+from graft_trainer.__main__ import run_resource
 from graft_trainer.errors import EXIT_FAILURE, one_line
 from graft_trainer.parallel import rank
 from graft_trainer.reporting import setup_logging
@@ -22,17 +23,17 @@ def main(argv: list[str]) -> int:
     document = json.loads(Path(doc_path).read_text())
     is_main = rank() == 0
     try:
-        code, message = run_object(
+        end = run_resource(
             document,
             artifacts_uri,
             (reporter_name or None) if is_main else "none",
             work_dir=Path(work_dir) if work_dir and is_main else None,
         )
     except Exception as exc:  # the launcher reports rank 0's reason, not a traceback
-        code, message = EXIT_FAILURE, f"{type(exc).__name__}: {one_line(exc)}"
+        end = outcome.failed(document, EXIT_FAILURE, f"{type(exc).__name__}: {one_line(exc)}")
     if is_main:
-        Path(result_path).write_text(json.dumps({"code": code, "message": message}))
-    return code
+        Path(result_path).write_text(end.to_json())
+    return end.code
 
 
 if __name__ == "__main__":

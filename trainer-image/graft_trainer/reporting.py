@@ -1,5 +1,6 @@
-"""Reporters of progress events: rich (a terminal display), jsonl (structured log lines),
-kubernetes (the job's status; graft_trainer.status_reporter), and a list for tests."""
+"""Reporters of progress events: rich (a terminal display), jsonl (structured lines on stdout:
+in a pod, what the operator reads from the pod's log to show progress in status; see
+graft.contract), and a list for tests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import time
 from typing import IO, Any
 
+from graft.contract import PROGRESS_EVENT
 from graft.progress import ProgressEvent, Reporter
 
 log = logging.getLogger("graft_trainer")
@@ -48,16 +50,21 @@ class ListReporter:
 
 
 class JsonlReporter:
-    """One JSON object per event on a stream (stdout by default)."""
+    """One JSON object per event on a stream (stdout by default), secret values redacted: in a
+    pod the operator copies the newest into the resource's status."""
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream or sys.stdout
 
     def report(self, event: ProgressEvent) -> None:
+        from graft_trainer.redaction import redact_strings
+
         try:
-            record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": "progress"}
+            ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            record: dict[str, Any] = {"ts": ts, "event": PROGRESS_EVENT}
             record.update(event_dict(event))
-            self.stream.write(json.dumps(record, default=str) + "\n")
+            line = json.dumps(redact_strings(record), default=str, separators=(",", ":"))
+            self.stream.write(line + "\n")
             self.stream.flush()
         except Exception:  # a reporter never breaks training
             pass
@@ -143,27 +150,16 @@ class RichReporter:
 
 
 def make_reporter(name: str | None) -> Reporter:
-    """`rich`, `jsonl`, `kubernetes` or `none`."""
+    """`rich`, `jsonl` or `none`; `kubernetes` (what pods of earlier operators were given) is
+    `jsonl`: the operator reads progress from the pod's log."""
     name = (name or "jsonl").lower()
     if name == "rich":
         return RichReporter()
-    if name == "jsonl":
+    if name in ("jsonl", "kubernetes"):
         return JsonlReporter()
     if name in ("none", "null"):
         return NullReporter()
-    if name == "kubernetes":
-        try:
-            from graft_trainer.status_reporter import (  # type: ignore[import-not-found]
-                KubernetesStatusReporter,
-            )
-        except ImportError:
-            log.warning(
-                "kubernetes reporter unavailable (graft_trainer.status_reporter); using jsonl"
-            )
-            return JsonlReporter()
-        reporter: Reporter = KubernetesStatusReporter()
-        return reporter
-    raise ValueError(f"unknown reporter {name!r}: expected rich, jsonl, kubernetes or none")
+    raise ValueError(f"unknown reporter {name!r}: expected rich, jsonl or none")
 
 
 class JsonFormatter(logging.Formatter):

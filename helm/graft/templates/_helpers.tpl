@@ -28,11 +28,6 @@ app.kubernetes.io/component: operator
 {{- end -}}
 {{- end -}}
 
-{{/* The ClusterRole trainer pods are bound to, per namespace, by the operator. */}}
-{{- define "graft.trainerRoleName" -}}
-{{- printf "%s-trainer" (include "graft.fullname" .) -}}
-{{- end -}}
-
 {{/* Namespaced scope watches the release namespace unless told otherwise. */}}
 {{- define "graft.watchNamespaces" -}}
 {{- if .Values.watchNamespaces -}}

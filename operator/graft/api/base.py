@@ -281,7 +281,9 @@ class RunSpec(ApiModel):
     )
 
 
-ConditionType = Literal["Validated", "Running", "Succeeded", "Failed", "Suspended", "Ready"]
+ConditionType = Literal[
+    "Validated", "Running", "Succeeded", "Failed", "Suspended", "Ready", "Degraded"
+]
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
 
 

@@ -6,7 +6,6 @@
 | GRAFT_TRAINER_IMAGE_PULL_POLICY | pull policy of trainer pods | IfNotPresent |
 | GRAFT_TRAINER_HOST_NETWORK | trainer pods in the host network (single-node test clusters) | false |
 | GRAFT_TRAINER_EXTRA_ENV | JSON object of extra env for trainer pods, e.g. KUBERNETES_SERVICE_HOST | {} |
-| GRAFT_TRAINER_CLUSTER_ROLE | ClusterRole bound to `graft-trainer` in each namespace; empty: a Role is created | "" |
 | GRAFT_TRAINER_RUN_AS_USER | uid (and gid) of trainer pods | 1000 |
 | GRAFT_TRAINER_SCRATCH_SIZE_LIMIT | sizeLimit of each trainer scratch emptyDir (quantity) | "" (none) |
 | GRAFT_TRAINER_EPHEMERAL_STORAGE_REQUEST | ephemeral-storage request of trainer pods | "" (none) |
@@ -17,6 +16,7 @@
 | GRAFT_METRICS_PORT | port of /metrics and /healthz; 0 turns the endpoint off | 8080 |
 | GRAFT_METRICS_HOST | address the metrics endpoint binds | 0.0.0.0 |
 | GRAFT_RESYNC_SECONDS | period of the level-based resync of every resource | 60 |
+| GRAFT_PROGRESS_SECONDS | how often a running FineTuneJob's progress is read from its trainer pod's log | 10 |
 | GRAFT_DISRUPTION_ALLOWANCE | pod disruptions (evictions) retried beyond backoffLimit | 10 |
 | GRAFT_WORKERS | concurrent reconciles | 32 |
 | GRAFT_POLICY | platform policy as JSON (graft.policy.PlatformPolicy) | {} (allow all) |
@@ -70,7 +70,6 @@ class OperatorConfig:
     trainer_image_pull_policy: str = "IfNotPresent"
     trainer_host_network: bool = False
     trainer_extra_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    trainer_cluster_role: str = ""
     trainer_run_as_user: int = 1000
     trainer_service_account: str = "graft-trainer"
     # Annotations of every trainer ServiceAccount the operator creates (a policy's win).
@@ -84,6 +83,8 @@ class OperatorConfig:
     metrics_port: int = 8080
     metrics_host: str = "0.0.0.0"
     resync_seconds: float = 60.0
+    # How often a running trainer's progress is read from its pod's log (controller.progress_log).
+    progress_seconds: float = 10.0
     # How long a watch may owe a version the API server already showed before /healthz fails.
     watch_stale_seconds: float = 180.0
     disruption_allowance: int = 10
@@ -158,7 +159,6 @@ class OperatorConfig:
             trainer_image_pull_policy=pull,
             trainer_host_network=env.get("GRAFT_TRAINER_HOST_NETWORK", "").lower() in TRUE,
             trainer_extra_env={str(k): str(v) for k, v in extra.items()},
-            trainer_cluster_role=env.get("GRAFT_TRAINER_CLUSTER_ROLE", "").strip(),
             trainer_run_as_user=int(number("GRAFT_TRAINER_RUN_AS_USER", 1000, 1)),
             trainer_service_account=account.name or cls.trainer_service_account,
             trainer_service_account_annotations=dict(account.annotations),
@@ -171,6 +171,7 @@ class OperatorConfig:
             metrics_port=int(number("GRAFT_METRICS_PORT", 8080)),
             metrics_host=text("GRAFT_METRICS_HOST", "0.0.0.0"),
             resync_seconds=number("GRAFT_RESYNC_SECONDS", 60.0, 1),
+            progress_seconds=number("GRAFT_PROGRESS_SECONDS", 10.0, 1),
             watch_stale_seconds=number("GRAFT_WATCH_STALE_SECONDS", 180.0, 1),
             disruption_allowance=int(number("GRAFT_DISRUPTION_ALLOWANCE", 10)),
             workers=int(number("GRAFT_WORKERS", 32, 1)),

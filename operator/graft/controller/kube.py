@@ -232,6 +232,23 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
         accept: str | None = None,
     ) -> dict[str, Any]:
+        text = await self._exchange(method, path, body, content_type, query, accept)
+        result = json.loads(text) if text else {}
+        assert isinstance(result, dict)
+        if self.on_object is not None and "metadata" in result and "items" not in result:
+            self.on_object(result)
+        return result
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        content_type: str,
+        query: list[tuple[str, str]] | None,
+        accept: str | None,
+    ) -> bytes:
+        """One request's response body; an ApiError for a status of 400 or more."""
         data = json.dumps(body).encode() if body is not None else None
         for fresh in (False, True):
             headers = {"Content-Type": content_type}
@@ -251,11 +268,19 @@ class Kube:
             if status >= 400:
                 raise ApiError(status, reason, text.decode(errors="replace"))
             break
-        result = json.loads(text) if text else {}
-        assert isinstance(result, dict)
-        if self.on_object is not None and "metadata" in result and "items" not in result:
-            self.on_object(result)
-        return result
+        return text
+
+    async def read_log(self, namespace: str, pod: str, container: str, lines: int) -> str | None:
+        """The last `lines` lines of a container's log; None when the pod is gone."""
+        path = f"/api/v1/namespaces/{namespace}/pods/{pod}/log"
+        query = [("container", container), ("tailLines", str(lines))]
+        try:
+            text = await self._exchange("GET", path, None, "application/json", query, None)
+        except ApiError as exc:
+            if exc.status in (400, 404):  # gone, or not started yet
+                return None
+            raise
+        return text.decode(errors="replace")
 
     async def get(self, path: str) -> dict[str, Any] | None:
         try:

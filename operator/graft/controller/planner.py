@@ -16,6 +16,15 @@ from typing import Any
 from graft.api.base import API_VERSION, DEFAULT_BACKOFF_LIMIT, DEFAULT_GPU_RESOURCE
 from graft.api.errors import FieldIssue
 from graft.api.kinds import InvalidResource, parse_spec
+from graft.contract import (
+    ENV_ARTIFACTS_URI,
+    ENV_METRICS_PORT,
+    ENV_REPORTER,
+    ENV_RESOURCE_KIND,
+    ENV_RESOURCE_NAME,
+    ENV_RESOURCE_NAMESPACE,
+    ENV_TRIAL,
+)
 from graft.controller.config import OperatorConfig
 from graft.naming import artifact_prefix, child_name
 from graft.policy import (
@@ -52,7 +61,7 @@ REFERENCES = "references"  # resource.json: the referenced FineTuneJobs as resol
 TRAINER_CONTAINER = "trainer"
 # The trainer's Prometheus endpoint (graft_trainer.observability), when the platform sets a port:
 # the variable it reads and the container port's name, which the chart's PodMonitor selects.
-METRICS_PORT_ENV = "GRAFT_TRAINER_METRICS_PORT"
+METRICS_PORT_ENV = ENV_METRICS_PORT
 METRICS_PORT_NAME = "metrics"
 TERMINATION_GRACE_SECONDS = 120
 RESOURCE_FILE = "resource.json"
@@ -481,19 +490,18 @@ def _trainer_env(
     name, namespace, kind = meta["name"], meta["namespace"], kind_of(obj)
     env = [
         {
-            "name": "GRAFT_ARTIFACTS_URI",
+            "name": ENV_ARTIFACTS_URI,
             "value": artifact_prefix(spec["output"]["uri"], namespace, kind, name, meta["uid"]),
         },
-        # Trials report through their termination message: parallel trials must not write
-        # the resource's status over each other.
-        {"name": "GRAFT_REPORTER", "value": "kubernetes" if trial is None else "jsonl"},
-        {"name": "GRAFT_RESOURCE_KIND", "value": kind},
-        {"name": "GRAFT_RESOURCE_NAME", "value": name},
-        {"name": "GRAFT_RESOURCE_NAMESPACE", "value": namespace},
+        # Progress records on stdout, which the operator reads from the pod's log.
+        {"name": ENV_REPORTER, "value": "jsonl"},
+        {"name": ENV_RESOURCE_KIND, "value": kind},
+        {"name": ENV_RESOURCE_NAME, "value": name},
+        {"name": ENV_RESOURCE_NAMESPACE, "value": namespace},
         {"name": "HOME", "value": HOME},
     ]
     if trial is not None:
-        env.append({"name": "GRAFT_TRIAL", "value": str(trial)})
+        env.append({"name": ENV_TRIAL, "value": str(trial)})
     env += location_credentials_env(spec, references)
     env += hub_env(config)
     if config.trainer_metrics_port:
@@ -724,55 +732,18 @@ def build_preflight_job(
 
 
 def trainer_identity(namespace: str, config: OperatorConfig) -> list[dict[str, Any]]:
-    """ServiceAccount + (Role +) RoleBinding letting trainer pods patch only resource status.
-    The ServiceAccount's name and annotations come from the chart's trainer.serviceAccount (one
-    cloud role for all) and the namespace's policy (a cloud role per tenant), the policy's first."""
+    """The trainer pods' ServiceAccount, with no rights of its own: a trainer reports through
+    its log and termination message (graft.contract), so nothing binds a Role to it. It exists
+    for the platform: its name and annotations come from the chart's trainer.serviceAccount
+    (one cloud role for all) and the namespace's policy (a cloud role per tenant), the policy's
+    first, so IRSA or Workload Identity can trust it."""
     account = trainer_service_account(config.policy, namespace, config.trainer_service_account)
-    sa = account.name
     labels = {LABEL_MANAGED_BY: "graft-operator", LABEL_APP: "graft-trainer"}
-    sa_meta: dict[str, Any] = {"name": sa, "namespace": namespace, "labels": labels}
+    sa_meta: dict[str, Any] = {"name": account.name, "namespace": namespace, "labels": labels}
     annotations = {**config.trainer_service_account_annotations, **account.annotations}
     if annotations:
         sa_meta["annotations"] = annotations
-    objects: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": sa_meta}
-    ]
-    if config.trainer_cluster_role:
-        role_ref = {
-            "apiGroup": "rbac.authorization.k8s.io",
-            "kind": "ClusterRole",
-            "name": config.trainer_cluster_role,
-        }
-    else:
-        objects.append(
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "Role",
-                "metadata": {"name": sa, "namespace": namespace, "labels": labels},
-                "rules": [
-                    {
-                        "apiGroups": ["graft.dev"],
-                        "resources": [
-                            "finetunejobs/status",
-                            "optimizejobs/status",
-                            "adapterbundles/status",
-                        ],
-                        "verbs": ["get", "patch"],
-                    }
-                ],
-            }
-        )
-        role_ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa}
-    objects.append(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": sa, "namespace": namespace, "labels": labels},
-            "roleRef": role_ref,
-            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": namespace}],
-        }
-    )
-    return objects
+    return [{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": sa_meta}]
 
 
 def spec_gpus(spec: dict[str, Any]) -> int:

@@ -1,14 +1,17 @@
 """Pure: what a trainer pod says about its attempt (pending, running, succeeded, failed by the
-trainer's own fault, or lost to a disruption), and how a failure is worded."""
+trainer's own fault, or lost to a disruption), and how a failure is worded.
+
+A pod that ended left its `graft.contract.TrainerOutcome` as its termination message; a pod that
+crashed before writing one left plain text, which is shown as it is."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Literal
 
+from graft.contract import TrainerOutcome, decode_termination
 from graft.controller.planner import TRAINER_CONTAINER
 from graft.exit_codes import EXIT_INVALID_INPUT, EXIT_UNTRUSTED_STORAGE
-from graft.outcome import parse_failure
 
 # Pod-level reasons that mean the pod was lost, not that the trainer failed: retried without
 # counting toward backoffLimit, and the new pod resumes from the last checkpoint.
@@ -46,6 +49,9 @@ class PodOutcome:
     reason: str = ""
     message: str = ""
     exit_code: int | None = None
+    # What the trainer said when it ended (its termination message), when it said it in the
+    # contract's form; `message` is then the outcome's message.
+    outcome: TrainerOutcome | None = None
 
     @property
     def oom(self) -> bool:
@@ -59,6 +65,13 @@ def _trainer_state(pod: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def _said(terminated: dict[str, Any] | None) -> tuple[TrainerOutcome | None, str]:
+    """The trainer's outcome in a termination message, and the line to show of it."""
+    text = str((terminated or {}).get("message") or "").strip()
+    outcome = decode_termination(text)
+    return outcome, (outcome.message if outcome is not None else text)
+
+
 def classify_pod(pod: dict[str, Any]) -> PodOutcome:
     """Sort a pod into pending/running/succeeded/failed (the trainer's fault)/disrupted."""
     meta = pod.get("metadata") or {}
@@ -69,9 +82,9 @@ def classify_pod(pod: dict[str, Any]) -> PodOutcome:
     terminated = (container.get("state") or {}).get("terminated") or (
         container.get("lastState") or {}
     ).get("terminated")
-    if phase == "Succeeded":  # a search trial's outcome is its termination message
-        message = str((terminated or {}).get("message") or "").strip()
-        return PodOutcome(name, "succeeded", message=message, exit_code=0)
+    if phase == "Succeeded":
+        outcome, message = _said(terminated)
+        return PodOutcome(name, "succeeded", message=message, exit_code=0, outcome=outcome)
     pod_reason = str(status.get("reason") or "")
     if meta.get("deletionTimestamp"):
         return PodOutcome(name, "disrupted", pod_reason or "Deleted", "the pod was deleted")
@@ -81,8 +94,9 @@ def classify_pod(pod: dict[str, Any]) -> PodOutcome:
             return PodOutcome(name, "disrupted", pod_reason or "PodLost", message)
         code = terminated.get("exitCode")
         reason = str(terminated.get("reason") or "")
-        message = str(terminated.get("message") or "").strip()
-        return PodOutcome(name, "failed", reason, message, int(code) if code is not None else None)
+        failure, text = _said(terminated)
+        exit_code = int(code) if code is not None else None
+        return PodOutcome(name, "failed", reason, text, exit_code, failure)
     if phase == "Running":
         return PodOutcome(name, "running")
     waiting = (container.get("state") or {}).get("waiting") or {}
@@ -110,7 +124,8 @@ def failure_summary(outcome: PodOutcome, memory: str | None = None) -> tuple[str
             OOM_ADVICE
         )
     if outcome.exit_code == EXIT_INVALID_INPUT:
-        reason, text = parse_failure(outcome.message or "no reason given")
+        reason = outcome.outcome.reason if outcome.outcome is not None else None
+        text = outcome.message or "no reason given"
         if reason is not None and reason != "InvalidInput":  # an export check that failed
             return reason, f"{text} (exit code 2)"
         return "InvalidInput", f"the trainer refused its input (exit code 2): {text}"

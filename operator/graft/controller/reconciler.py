@@ -15,11 +15,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from datetime import UTC, datetime
 from typing import Any
+
+import aiohttp
 
 from graft.api.base import DEFAULT_BACKOFF_LIMIT
 from graft.api.errors import FieldIssue
@@ -28,6 +31,7 @@ from graft.controller import planner, sources
 from graft.controller.config import OperatorConfig
 from graft.controller.kube import ApiError, Kube, object_path, resource_path
 from graft.controller.metrics import Metrics
+from graft.controller.progress_log import TAIL_LINES, latest_progress
 from graft.controller.status import (
     LAUNCH_RETRY,
     Event,
@@ -173,6 +177,8 @@ class Reconciler:
         # Jobs this process created that the watch cache may not show yet:
         # namespace -> {Job name: (GPUs, when created)}.
         self._gpu_claims: dict[str, dict[str, tuple[int, float]]] = {}
+        # resource -> (when its trainer pod's log was last read, the newest progress found).
+        self._progress: dict[Key, tuple[float, dict[str, Any] | None]] = {}
 
     def state_sizes(self) -> dict[str, int]:
         """Entries of each per-resource map: a resource gone must leave none behind."""
@@ -183,6 +189,7 @@ class Reconciler:
             "pods_seen": len(self._pods_seen),
             "dependents": sum(len(v) for v in self.dependents.values()),
             "gpu_claims": sum(len(v) for v in self._gpu_claims.values()),
+            "progress": len(self._progress),
         }
 
     async def __call__(self, key: Hashable) -> float | None:
@@ -240,6 +247,7 @@ class Reconciler:
             self._forget_dependencies(key)
             self._pods_seen.pop(key, None)
             self._resolved.pop(key, None)
+            self._progress.pop(key, None)
             return None
         obj.setdefault("kind", kind)
         return obj
@@ -351,6 +359,7 @@ class Reconciler:
         if resolved and seen.launched_spec and seen.launched_hash != resolved.spec_hash:
             changed = tuple(planner.changed_fields(seen.launched_spec, resolved.spec))
         pod_refused = await self._pod_refused(namespace, seen)
+        progress = await self._read_progress(key, seen)
         observed = Observed(
             issues=seen.issues,
             launched_hash=seen.launched_hash,
@@ -366,6 +375,7 @@ class Reconciler:
             gpus=planner.spec_gpus(effective),
             pod_refused=pod_refused,
             preflight=seen.preflight,
+            progress=progress,
             gpu_budget=(
                 namespace_gpu_budget(self.config.policy, namespace, self._gpus_in_use(namespace))
                 if budget
@@ -373,10 +383,34 @@ class Reconciler:
             ),
         )
         plan = compute_status(obj, observed, datetime.now(UTC))
+        if _running_pod(seen) is not None and not plan.delete_job:  # read its progress again
+            plan.requeue_after = min(plan.requeue_after or math.inf, self.config.progress_seconds)
         requeue = await self._launch_planned(obj, plan, seen)
         if plan.create_trials:
             await self._launch_trials(obj, resolved, seen.configmap, plan.create_trials)
         return plan, observed, requeue
+
+    async def _read_progress(self, key: Key, seen: Children) -> dict[str, Any] | None:
+        """A running FineTuneJob's newest progress, read from its trainer pod's log at most
+        every GRAFT_PROGRESS_SECONDS (controller.progress_log); what was read last otherwise.
+        A failed read shows no progress this pass and fails nothing."""
+        pod = _running_pod(seen) if key[0] == planner.KIND else None
+        if pod is None:
+            return None
+        read_at, fields = self._progress.get(key, (-math.inf, None))
+        if time.monotonic() - read_at < self.config.progress_seconds:
+            return fields
+        try:
+            tail = await self.kube.read_log(
+                key[1], pod["metadata"]["name"], planner.TRAINER_CONTAINER, TAIL_LINES
+            )
+        except (TimeoutError, ApiError, aiohttp.ClientError) as exc:
+            logger.warning("could not read the progress of %s/%s: %s", key[1], key[2], exc)
+            return fields
+        newest = latest_progress(tail or "")
+        fields = newest if newest is not None else fields
+        self._progress[key] = (time.monotonic(), fields)
+        return fields
 
     async def _pod_refused(self, namespace: str, seen: Children) -> str | None:
         """Why the Job controller made no pod for the Job (see `_pod_refusal`); a missing
@@ -444,7 +478,7 @@ class Reconciler:
     ) -> float | None:
         """Patch the status, post the Events, delete an expired resource; the requeue delay."""
         kind, namespace, name = key
-        patch = status_patch(obj.get("status") or {}, plan.status, study=seen.study is not None)
+        patch = status_patch(obj.get("status") or {}, plan.status)
         if plan.create_job and requeue is None and seen.preflight is None:
             # Just launched: the Job's watch event brings this resource back for its status
             # patch. Under a burst, the queue's other launches go first. (After a pre-flight
@@ -753,6 +787,14 @@ class Reconciler:
         if phase is not None:
             self._phases[key] = phase
             self.metrics.phases.labels(key[0], phase).inc()
+
+
+def _running_pod(seen: Children) -> dict[str, Any] | None:
+    """The newest running pod of a single-run Job (a search's trials report no progress)."""
+    if seen.job is None or seen.study is not None:
+        return None
+    running = [p for p in seen.pods if (p.get("status") or {}).get("phase") == "Running"]
+    return running[-1] if running else None
 
 
 def _missing_service_account(refusal: str) -> bool:

@@ -1,8 +1,11 @@
 """Pure status computation: conditions, phase and run bookkeeping from what the cluster shows.
 
-Owns `status.conditions` (Validated, Running, Succeeded, Failed, Suspended), `status.phase`,
-`observedGeneration`, `startTime`, `completionTime`, `attempts` and `jobName`. The trainer owns
-`progress`, `metrics`, `warnings` and `artifacts` and this module never touches them.
+Owns every status field: `conditions` (Validated, Running, Succeeded, Failed, Suspended,
+Ready, Degraded), `phase`, `observedGeneration`, `startTime`, `completionTime`, `attempts`,
+`jobName`, and what the trainer's pods say (`progress`, `metrics`, `warnings`, `artifacts`, an
+export's `generations` and `adapters`), taken from the outcome in the termination message of
+the Job's succeeded pod, or while it runs from the newest progress record of its log
+(graft.contract). Nothing the trainer says decides a condition other than Degraded.
 
 Level-based: the result depends only on the resource (spec and the previous status, for
 transition times and the terminal outcome, which outlives the deleted Job), the Job, its pods
@@ -21,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from graft.api.errors import FieldIssue
+from graft.contract import OUTCOME_FIELDS
 from graft.controller.planner import (
     ANNOTATION_SPEC_HASH,
     KIND,
@@ -40,7 +44,15 @@ from graft.controller.study import StudyPlan, TrialObserved, plan_study
 from graft.exit_codes import NOT_RETRIED
 from graft.policy import GpuBudget, PolicyIssue
 
-CONDITION_TYPES = ("Validated", "Running", "Succeeded", "Failed", "Suspended", "Ready")
+CONDITION_TYPES = (
+    "Validated",
+    "Running",
+    "Succeeded",
+    "Failed",
+    "Suspended",
+    "Ready",
+    "Degraded",
+)
 __all__ = [
     "DISRUPTION_REASONS",
     "OOM_ADVICE",
@@ -63,8 +75,10 @@ OPERATOR_FIELDS = (
     "attempts",
     "jobName",
 )
-# Fields the trainer writes for a single run, the operator for a search (trials cannot share).
+# A search's fields, from its trial pods' outcomes.
 STUDY_FIELDS = ("search", "progress", "artifacts")
+# What a trainer's pods say, per kind (its outcome; a FineTuneJob's progress while it runs).
+SAID_FIELDS: dict[str, tuple[str, ...]] = dict(OUTCOME_FIELDS)
 # Failures that a change elsewhere (the spec, a referenced FineTuneJob) can still undo.
 RECOVERABLE_FAILURES = frozenset({"InvalidSpec", "PolicyDenied", *GATE_REASONS.values()})
 
@@ -174,6 +188,9 @@ class Observed:
     pod_refused: str | None = None
     # A GPU FineTuneJob not launched yet, checked in a CPU pod first; None: no such check.
     preflight: PreflightObserved | None = None
+    # A running FineTuneJob's newest progress record from its pod's log, as status fields
+    # (controller.progress_log); None: not read, or none there.
+    progress: dict[str, Any] | None = None
 
 
 def find_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
@@ -259,7 +276,7 @@ def _events(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[E
         if old is None and cond["status"] != "True" and type_ != "Validated":
             continue
         warning = (
-            (type_ == "Failed" and cond["status"] == "True")
+            (type_ in ("Failed", "Degraded") and cond["status"] == "True")
             or (type_ == "Validated" and cond["status"] == "False")
             or cond["reason"] in ("Restarting", "Retrying")
         )
@@ -296,16 +313,10 @@ def job_finished(job: dict[str, Any]) -> bool:
     return job_condition(job, "Complete") is not None or job_condition(job, "Failed") is not None
 
 
-def status_patch(
-    current: dict[str, Any], desired: dict[str, Any], *, study: bool = False
-) -> dict[str, Any]:
-    """The merge patch of operator-owned status fields that differ; empty when none do.
-
-    With `study` (a FineTuneJob with spec.search) `search`, `progress` and `artifacts` are the
-    operator's too; otherwise they are the trainer's and never sent.
-    """
-    owned = OPERATOR_FIELDS + (STUDY_FIELDS if study else ())
-    return {k: v for k, v in desired.items() if k in owned and current.get(k) != v}
+def status_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch of the status fields that differ; empty when none do (every status
+    field is the operator's)."""
+    return {k: v for k, v in desired.items() if current.get(k) != v}
 
 
 # --- compute_status: an ordered chain of small rules per kind ------------------------------
@@ -339,7 +350,9 @@ class Run:
         launched = observed.launched_hash is not None or observed.job is not None
         if observed.study is not None:
             launched = launched or bool(observed.study.trials)
-        status: dict[str, Any] = {k: prev[k] for k in OPERATOR_FIELDS if k in prev}
+        kind = kind_of(obj)
+        kept = OPERATOR_FIELDS + (STUDY_FIELDS if observed.study else SAID_FIELDS.get(kind, ()))
+        status: dict[str, Any] = {k: prev[k] for k in kept if k in prev}
         status["observedGeneration"] = generation
         before: list[dict[str, Any]] = list(prev.get("conditions") or [])
         return cls(
@@ -349,7 +362,7 @@ class Run:
             prev=prev,
             before=before,
             generation=generation,
-            kind=kind_of(obj),
+            kind=kind,
             launched=launched,
             plan=Plan(status=status),
             conds=before,
@@ -489,8 +502,9 @@ def _refused_before_launch(run: Run) -> bool:
 
 
 def _ended(run: Run) -> bool:
-    """The outcome outlives the Job: a terminal status stays, until the TTL deletes it all."""
-    if not is_terminal(run.prev):
+    """The outcome outlives the Job: a terminal status stays, until the TTL deletes it all,
+    when what is left of the run bears it out (`_borne_out`)."""
+    if not is_terminal(run.prev) or not _borne_out(run):
         return False
     succeeded = is_true(run.before, "Succeeded")
     run.cond("Running", "False", "Completed" if succeeded else "Failed", "the run has ended")
@@ -498,6 +512,23 @@ def _ended(run: Run) -> bool:
     if not succeeded and job is not None and not job_finished(job):
         run.plan.delete_job = True
     _expire(run)
+    return True
+
+
+def _borne_out(run: Run) -> bool:
+    """Whether a terminal status is one this operator could have written, given the children
+    still there: Succeeded needs a complete Job; Failed a finished Job or a failed or lost pod;
+    a search, no trial Job still running. A status someone else wrote over a running run is
+    not: the rules after this one compute the status again from the cluster. With the Job
+    gone there is nothing to contradict it, and it stays."""
+    job = run.observed.job
+    if job is not None:
+        if is_true(run.before, "Succeeded"):
+            return job_condition(job, "Complete") is not None
+        return job_finished(job) or any(o.kind in ("failed", "disrupted") for o in run.outcomes)
+    study = run.observed.study
+    if study is not None:
+        return all(job_finished(t.job) for t in study.trials)
     return True
 
 
@@ -889,6 +920,40 @@ def _ready(run: Run) -> bool:
     return True
 
 
+def _trainer_said(run: Run) -> bool:
+    """What the trainer's pods say fills their fields: the outcome of the Job's succeeded pod,
+    else (while it runs) the newest progress record of its log; kept from the last pass when
+    neither is there (they outlive the pods). A search's fields come from `_study`."""
+    if run.observed.study is not None:
+        return False
+    said = next(
+        (
+            o.outcome
+            for o in run.outcomes
+            if o.kind == "succeeded" and o.outcome is not None and o.outcome.kind == run.kind
+        ),
+        None,
+    )
+    if said is not None:
+        run.status.update(said.status_fields())
+    elif run.observed.progress and not is_terminal(run.status):
+        run.status.update(run.observed.progress)
+    return False
+
+
+def _degraded(run: Run) -> bool:
+    """The trainer's warnings (overfitting, truncated samples, memory pressure, ...) as a
+    condition `kubectl wait` can see, and a Warning Event when it turns True."""
+    warnings = run.status.get("warnings") or []
+    if warnings:
+        first = str(warnings[0].get("type") or "Warning")
+        text = "; ".join(str(w.get("message", "")) for w in warnings)
+        run.cond("Degraded", "True", first, text)
+    elif find_condition(run.conds, "Degraded") is not None:
+        run.cond("Degraded", "False", "NoWarnings", "the trainer reports nothing to look at")
+    return False
+
+
 # --- The chains ------------------------------------------------------------------------------
 
 VALIDATED_RULES: tuple[Rule, ...] = (_invalid_spec, _spec_changed, _preflight_finding, _valid)
@@ -908,10 +973,6 @@ _JOB: tuple[Rule, ...] = (
     _wait_for_gpus,
     _launch,
     _job_seen,
-    # The one place for fields taken from the trainer's outcome (status.artifacts, metrics,
-    # warnings, read from the pod's termination message): one rule here fills them from
-    # `run.outcomes` and passes on, so every outcome rule below sees them. Today the trainer
-    # patches them itself: such a rule also adds them to what `status_patch` sends.
     _trainer_refused,
     _completed,
     _backoff_exceeded,
@@ -931,4 +992,8 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "AdapterBundle": (*_BEFORE_LAUNCH, *_JOB),
 }
 # Run after the chain, whatever decided.
-CLOSING_RULES: dict[str, tuple[Rule, ...]] = {"AdapterBundle": (_ready,)}
+CLOSING_RULES: dict[str, tuple[Rule, ...]] = {
+    KIND: (_trainer_said, _degraded),
+    "OptimizeJob": (_trainer_said,),
+    "AdapterBundle": (_trainer_said, _ready),
+}

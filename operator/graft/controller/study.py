@@ -15,11 +15,11 @@ no trial number is launched twice.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Literal
 
 from graft import search_plan
 from graft.api.search import SearchSpec
+from graft.contract import TrainerOutcome
 from graft.controller.pods import classify_pod, failure_summary
 from graft.exit_codes import NOT_RETRIED
 
@@ -54,22 +54,20 @@ def _job_failed(job: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _from_message(number: int, text: str) -> dict[str, Any]:
-    """The record a succeeded trial pod reported (Failed when it reported nothing usable)."""
-    try:
-        data = json.loads(text)
-        if int(data["trial"]) != number or data["state"] not in FINISHED:
-            raise ValueError(text)
-    except (ValueError, KeyError, TypeError):
+def _reported(number: int, outcome: TrainerOutcome | None) -> dict[str, Any]:
+    """The record a succeeded trial pod reported in its outcome (Failed when it reported
+    nothing usable, or another trial's)."""
+    trial = outcome.trial if outcome is not None else None
+    if trial is None or trial.trial != number:
         return {"number": number, "state": "Failed", "message": "the trial reported no result"}
     return {
         "number": number,
-        "state": data["state"],
-        "params": dict(data.get("params") or {}),
-        "value": data.get("value"),
-        "step": data.get("step"),
-        "adapter": data.get("adapter"),
-        "message": data.get("message"),
+        "state": trial.state,
+        "params": dict(trial.params),
+        "value": trial.value,
+        "step": trial.step,
+        "adapter": trial.adapter,
+        "message": trial.message,
     }
 
 
@@ -79,7 +77,7 @@ def observe_trial(trial: TrialObserved, backoff_limit: int) -> dict[str, Any]:
     outcomes = [classify_pod(p) for p in trial.pods]
     succeeded = next((o for o in outcomes if o.kind == "succeeded"), None)
     if succeeded is not None:
-        return _from_message(trial.number, succeeded.message)
+        return _reported(trial.number, succeeded.outcome)
     failures = sorted((o for o in outcomes if o.kind == "failed"), key=lambda o: o.name)
     invalid = [o for o in failures if o.exit_code in NOT_RETRIED]
     if invalid or len(failures) > backoff_limit:
@@ -108,18 +106,19 @@ def plan_study(
     """The study's status and the trials to launch, from the last status and what runs."""
     search = SearchSpec.model_validate(spec["search"])
     target = search_plan.target_trials(search)
+    # A finished trial's record outlives its Job and pods in status; what a trial's pods show
+    # wins over it, so a record written into status by anyone else counts only for a trial
+    # whose pods are gone.
     records: dict[int, dict[str, Any]] = {}
     for record in (previous or {}).get("trials") or []:
-        if record.get("state") in FINISHED:  # sticky: outlives the trial's Job and pods
+        if record.get("state") in FINISHED:
             records[int(record["number"])] = dict(record)
     active = 0
     for trial in trials:
-        if trial.number in records:
-            continue
         record = observe_trial(trial, backoff_limit)
-        if record["state"] not in FINISHED:
-            active += 1
-        records[trial.number] = record
+        if record["state"] in FINISHED or trial.number not in records:
+            records[trial.number] = record
+            active += record["state"] not in FINISHED
     started = {t.number for t in trials} | set(records)
     launch = [n for n in range(target) if n not in started][: max(0, search.parallelism - active)]
     for number in launch:
