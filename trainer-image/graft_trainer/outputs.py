@@ -190,16 +190,13 @@ class OutputWriter:
         train_seconds: float,
         tokens_total: int,
     ) -> None:
-        eng, spec = self.engine, self.engine.spec
+        """Weights, reports and manifests in the store (spec.publish's push between the
+        weights' manifest and the run's), and their URIs in the engine's artifacts."""
+        eng = self.engine
         out = self.out_dir
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        kind = "model" if spec.method == "full" else "adapter"
-        weights = out / kind
-        model.save_pretrained(str(weights))
-        tokenizer.save_pretrained(str(weights))
-        if kind == "adapter":
-            name_base_model(weights / "adapter_config.json", spec.model, self.prep.model_commit)
+        kind, weights = self.save_weights(model, tokenizer)
         base_digest = "sha256:" + digest_files(
             [p for p in self.prep.model_dir.iterdir() if p.is_file()]
         )
@@ -219,7 +216,32 @@ class OutputWriter:
             "peakMemoryBytes": eng.metrics.peak_memory_bytes or peak_rss_bytes(),
             "processes": eng.processes,
         }
-        data_summary = {
+        metrics = {
+            "baseline": baseline,
+            "final": final,
+            "run": run,
+            "memoryEstimate": self.prep.memory,
+            "warnings": [w.to_api() for w in eng.warnings],
+            "history": eng.history,
+        }
+        self.write_reports(weights, metrics, samples)
+        common = self.common_manifest(base_digest, finished, train_seconds)
+        self.store_outputs(kind, weights, common, metrics, best_step)
+
+    def save_weights(self, model: Any, tokenizer: Any) -> tuple[str, Path]:
+        """The adapter (or the full model) with its tokenizer: (kind, folder)."""
+        spec = self.engine.spec
+        kind = "model" if spec.method == "full" else "adapter"
+        weights = self.out_dir / kind
+        model.save_pretrained(str(weights))
+        tokenizer.save_pretrained(str(weights))
+        if kind == "adapter":
+            name_base_model(weights / "adapter_config.json", spec.model, self.prep.model_commit)
+        return kind, weights
+
+    def data_summary(self) -> dict[str, Any]:
+        spec = self.engine.spec
+        return {
             "uri": spec.dataset.uri,
             "digest": self.prep.dataset_digest,
             "trainRecords": self.data.train_records,
@@ -229,14 +251,14 @@ class OutputWriter:
             "packedRows": len(self.data.packed_rows) if self.data.packed_rows else None,
             "labelCounts": self.data.label_counts,
         }
-        metrics = {
-            "baseline": baseline,
-            "final": final,
-            "run": run,
-            "memoryEstimate": self.prep.memory,
-            "warnings": [w.to_api() for w in eng.warnings],
-            "history": eng.history,
-        }
+
+    def write_reports(
+        self, weights: Path, metrics: dict[str, Any], samples: list[dict[str, str]]
+    ) -> None:
+        """metrics.json, the model card, train_log.jsonl, TensorBoard events, curves.png and
+        report.html in the output folder."""
+        eng, spec, out = self.engine, self.engine.spec, self.out_dir
+        baseline, final, run = metrics["baseline"], metrics["final"], metrics["run"]
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
         # Over PEFT's placeholder: the card the Hub renders beside the weights.
         (weights / "README.md").write_text(
@@ -265,11 +287,17 @@ class OutputWriter:
             "final": final,
             "samples": samples,
             "run": run,
-            "data": data_summary,
+            "data": self.data_summary(),
             "warnings": metrics["warnings"],
         }
         (out / "report.html").write_text(render_report(ctx, png))
-        common = {
+
+    def common_manifest(
+        self, base_digest: str, finished: datetime, train_seconds: float
+    ) -> dict[str, Any]:
+        """What the manifests of the weights and of the whole output share."""
+        eng, spec = self.engine, self.engine.spec
+        return {
             "job": {
                 "name": eng.identity.name,
                 "namespace": eng.identity.namespace,
@@ -291,13 +319,25 @@ class OutputWriter:
                 "trainSeconds": train_seconds,
             },
         }
+
+    def store_outputs(
+        self,
+        kind: str,
+        weights: Path,
+        common: dict[str, Any],
+        metrics: dict[str, Any],
+        best_step: int | None,
+    ) -> None:
+        """The weights (manifest last), spec.publish's push, then the whole output folder
+        with its manifest last."""
+        eng, out = self.engine, self.out_dir
         weights_uri = join_uri(eng.prefix, f"{kind}/")
         write_artifact(
             weights, weights_uri, {**common, "kind": kind, "bestStep": best_step}, store=eng.store
         )
         eng.artifacts[kind] = weights_uri
         extra: dict[str, Any] = {}
-        if spec.publish is not None:
+        if eng.spec.publish is not None:
             # The weights' manifest is complete (in the store and in the folder): push the
             # folder as it is, then record the commit beside the other artifacts.
             published = self.publish(weights, kind, best_step)
@@ -308,7 +348,13 @@ class OutputWriter:
         write_artifact(
             out,
             eng.prefix,
-            {**common, "kind": "finetune-output", "run": run, "metrics": final, **extra},
+            {
+                **common,
+                "kind": "finetune-output",
+                "run": metrics["run"],
+                "metrics": metrics["final"],
+                **extra,
+            },
             store=eng.store,
         )
         eng.artifacts.update(
