@@ -140,6 +140,17 @@ class OptimizeResult:
         }
 
 
+@dataclass
+class _OptimizeInputs:
+    """What the OptimizeJob's pre-flight found: the checked adapter and the texts to measure."""
+
+    adapter_field: str
+    separate: bool  # the adapter stays separate (graph inputs + .onnx_adapter), not merged
+    peft_adapter: bundle.PeftAdapter | None
+    shapes: Any  # bundle.base_linear_shapes(model_dir)
+    texts: list[str]
+
+
 def run_optimize(
     spec: OptimizeJobSpec | Mapping[str, Any],
     *,
@@ -160,21 +171,63 @@ def run_optimize(
     """
     say = on_progress or log.info
     parsed = _parse_spec(spec, OptimizeJobSpec)
-    source_field = (
-        "spec.source.fineTuneJobRef"
-        if parsed.source.fine_tune_job_ref is not None
-        else "spec.source.model"
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    inputs = _optimize_preflight(parsed, model_dir, out_dir, adapter_dir, eval_texts)
+    started = time.time()
+    conversion_seconds, feeds = _optimize_export(
+        parsed, inputs, model_dir, out_dir, adapter_dir, work_dir, say
     )
-    adapter_field = (
-        "spec.source.fineTuneJobRef"
-        if parsed.source.fine_tune_job_ref is not None
-        else "spec.source.adapter"
+    metrics = OptimizeMetrics(
+        size_bytes=directory_size(out_dir), conversion_seconds=round(conversion_seconds, 3)
     )
+    generations = _optimize_validate(
+        parsed, inputs, metrics, model_dir, out_dir, adapter_dir, feeds, say
+    )
+    _check_parity(parsed, metrics, generations)
+    peft_adapter, separate = inputs.peft_adapter, inputs.separate
+    body = {
+        "kind": "onnx-model",
+        "producer": "OptimizeJob",
+        "spec": parsed.to_api(),
+        "target": {"device": parsed.target.device, "precision": parsed.target.precision},
+        "adapterMode": parsed.adapter_mode if adapter_dir is not None else None,
+        "baseModelDigest": model_digest(model_dir),
+        "adapter": (
+            {
+                "file": ADAPTER_FILE if separate else None,
+                "activateAs": SEPARATE_ADAPTER_NAME if separate else None,
+                "rank": peft_adapter.rank,
+                "targetModules": peft_adapter.target_modules,
+            }
+            if peft_adapter is not None
+            else None
+        ),
+        "metrics": metrics.to_api(),
+        "generations": [g.to_api() for g in generations],
+        "evalTexts": len(inputs.texts),
+        "libraries": library_versions(),
+        "startTime": started,
+        "endTime": time.time(),
+    }
+    manifest = write_manifest(out_dir, body)
+    return OptimizeResult(
+        out_dir=out_dir, metrics=metrics, generations=generations, manifest=manifest
+    )
+
+
+def _optimize_preflight(
+    parsed: OptimizeJobSpec,
+    model_dir: Path,
+    out_dir: Path,
+    adapter_dir: Path | None,
+    eval_texts: Sequence[str] | None,
+) -> _OptimizeInputs:
+    """Every cheap check, before anything heavy: target, model, adapter, texts, output."""
+    by_ref = parsed.source.fine_tune_job_ref is not None
+    source_field = "spec.source.fineTuneJobRef" if by_ref else "spec.source.model"
+    adapter_field = "spec.source.fineTuneJobRef" if by_ref else "spec.source.adapter"
     device, precision = parsed.target.device, parsed.target.precision
     validate = parsed.validate_
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-
-    # Pre-flight: nothing heavy before every cheap check has passed.
     builder.check_target(device, precision)
     builder.preflight(model_dir, source_field)
     separate = adapter_dir is not None and parsed.adapter_mode == "separate"
@@ -194,41 +247,69 @@ def run_optimize(
     _check_device_runtime(device)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError("", f"output directory {out_dir} is not empty")
+    return _OptimizeInputs(adapter_field, separate, peft_adapter, shapes, texts)
 
-    started = time.time()
+
+def _optimize_export(
+    parsed: OptimizeJobSpec,
+    inputs: _OptimizeInputs,
+    model_dir: Path,
+    out_dir: Path,
+    adapter_dir: Path | None,
+    work_dir: Path | None,
+    say: Log,
+) -> tuple[float, Any]:
+    """The ONNX export (the adapter merged, or separate as graph inputs): (seconds, the
+    separate adapter's feeds or None)."""
+    device, precision = parsed.target.device, parsed.target.precision
     with tempfile.TemporaryDirectory(prefix="graft-optimize-", dir=work_dir) as tmp:
         export_start = time.perf_counter()
         feeds = None
-        if adapter_dir is not None and not separate:
+        if adapter_dir is not None and not inputs.separate:
             from graft_trainer.export.merge import merge_adapter
 
             say("merging the adapter into the base weights")
             source = merge_adapter(
-                model_dir, Path(adapter_dir), Path(tmp) / "merged", adapter_field
+                model_dir, Path(adapter_dir), Path(tmp) / "merged", inputs.adapter_field
             )
             say(f"exporting {precision} for {device}")
             builder.build(source, out_dir, precision=precision, device=device)
-        elif separate:
+        elif inputs.separate:
+            peft_adapter = inputs.peft_adapter
             assert peft_adapter is not None
             say(f"exporting {precision} for {device} with the adapter as graph inputs")
             graph = export_with_lora_inputs(
-                model_dir, out_dir, precision, device, peft_adapter.target_modules, shapes
+                model_dir, out_dir, precision, device, peft_adapter.target_modules, inputs.shapes
             )
-            feeds = bundle.check_adapter(peft_adapter, graph, name="adapter", field=adapter_field)
+            feeds = bundle.check_adapter(
+                peft_adapter, graph, name="adapter", field=inputs.adapter_field
+            )
             bundle.write_adapter_file(feeds, out_dir / ADAPTER_FILE, model_digest(model_dir))
         else:
             say(f"exporting {precision} for {device}")
             builder.build(model_dir, out_dir, precision=precision, device=device)
-        conversion_seconds = time.perf_counter() - export_start
+        return time.perf_counter() - export_start, feeds
 
-    metrics = OptimizeMetrics(
-        size_bytes=directory_size(out_dir), conversion_seconds=round(conversion_seconds, 3)
-    )
-    say("validating with onnxruntime-genai")
+
+def _optimize_validate(
+    parsed: OptimizeJobSpec,
+    inputs: _OptimizeInputs,
+    metrics: OptimizeMetrics,
+    model_dir: Path,
+    out_dir: Path,
+    adapter_dir: Path | None,
+    feeds: Any,
+    say: Log,
+) -> list[Generation]:
+    """Generations of the validate prompts, decode speed and PyTorch-vs-ONNX perplexity
+    through onnxruntime-genai (into `metrics`)."""
     from graft_trainer.export import validate as checks
 
-    adapters = {SEPARATE_ADAPTER_NAME: out_dir / ADAPTER_FILE} if separate else None
-    active = SEPARATE_ADAPTER_NAME if separate else None
+    say("validating with onnxruntime-genai")
+    validate, texts = parsed.validate_, inputs.texts
+    device, precision = parsed.target.device, parsed.target.precision
+    adapters = {SEPARATE_ADAPTER_NAME: out_dir / ADAPTER_FILE} if inputs.separate else None
+    active = SEPARATE_ADAPTER_NAME if inputs.separate else None
     genai = checks.GenaiModel(out_dir, adapters)
     results = [genai.generate(p, validate.max_new_tokens, adapter=active) for p in validate.prompts]
     smoke_prompt = (validate.prompts or texts or [SMOKE_PROMPT])[0]
@@ -237,8 +318,6 @@ def run_optimize(
     metrics.decode_tokens_per_second = round(
         genai.decode_tokens_per_second(smoke_prompt, DECODE_TOKENS, adapter=active), 2
     )
-    generations = _generations(results)
-
     if texts and precision != "bf16":  # numpy has no bfloat16 for the KV cache feeds
         say("measuring perplexity: PyTorch vs ONNX")
         token_ids = checks.tokenize_texts(model_dir, texts)
@@ -248,54 +327,34 @@ def run_optimize(
             metrics.perplexity_py_torch = round(ppl_torch, 6)
             metrics.perplexity_onnx = round(ppl_onnx, 6)
             metrics.perplexity_increase = round(checks.perplexity_increase(ppl_torch, ppl_onnx), 6)
-    if validate.parity is not None:
-        limit = validate.parity.max_perplexity_increase
-        increase = metrics.perplexity_increase
-        if increase is None:
-            raise ExportError(
-                "spec.validate.parity",
-                f"perplexity parity is not measured for {precision} exports in this trainer",
-                "ParityNotMeasured",
-                details={"metrics": metrics.to_api(), "generations": generations},
-            )
-        if increase > limit:
-            raise ExportError(
-                "spec.validate.parity.maxPerplexityIncrease",
-                f"the {precision} export's perplexity is {metrics.perplexity_onnx:.4f} against "
-                f"{metrics.perplexity_py_torch:.4f} for PyTorch: an increase of {increase:.2%}, "
-                f"above the allowed {limit:.2%}",
-                "ParityExceeded",
-                details={"metrics": metrics.to_api(), "generations": generations},
-            )
+    return _generations(results)
 
-    body = {
-        "kind": "onnx-model",
-        "producer": "OptimizeJob",
-        "spec": parsed.to_api(),
-        "target": {"device": device, "precision": precision},
-        "adapterMode": parsed.adapter_mode if adapter_dir is not None else None,
-        "baseModelDigest": model_digest(model_dir),
-        "adapter": (
-            {
-                "file": ADAPTER_FILE if separate else None,
-                "activateAs": SEPARATE_ADAPTER_NAME if separate else None,
-                "rank": peft_adapter.rank,
-                "targetModules": peft_adapter.target_modules,
-            }
-            if peft_adapter is not None
-            else None
-        ),
-        "metrics": metrics.to_api(),
-        "generations": [g.to_api() for g in generations],
-        "evalTexts": len(texts),
-        "libraries": library_versions(),
-        "startTime": started,
-        "endTime": time.time(),
-    }
-    manifest = write_manifest(out_dir, body)
-    return OptimizeResult(
-        out_dir=out_dir, metrics=metrics, generations=generations, manifest=manifest
-    )
+
+def _check_parity(
+    parsed: OptimizeJobSpec, metrics: OptimizeMetrics, generations: list[Generation]
+) -> None:
+    """spec.validate.parity: the perplexity increase measured and within the limit."""
+    parity, precision = parsed.validate_.parity, parsed.target.precision
+    if parity is None:
+        return
+    limit = parity.max_perplexity_increase
+    increase = metrics.perplexity_increase
+    if increase is None:
+        raise ExportError(
+            "spec.validate.parity",
+            f"perplexity parity is not measured for {precision} exports in this trainer",
+            "ParityNotMeasured",
+            details={"metrics": metrics.to_api(), "generations": generations},
+        )
+    if increase > limit:
+        raise ExportError(
+            "spec.validate.parity.maxPerplexityIncrease",
+            f"the {precision} export's perplexity is {metrics.perplexity_onnx:.4f} against "
+            f"{metrics.perplexity_py_torch:.4f} for PyTorch: an increase of {increase:.2%}, "
+            f"above the allowed {limit:.2%}",
+            "ParityExceeded",
+            details={"metrics": metrics.to_api(), "generations": generations},
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +388,20 @@ class BundleResult:
         return {"adapters": [r.to_api() for r in self.reports]}
 
 
+@dataclass
+class _BundleInputs:
+    """What the AdapterBundle's pre-flight found: each checked adapter and its base digest."""
+
+    index_of: dict[str, int]  # adapter name -> its index in spec.adapters
+    base_digest: str
+    shapes: Any  # bundle.base_linear_shapes(base_model_dir)
+    peft: dict[str, bundle.PeftAdapter]
+    digests: dict[str, str | None]  # the base model digest each adapter declares
+
+    def field_of(self, name: str) -> str:
+        return f"spec.adapters[{self.index_of[name]}]"
+
+
 def run_bundle(
     spec: AdapterBundleSpec | Mapping[str, Any],
     *,
@@ -345,24 +418,82 @@ def run_bundle(
     parsed = _parse_spec(spec, AdapterBundleSpec)
     device, precision = parsed.target.device, parsed.target.precision
     base_model_dir, out_dir = Path(base_model_dir), Path(out_dir)
-    base_field = "spec.baseModel"
+    inputs = _bundle_preflight(parsed, base_model_dir, adapters, out_dir)
 
-    # Pre-flight.
+    started = time.time()
+    union = bundle.union_target_modules(inputs.peft.values())
+    model_dir = out_dir / "model"
+    say(f"exporting the {precision} base for {device} with LoRA inputs on {union}")
+    export_start = time.perf_counter()
+    graph = export_with_lora_inputs(
+        base_model_dir, model_dir, precision, device, union, inputs.shapes
+    )
+    conversion_seconds = time.perf_counter() - export_start
+    files, reports = _bundle_adapter_files(inputs, adapters, graph, out_dir)
+    base_outputs, base_tps, ordered = _bundle_smoke_test(
+        parsed, inputs, adapters, model_dir, files, reports, measure_overhead
+    )
+
+    bundle.save_graph_spec(graph, model_dir / "adapter_inputs.json")
+    body = {
+        "kind": "adapter-bundle",
+        "producer": "AdapterBundle",
+        "spec": parsed.to_api(),
+        "target": {"device": device, "precision": precision},
+        "baseModelDigest": inputs.base_digest,
+        "model": "model/",
+        "noAdapter": {"model": "model/", "filename": BASE_GRAPH, "overlay": NO_ADAPTER_OVERLAY},
+        "adapterInputs": "model/adapter_inputs.json",
+        "targetModules": union,
+        "adapters": [
+            {
+                **reports[a.name].to_api(),
+                "file": f"adapters/{a.name}.onnx_adapter",
+                "declaredBaseModelDigest": inputs.digests.get(a.name),
+                "ranks": dict(sorted(inputs.peft[a.name].ranks.items())),
+            }
+            for a in parsed.adapters
+        ],
+        "baseGenerations": [g.to_api() for g in _generations(base_outputs)],
+        "baseDecodeTokensPerSecond": round(base_tps, 2),
+        "conversionSeconds": round(conversion_seconds, 3),
+        "libraries": library_versions(),
+        "startTime": started,
+        "endTime": time.time(),
+    }
+    manifest = write_manifest(out_dir, body)
+    return BundleResult(
+        out_dir=out_dir,
+        model_dir=model_dir,
+        adapter_files=files,
+        reports=ordered,
+        base_decode_tokens_per_second=base_tps,
+        manifest=manifest,
+    )
+
+
+def _bundle_preflight(
+    parsed: AdapterBundleSpec,
+    base_model_dir: Path,
+    adapters: Sequence[BundleAdapterInput],
+    out_dir: Path,
+) -> _BundleInputs:
+    """Every cheap check, before the export: target, base model, each adapter (resolved, on
+    this base, its modules servable), output directory."""
+    device, precision = parsed.target.device, parsed.target.precision
     builder.check_target(device, precision)
-    builder.preflight(base_model_dir, base_field)
+    builder.preflight(base_model_dir, "spec.baseModel")
     index_of = {a.name: i for i, a in enumerate(parsed.adapters)}
     given = {a.name for a in adapters}
     for name, index in index_of.items():
         if name not in given:
             raise ExportError(f"spec.adapters[{index}]", f"adapter {name!r} was not resolved")
     base_digest = model_digest(base_model_dir)
-    shapes = bundle.base_linear_shapes(base_model_dir)
-    peft: dict[str, bundle.PeftAdapter] = {}
-    digests: dict[str, str | None] = {}
+    inputs = _BundleInputs(index_of, base_digest, bundle.base_linear_shapes(base_model_dir), {}, {})
     for item in adapters:
         if item.name not in index_of:
             raise ExportError("spec.adapters", f"adapter {item.name!r} is not in the spec")
-        adapter_field = f"spec.adapters[{index_of[item.name]}]"
+        adapter_field = inputs.field_of(item.name)
         declared = item.base_model_digest or declared_base_digest(Path(item.path))
         if declared and not same_digest(declared, base_digest):
             raise ExportError(
@@ -372,34 +503,34 @@ def run_bundle(
                 "base model",
                 "BaseModelMismatch",
             )
-        digests[item.name] = declared
+        inputs.digests[item.name] = declared
         adapter = bundle.read_peft_adapter(Path(item.path), adapter_field)
-        bundle.check_against_base(adapter, shapes, name=item.name, field=adapter_field)
+        bundle.check_against_base(adapter, inputs.shapes, name=item.name, field=adapter_field)
         bundle.check_runtime_modules(adapter, name=item.name, field=adapter_field)
-        peft[item.name] = adapter
+        inputs.peft[item.name] = adapter
     _check_device_runtime(device)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError("", f"output directory {out_dir} is not empty")
+    return inputs
 
-    started = time.time()
-    union = bundle.union_target_modules(peft.values())
-    model_dir = out_dir / "model"
-    say(f"exporting the {precision} base for {device} with LoRA inputs on {union}")
-    export_start = time.perf_counter()
-    graph = export_with_lora_inputs(base_model_dir, model_dir, precision, device, union, shapes)
-    conversion_seconds = time.perf_counter() - export_start
 
-    # The contract: tensors by name, shape and dtype, in the file as written.
-    files: dict[str, Path] = {}
-    reports: dict[str, AdapterReport] = {}
+def _bundle_adapter_files(
+    inputs: _BundleInputs,
+    adapters: Sequence[BundleAdapterInput],
+    graph: Any,
+    out_dir: Path,
+) -> tuple[dict[str, Path], dict[str, AdapterReport]]:
+    """The contract: tensors by name, shape and dtype, in each .onnx_adapter as written."""
     from graft.storage.artifacts import file_digest
 
+    files: dict[str, Path] = {}
+    reports: dict[str, AdapterReport] = {}
     for item in adapters:
-        adapter_field = f"spec.adapters[{index_of[item.name]}]"
-        adapter = peft[item.name]
+        adapter_field = inputs.field_of(item.name)
+        adapter = inputs.peft[item.name]
         feeds = bundle.check_adapter(adapter, graph, name=item.name, field=adapter_field)
         path = bundle.write_adapter_file(
-            feeds, out_dir / "adapters" / f"{item.name}.onnx_adapter", base_digest
+            feeds, out_dir / "adapters" / f"{item.name}.onnx_adapter", inputs.base_digest
         )
         bundle.verify_adapter_file(
             path, graph, bundle.graph_ranks(adapter, graph), name=item.name, field=adapter_field
@@ -411,8 +542,20 @@ def run_bundle(
             target_modules=adapter.target_modules,
             sha256=file_digest(path),
         )
+    return files, reports
 
-    # Smoke test each adapter through onnxruntime-genai, and measure decode overhead.
+
+def _bundle_smoke_test(
+    parsed: AdapterBundleSpec,
+    inputs: _BundleInputs,
+    adapters: Sequence[BundleAdapterInput],
+    model_dir: Path,
+    files: dict[str, Path],
+    reports: dict[str, AdapterReport],
+    measure_overhead: bool,
+) -> tuple[list[Any], float, list[AdapterReport]]:
+    """Each adapter through onnxruntime-genai, and its decode overhead over the plain base:
+    (the base's generations, its decode tokens/s, the reports in spec order)."""
     from graft_trainer.export import validate as checks
 
     prompts = parsed.validate_.prompts or [SMOKE_PROMPT]
@@ -441,48 +584,12 @@ def run_bundle(
     if failures:
         name, why = failures[0]
         raise ExportError(
-            f"spec.adapters[{index_of[name]}]",
+            inputs.field_of(name),
             f"adapter {name!r} failed its onnxruntime-genai smoke test: {why}",
             "SmokeTestFailed",
             details={"adapters": [r.to_api() for r in ordered]},
         )
-
-    bundle.save_graph_spec(graph, model_dir / "adapter_inputs.json")
-    body = {
-        "kind": "adapter-bundle",
-        "producer": "AdapterBundle",
-        "spec": parsed.to_api(),
-        "target": {"device": device, "precision": precision},
-        "baseModelDigest": base_digest,
-        "model": "model/",
-        "noAdapter": {"model": "model/", "filename": BASE_GRAPH, "overlay": NO_ADAPTER_OVERLAY},
-        "adapterInputs": "model/adapter_inputs.json",
-        "targetModules": union,
-        "adapters": [
-            {
-                **reports[a.name].to_api(),
-                "file": f"adapters/{a.name}.onnx_adapter",
-                "declaredBaseModelDigest": digests.get(a.name),
-                "ranks": dict(sorted(peft[a.name].ranks.items())),
-            }
-            for a in parsed.adapters
-        ],
-        "baseGenerations": [g.to_api() for g in _generations(base_outputs)],
-        "baseDecodeTokensPerSecond": round(base_tps, 2),
-        "conversionSeconds": round(conversion_seconds, 3),
-        "libraries": library_versions(),
-        "startTime": started,
-        "endTime": time.time(),
-    }
-    manifest = write_manifest(out_dir, body)
-    return BundleResult(
-        out_dir=out_dir,
-        model_dir=model_dir,
-        adapter_files=files,
-        reports=ordered,
-        base_decode_tokens_per_second=base_tps,
-        manifest=manifest,
-    )
+    return base_outputs, base_tps, ordered
 
 
 __all__ = [
