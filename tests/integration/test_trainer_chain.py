@@ -220,3 +220,30 @@ def test_pod_runs_an_optimizejob_from_the_references_the_operator_froze(
     assert status["generations"][0]["prompt"].startswith("<|user|>")
     # the whole outcome beside the artifacts
     assert json.loads((out / "outcome.json").read_text())["artifacts"] == {"model": artifacts}
+
+    # The same export failing its parity check: exit code 2, and the operator shows the
+    # export's own reason, not InvalidInput.
+    from graft_trainer.export import validate as checks
+
+    real = checks.perplexity_onnx
+    monkeypatch.setattr(checks, "perplexity_onnx", lambda *a, **k: real(*a, **k) * 10)
+    optj["spec"]["validate"] = {"parity": {"maxPerplexityIncrease": 0.1}}
+    path, env = pod_env(optj, gate.references)
+    assert trainer_main.main(["--log-format", "text", "run-resource", str(path)]) == 2
+    failed = {**pod["status"], "phase": "Failed"}
+    failed["containerStatuses"] = [
+        {
+            "name": "trainer",
+            "state": {
+                "terminated": {"exitCode": 2, "reason": "Error", "message": termination.read_text()}
+            },
+        }
+    ]
+    job["status"] = {}
+    observed = Observed(
+        launched_hash="h", current_hash="h", job=job, pods=({**pod, "status": failed},)
+    )
+    status = compute_status(optj, observed, datetime.now(UTC)).status
+    failure = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert (failure["status"], failure["reason"]) == ("True", "ParityExceeded"), failure
+    assert "spec.validate.parity.maxPerplexityIncrease" in failure["message"]

@@ -364,3 +364,16 @@ def test_a_terminal_status_written_over_a_running_job_is_computed_again() -> Non
     ended = compute_status(ftj(), observed(done, finished), NOW).status
     again = compute_status(ftj(ended), observed(done, finished), NOW)
     assert again.status["phase"] == "Succeeded" and again.events == []
+
+
+def test_a_running_job_shows_what_its_log_says_not_what_status_held() -> None:
+    forged = {"artifacts": {"adapter": "s3://elsewhere/"}, "metrics": {"evalLoss": 0.01}}
+    running = observed(job(), pod("p1", "Running"))
+    plan = compute_status(ftj(forged), running, NOW)
+    assert plan.status["artifacts"] is None and plan.status["metrics"] is None  # deleted
+    assert status_patch(forged, plan.status) == {"artifacts": None, "metrics": None} | {
+        k: v for k, v in plan.status.items() if k not in ("artifacts", "metrics")
+    }
+    live = {"progress": {"step": 2}, "metrics": {"trainLoss": 3.0}, "warnings": []}
+    plan = compute_status(ftj(forged), observed(job(), pod("p1", "Running"), progress=live), NOW)
+    assert plan.status["metrics"] == {"trainLoss": 3.0} and plan.status["artifacts"] is None

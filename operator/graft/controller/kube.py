@@ -52,8 +52,6 @@ def object_path(obj: dict[str, Any], *, collection: bool = False) -> str:
         "ConfigMap": "configmaps",
         "Job": "jobs",
         "ServiceAccount": "serviceaccounts",
-        "Role": "roles",
-        "RoleBinding": "rolebindings",
         "Pod": "pods",
         "Event": "events",
     }[str(obj["kind"])]

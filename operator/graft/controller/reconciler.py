@@ -354,13 +354,34 @@ class Reconciler:
         """Observed, the plan, and the launches it asks for; with `budget` the namespace's GPU
         budget is counted (under its lock)."""
         namespace = key[1]
+        pod_refused = await self._pod_refused(namespace, seen)
+        progress = await self._read_progress(key, seen)
+        observed = self._observed(key, obj, seen, pod_refused, progress, budget=budget)
+        plan = compute_status(obj, observed, datetime.now(UTC))
+        if _running_pod(seen) is not None and not plan.delete_job:  # read its progress again
+            plan.requeue_after = min(plan.requeue_after or math.inf, self.config.progress_seconds)
+        requeue = await self._launch_planned(obj, plan, seen)
+        if plan.create_trials:
+            await self._launch_trials(obj, seen.resolved, seen.configmap, plan.create_trials)
+        return plan, observed, requeue
+
+    def _observed(
+        self,
+        key: Key,
+        obj: dict[str, Any],
+        seen: Children,
+        pod_refused: str | None,
+        progress: dict[str, Any] | None,
+        *,
+        budget: bool,
+    ) -> Observed:
+        """What `compute_status` is given about a resource and its children."""
+        namespace = key[1]
         resolved, effective = seen.resolved, seen.effective
         changed: tuple[str, ...] = ()
         if resolved and seen.launched_spec and seen.launched_hash != resolved.spec_hash:
             changed = tuple(planner.changed_fields(seen.launched_spec, resolved.spec))
-        pod_refused = await self._pod_refused(namespace, seen)
-        progress = await self._read_progress(key, seen)
-        observed = Observed(
+        return Observed(
             issues=seen.issues,
             launched_hash=seen.launched_hash,
             current_hash=resolved.spec_hash if resolved else None,
@@ -382,13 +403,6 @@ class Reconciler:
                 else None
             ),
         )
-        plan = compute_status(obj, observed, datetime.now(UTC))
-        if _running_pod(seen) is not None and not plan.delete_job:  # read its progress again
-            plan.requeue_after = min(plan.requeue_after or math.inf, self.config.progress_seconds)
-        requeue = await self._launch_planned(obj, plan, seen)
-        if plan.create_trials:
-            await self._launch_trials(obj, resolved, seen.configmap, plan.create_trials)
-        return plan, observed, requeue
 
     async def _read_progress(self, key: Key, seen: Children) -> dict[str, Any] | None:
         """A running FineTuneJob's newest progress, read from its trainer pod's log at most
@@ -614,14 +628,27 @@ class Reconciler:
         found: dict[str, dict[str, Any] | None] = {}
         for ref in refs:
             if ref.name not in found:
-                found[ref.name] = self.bodies.get(
-                    (sources.FINETUNE, namespace, ref.name)
-                ) or await self.kube.get(resource_path(namespace, ref.name, kind=sources.FINETUNE))
+                found[ref.name] = await self._as_its_children_show(namespace, ref.name)
         gate = sources.gate(kind, namespace, resolved.spec, found, self.config)
         if gate.state != "ready":
             for ref in refs:
                 self.dependents.setdefault((namespace, ref.name), set()).add(key)
         return gate
+
+    async def _as_its_children_show(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A referenced FineTuneJob with the status this operator computes for it now from
+        its own Job, pods and trials, not the status its body carries: the gate (Succeeded,
+        a search's best trial) never rests on a status someone else wrote."""
+        ref_key: Key = (sources.FINETUNE, namespace, name)
+        body = self.bodies.get(ref_key) or await self.kube.get(
+            resource_path(namespace, name, kind=sources.FINETUNE)
+        )
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return body
+        body = {**body, "kind": sources.FINETUNE}
+        seen = await self._children(ref_key, body)
+        observed = self._observed(ref_key, body, seen, None, None, budget=False)
+        return {**body, "status": compute_status(body, observed, datetime.now(UTC)).status}
 
     def _forget_dependencies(self, key: Key) -> None:
         for waiting in self.dependents.values():
@@ -734,8 +761,8 @@ class Reconciler:
                 self._post(obj, Event("Normal", "TrialCreated", f"created Job {job_name(job)}"))
 
     async def _ensure_identity(self, namespace: str) -> None:
-        """ServiceAccount and RoleBinding for trainer pods: created once per namespace, and
-        again (409 when they exist) after IDENTITY_TTL, so a namespace deleted and made anew,
+        """The trainer pods' ServiceAccount: created once per namespace, and
+        again (409 when it exists) after IDENTITY_TTL, so a namespace deleted and made anew,
         or an identity deleted by hand, is set up again without an operator restart."""
         held = self._identities.get(namespace)
         now = time.monotonic()
@@ -749,7 +776,7 @@ class Reconciler:
             raise
 
     async def _create_identity(self, namespace: str) -> None:
-        # Together: a RoleBinding may name its Role before the Role exists. 409: exists, fine.
+        # 409: it exists, fine.
         manifests = planner.trainer_identity(namespace, self.config)
         await asyncio.gather(*(self.kube.create(manifest) for manifest in manifests))
 

@@ -922,8 +922,9 @@ def _ready(run: Run) -> bool:
 
 def _trainer_said(run: Run) -> bool:
     """What the trainer's pods say fills their fields: the outcome of the Job's succeeded pod,
-    else (while it runs) the newest progress record of its log; kept from the last pass when
-    neither is there (they outlive the pods). A search's fields come from `_study`."""
+    else, while the Job runs, the newest progress record of its log (or nothing); kept from
+    the last pass once the run has ended (they outlive the pods). A search's fields come from
+    `_study`."""
     if run.observed.study is not None:
         return False
     said = next(
@@ -936,8 +937,15 @@ def _trainer_said(run: Run) -> bool:
     )
     if said is not None:
         run.status.update(said.status_fields())
-    elif run.observed.progress and not is_terminal(run.status):
-        run.status.update(run.observed.progress)
+    elif run.observed.job is not None and not is_terminal(run.status):
+        # A run under way shows what its pod's log says, or nothing: not what someone else
+        # wrote (null deletes a field in the merge patch).
+        live = run.observed.progress or {}
+        for field in SAID_FIELDS.get(run.kind, ()):
+            if field in live:
+                run.status[field] = live[field]
+            elif field in run.prev:
+                run.status[field] = None
     return False
 
 
