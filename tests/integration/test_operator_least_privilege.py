@@ -86,7 +86,7 @@ def used_by(events: Iterable[dict[str, Any]], user: str) -> tuple[set[Verb], set
 def granted_to(api: Any, namespace: str, account: str, watched: str) -> set[Verb]:
     """The chart's rules bound to the ServiceAccount, expanded: its (Cluster)RoleBindings and
     the roles they name, as the API server holds them. Roles of `watched` count (namespaced
-    scope); the trainer ClusterRole is bound to the trainer identity, never to the operator."""
+    scope)."""
     from kubernetes import client as k8s
 
     rbac = k8s.RbacAuthorizationV1Api(api)

@@ -7,6 +7,8 @@ import uuid
 
 import pytest
 
+from tests.integration.operator_kit import service_account_client
+
 pytestmark = pytest.mark.integration
 
 
@@ -42,19 +44,7 @@ def test_narrow_role_is_enforced(control_plane) -> None:
                 subjects=[client.RbacV1Subject(kind="ServiceAccount", name="narrow", namespace=ns)],
             ),
         )
-        token = core.create_namespaced_service_account_token(
-            "narrow",
-            ns,
-            client.AuthenticationV1TokenRequest(
-                spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600)
-            ),
-        ).status.token
-
-        cfg = client.Configuration()
-        cfg.host = api.configuration.host
-        cfg.ssl_ca_cert = api.configuration.ssl_ca_cert
-        cfg.api_key = {"authorization": f"Bearer {token}"}
-        narrow = client.CoreV1Api(client.ApiClient(cfg))
+        narrow = client.CoreV1Api(service_account_client(api, ns, "narrow"))
 
         # inside the Role: allowed
         assert narrow.list_namespaced_config_map(ns).items is not None

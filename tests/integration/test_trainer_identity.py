@@ -11,7 +11,7 @@ import pytest
 
 from graft.controller import planner
 from graft.controller.config import OperatorConfig
-from tests.integration.operator_kit import REPO, Cluster
+from tests.integration.operator_kit import REPO, Cluster, service_account_client
 
 pytestmark = pytest.mark.integration
 
@@ -31,18 +31,8 @@ def test_the_trainer_identity_cannot_write_status_or_read_secrets(control_plane:
             utils.create_from_dict(api, manifest)
         cluster.create_ftj("mine")
         cluster.create_ftj("theirs")
-        token = cluster.core.create_namespaced_service_account_token(
-            "graft-trainer",
-            ns,
-            client.AuthenticationV1TokenRequest(
-                spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600)
-            ),
-        ).status.token
-        cfg = client.Configuration()
-        cfg.host = api.configuration.host
-        cfg.ssl_ca_cert = api.configuration.ssl_ca_cert
-        cfg.api_key = {"authorization": f"Bearer {token}"}
-        trainer = client.CustomObjectsApi(client.ApiClient(cfg))
+        as_trainer = service_account_client(api, ns, "graft-trainer")
+        trainer = client.CustomObjectsApi(as_trainer)
 
         forged = {"status": {"conditions": [], "artifacts": {"adapter": "s3://x/"}}}
         for name in ("mine", "theirs"):
@@ -59,7 +49,7 @@ def test_the_trainer_identity_cannot_write_status_or_read_secrets(control_plane:
             obj = cluster.ftj(name)
             assert obj is not None and "artifacts" not in (obj.get("status") or {})
         with pytest.raises(client.ApiException) as secrets:
-            client.CoreV1Api(client.ApiClient(cfg)).list_namespaced_secret(ns)
+            client.CoreV1Api(as_trainer).list_namespaced_secret(ns)
         assert secrets.value.status == 403
     finally:
         cluster.core.delete_namespace(ns)

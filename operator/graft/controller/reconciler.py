@@ -28,6 +28,7 @@ from graft.api.base import DEFAULT_BACKOFF_LIMIT
 from graft.api.errors import FieldIssue
 from graft.api.kinds import InvalidResource
 from graft.controller import planner, sources
+from graft.controller.conditions import true_condition
 from graft.controller.config import OperatorConfig
 from graft.controller.kube import ApiError, Kube, object_path, resource_path
 from graft.controller.metrics import Metrics
@@ -40,7 +41,6 @@ from graft.controller.status import (
     PreflightObserved,
     StudyObserved,
     compute_status,
-    job_condition,
     job_finished,
     launch_refused,
     parse_time,
@@ -431,7 +431,7 @@ class Reconciler:
         ServiceAccount is made again at once."""
         job = seen.job
         # A Job a queue holds (Suspended) has no pod on purpose.
-        if job is None or seen.pods or job_finished(job) or job_condition(job, "Suspended"):
+        if job is None or seen.pods or job_finished(job) or true_condition(job, "Suspended"):
             return None
         pod_refused = await self._pod_refusal(job)
         if pod_refused and _missing_service_account(pod_refused):

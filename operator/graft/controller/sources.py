@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from graft.api.kinds import InvalidResource
+from graft.controller.conditions import true_condition
 from graft.controller.config import OperatorConfig
 from graft.naming import artifact_prefix
 
@@ -65,13 +66,6 @@ def references(kind: str, spec: Mapping[str, Any]) -> list[Reference]:
     return refs
 
 
-def _condition(obj: Mapping[str, Any], type_: str) -> dict[str, Any] | None:
-    for cond in (obj.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == type_ and cond.get("status") == "True":
-            return dict(cond)
-    return None
-
-
 def _progress(obj: Mapping[str, Any]) -> str:
     status = obj.get("status") or {}
     phase = status.get("phase") or "Pending"
@@ -106,13 +100,13 @@ def gate(
                 "(this resource goes on once it is created)"
             )
             continue
-        failed = _condition(obj, "Failed")
+        failed = true_condition(obj, "Failed")
         if failed is not None:
             problems["failed"].append(
                 f"{ref.field}: {label} failed ({failed.get('reason')}: {failed.get('message')})"
             )
             continue
-        if _condition(obj, "Succeeded") is None:
+        if true_condition(obj, "Succeeded") is None:
             waiting.append(f"{label} ({_progress(obj)})")
             continue
         try:

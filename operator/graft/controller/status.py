@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from graft.api.errors import FieldIssue
 from graft.contract import OUTCOME_FIELDS
+from graft.controller.conditions import find_condition, is_true, true_condition
 from graft.controller.planner import (
     ANNOTATION_SPEC_HASH,
     KIND,
@@ -193,18 +194,6 @@ class Observed:
     progress: dict[str, Any] | None = None
 
 
-def find_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
-    for cond in conditions:
-        if cond.get("type") == type_:
-            return cond
-    return None
-
-
-def is_true(conditions: list[dict[str, Any]], type_: str) -> bool:
-    cond = find_condition(conditions, type_)
-    return cond is not None and cond.get("status") == "True"
-
-
 def set_condition(
     conditions: list[dict[str, Any]],
     type_: str,
@@ -259,13 +248,6 @@ def is_terminal(status: dict[str, Any]) -> bool:
     )
 
 
-def job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    for cond in (job.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == type_ and cond.get("status") == "True":
-            return dict(cond)
-    return None
-
-
 def _events(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[Event]:
     events: list[Event] = []
     for cond in after:
@@ -310,7 +292,7 @@ def launch_refused(
 
 
 def job_finished(job: dict[str, Any]) -> bool:
-    return job_condition(job, "Complete") is not None or job_condition(job, "Failed") is not None
+    return true_condition(job, "Complete") is not None or true_condition(job, "Failed") is not None
 
 
 def status_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
@@ -524,7 +506,7 @@ def _borne_out(run: Run) -> bool:
     job = run.observed.job
     if job is not None:
         if is_true(run.before, "Succeeded"):
-            return job_condition(job, "Complete") is not None
+            return true_condition(job, "Complete") is not None
         return job_finished(job) or any(o.kind in ("failed", "disrupted") for o in run.outcomes)
     study = run.observed.study
     if study is not None:
@@ -644,7 +626,7 @@ def _preflight(run: Run) -> bool:
         return True
     outcomes = [classify_pod(p) for p in pre.pods]
     passed = next((o for o in outcomes if o.kind == "succeeded"), None)
-    if passed is not None or job_condition(job, "Complete") is not None:
+    if passed is not None or true_condition(job, "Complete") is not None:
         findings = passed.message if passed is not None and passed.message else "passed"
         run.cond("Validated", "True", PREFLIGHT_PASSED, findings)
         return False
@@ -658,7 +640,7 @@ def _preflight_failed(run: Run, job: dict[str, Any], outcomes: list[PodOutcome])
     """A pre-flight pod refused the spec, or its Job gave up: the resource fails holding no GPU."""
     failures = [o for o in outcomes if o.kind == "failed"]
     refused = next((o for o in failures if o.exit_code in NOT_RETRIED), None)
-    gave_up = job_condition(job, "Failed")
+    gave_up = true_condition(job, "Failed")
     if refused is None and gave_up is None:
         return False
     last = refused or (failures[-1] if failures else None)
@@ -773,7 +755,7 @@ def _trainer_refused(run: Run) -> bool:
 
 
 def _completed(run: Run) -> bool:
-    if job_condition(run.job, "Complete") is None:
+    if true_condition(run.job, "Complete") is None:
         return False
     done = DONE_MESSAGES.get(run.kind, "finished")
     run.cond("Succeeded", "True", "Completed", done)
@@ -797,7 +779,7 @@ def _backoff_exceeded(run: Run) -> bool:
 
 def _job_failed(run: Run) -> bool:
     """The Job controller gave up without a pod failure to read (deadline, disruptions)."""
-    job_failed = job_condition(run.job, "Failed")
+    job_failed = true_condition(run.job, "Failed")
     if job_failed is None:
         return False
     reason = str(job_failed.get("reason") or "JobFailed")
@@ -818,7 +800,7 @@ def _job_failed(run: Run) -> bool:
 
 def _queued(run: Run) -> bool:
     """Graft deletes its Jobs to suspend them: a suspended Job is a queue's (Kueue) hold."""
-    if job_condition(run.job, "Suspended") is None or any(
+    if true_condition(run.job, "Suspended") is None or any(
         o.kind in ("running", "pending") for o in run.outcomes
     ):
         return False

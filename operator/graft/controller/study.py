@@ -20,6 +20,7 @@ from typing import Any, Literal
 from graft import search_plan
 from graft.api.search import SearchSpec
 from graft.contract import TrainerOutcome
+from graft.controller.conditions import true_condition
 from graft.controller.pods import classify_pod, failure_summary
 from graft.exit_codes import NOT_RETRIED
 
@@ -45,13 +46,6 @@ class StudyPlan:
     message: str
     pods: int  # trial pods seen, for status.attempts
     active: int = 0  # trials with a Job that has not finished
-
-
-def _job_failed(job: dict[str, Any]) -> dict[str, Any] | None:
-    for cond in (job.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == "Failed" and cond.get("status") == "True":
-            return dict(cond)
-    return None
 
 
 def _reported(number: int, outcome: TrainerOutcome | None) -> dict[str, Any]:
@@ -83,7 +77,7 @@ def observe_trial(trial: TrialObserved, backoff_limit: int) -> dict[str, Any]:
     if invalid or len(failures) > backoff_limit:
         _, message = failure_summary((invalid or failures)[-1])
         return {"number": trial.number, "state": "Failed", "message": message}
-    job_failed = _job_failed(trial.job)
+    job_failed = true_condition(trial.job, "Failed")
     if job_failed is not None:
         reason = str(job_failed.get("reason") or "JobFailed")
         return {
