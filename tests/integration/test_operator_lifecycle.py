@@ -3,6 +3,7 @@ a kubelet would (the real Job controller reacting), suspend/resume, spec changes
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -108,7 +109,8 @@ def test_running_then_succeeded(env: tuple[Operator, Cluster]) -> None:
     cluster.pod_running(pod)
     obj = cluster.wait_phase("ok", "Running", 30)
     assert obj["status"]["startTime"] and obj["status"]["attempts"] == 1
-    # The trainer's own fields survive the operator's status writes.
+    # Progress is the operator's to write, from what the pod says: a patch by anyone else is
+    # replaced by the outcome in the pod's termination message.
     cluster.custom.patch_namespaced_custom_object_status(
         "graft.dev",
         "v1alpha1",
@@ -117,10 +119,17 @@ def test_running_then_succeeded(env: tuple[Operator, Cluster]) -> None:
         "ok",
         {"status": {"progress": {"step": 5, "totalSteps": 10, "percent": 50}}},
     )
-    cluster.pod_terminated(pod, 0, reason="Completed")
+    outcome = {
+        "kind": "FineTuneJob",
+        "state": "Succeeded",
+        "progress": {"step": 10, "totalSteps": 10, "percent": 100},
+        "artifacts": {"adapter": "s3://graft-artifacts/it/adapter/"},
+    }
+    cluster.pod_terminated(pod, 0, reason="Completed", message=json.dumps(outcome))
     obj = cluster.wait_phase("ok", "Succeeded", 60)
     assert obj["status"]["completionTime"]
-    assert obj["status"]["progress"]["step"] == 5
+    assert obj["status"]["progress"]["step"] == 10
+    assert obj["status"]["artifacts"] == {"adapter": "s3://graft-artifacts/it/adapter/"}
     events = cluster.events("ok")
     assert ("Normal", "JobCreated") in events
     wait_for("Succeeded event", lambda: ("Normal", "Completed") in cluster.events("ok"), 20)

@@ -120,10 +120,13 @@ def run_pod(hub: HubServer, doc: dict[str, Any], out: Path, work: Path, **env: s
 
 def reported_artifacts(stdout: str) -> dict[str, str]:
     """status.artifacts as the trainer last reported them (the jsonl reporter's events)."""
+    from graft.contract import progress_record
+
     artifacts: dict[str, str] = {}
     for line in stdout.splitlines():
-        if line.startswith("{") and '"event": "progress"' in line:
-            artifacts = json.loads(line).get("artifacts") or artifacts
+        record = progress_record(line)
+        if record is not None:
+            artifacts = record.get("artifacts") or artifacts
     return artifacts
 
 
