@@ -15,8 +15,15 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(4
 
 
 def quota(cluster: Cluster, name: str, hard: dict[str, str]) -> None:
+    """A ResourceQuota, once the quota controller has counted its usage: until then the API
+    server may admit what the quota forbids (a race the test would otherwise lose sometimes)."""
     cluster.core.create_namespaced_resource_quota(
         cluster.ns, {"metadata": {"name": name}, "spec": {"hard": hard}}
+    )
+    wait_for(
+        f"quota {name} in force",
+        lambda: cluster.core.read_namespaced_resource_quota(name, cluster.ns).status.hard or {},
+        30,
     )
 
 
