@@ -354,8 +354,10 @@ def test_a_terminal_status_written_over_a_running_job_is_computed_again() -> Non
         forged["conditions"] = set_condition(
             forged["conditions"], type_, "True", reason, "forged", generation=3, now=NOW
         )
+        forged["artifacts"] = {"adapter": "s3://elsewhere/"}
         plan = compute_status(ftj(forged), running, NOW)
         assert plan.status["phase"] == "Running", type_
+        assert plan.status["artifacts"] is None  # gone in the same pass
         assert cond(plan.status, type_)["status"] == "False"
         assert not plan.delete_job  # the run goes on
     # the same conditions with the Job finished as they say: they stay

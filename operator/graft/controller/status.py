@@ -919,7 +919,7 @@ def _trainer_said(run: Run) -> bool:
     )
     if said is not None:
         run.status.update(said.status_fields())
-    elif run.observed.job is not None and not is_terminal(run.status):
+    elif run.observed.job is not None and not is_terminal({"conditions": run.conds}):
         # A run under way shows what its pod's log says, or nothing: not what someone else
         # wrote (null deletes a field in the merge patch).
         live = run.observed.progress or {}
