@@ -36,7 +36,12 @@ def test_a_refused_job_and_a_refused_pod_are_named_and_recover(
         cond = cluster.wait_reason("refused", "Running", "LaunchRefused")
         assert "exceeded quota: no-jobs" in cond["message"], cond
         assert cluster.phase("refused") == "Pending"
-        assert ("Warning", "LaunchRefused") in cluster.events("refused")
+        # Events are posted in the background, after the status (at most 5 s later).
+        wait_for(
+            "the LaunchRefused Event",
+            lambda: ("Warning", "LaunchRefused") in cluster.events("refused"),
+            20,
+        )
         assert cluster.jobs("refused") == []
         cluster.core.delete_namespaced_resource_quota("no-jobs", cluster.ns)
         wait_for("the Job once the quota allows it", lambda: cluster.jobs("refused"), 90)
