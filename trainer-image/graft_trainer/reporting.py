@@ -13,8 +13,6 @@ from typing import IO, Any
 from graft.contract import PROGRESS_EVENT
 from graft.progress import ProgressEvent, Reporter
 
-log = logging.getLogger("graft_trainer")
-
 
 def event_dict(event: ProgressEvent) -> dict[str, Any]:
     """The event as camelCase JSON, without unset fields."""

@@ -78,8 +78,6 @@ OPERATOR_FIELDS = (
 )
 # A search's fields, from its trial pods' outcomes.
 STUDY_FIELDS = ("search", "progress", "artifacts")
-# What a trainer's pods say, per kind (its outcome; a FineTuneJob's progress while it runs).
-SAID_FIELDS: dict[str, tuple[str, ...]] = dict(OUTCOME_FIELDS)
 # Failures that a change elsewhere (the spec, a referenced FineTuneJob) can still undo.
 RECOVERABLE_FAILURES = frozenset({"InvalidSpec", "PolicyDenied", *GATE_REASONS.values()})
 
@@ -333,7 +331,7 @@ class Run:
         if observed.study is not None:
             launched = launched or bool(observed.study.trials)
         kind = kind_of(obj)
-        kept = OPERATOR_FIELDS + (STUDY_FIELDS if observed.study else SAID_FIELDS.get(kind, ()))
+        kept = OPERATOR_FIELDS + (STUDY_FIELDS if observed.study else OUTCOME_FIELDS.get(kind, ()))
         status: dict[str, Any] = {k: prev[k] for k in kept if k in prev}
         status["observedGeneration"] = generation
         before: list[dict[str, Any]] = list(prev.get("conditions") or [])
@@ -923,7 +921,7 @@ def _trainer_said(run: Run) -> bool:
         # A run under way shows what its pod's log says, or nothing: not what someone else
         # wrote (null deletes a field in the merge patch).
         live = run.observed.progress or {}
-        for field in SAID_FIELDS.get(run.kind, ()):
+        for field in OUTCOME_FIELDS.get(run.kind, ()):
             if field in live:
                 run.status[field] = live[field]
             elif field in run.prev:
