@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
 from graft.controller.config import OperatorConfig
-from graft.controller.reconciler import Reconciler
+from graft.controller.reconciler import Caches, Reconciler
 from graft.controller.status import Observed, compute_status
 
 KEY = ("FineTuneJob", "ns", "a")
@@ -54,3 +55,34 @@ def test_after_a_restart_the_status_keeps_what_it_counted() -> None:
     # A new Job (resumed after suspend) starts counting after the attempts before it.
     assert reconciler._count_pods(KEY, resource(4), job("j2", before=4), [pod("p5")]) == 1
     assert reconciler._count_pods(KEY, resource(5), None, []) is None
+
+
+def test_a_dependents_look_at_its_source_leaves_the_sources_count_alone() -> None:
+    """The source gate of an OptimizeJob recomputes the referenced FineTuneJob's status from
+    its Job and pods; that look must not remember (or forget) pods for the FineTuneJob."""
+    source = {**resource(1), "kind": "FineTuneJob"}
+    train = {**job(), "metadata": {**job()["metadata"], "ownerReferences": [{"uid": "u"}]}}
+    visible = [pod("p2")]
+    for p in visible:
+        p["metadata"]["ownerReferences"] = [{"uid": "j1"}]
+    jobs: list[dict[str, Any]] = [train]
+    caches = Caches(jobs=lambda _: jobs, pods=lambda _: visible)
+    reconciler = Reconciler(None, OperatorConfig(), caches)  # type: ignore[arg-type]
+    reconciler.observe(KEY, source)
+
+    # Not seen by its own passes yet: nothing is remembered for it.
+    shown = asyncio.run(reconciler._as_its_children_show("ns", "a"))
+    assert shown is not None and shown["status"]["attempts"] == 1
+    assert KEY not in reconciler._pods_seen
+
+    # Its own pass counted p1 (deleted since); the look sees p2 and counts it, but only the
+    # FineTuneJob's own pass adds it.
+    reconciler._pods_seen[KEY] = ("j1", 0, {"p1"})
+    shown = asyncio.run(reconciler._as_its_children_show("ns", "a"))
+    assert shown is not None and shown["status"]["attempts"] == 2
+    assert reconciler._pods_seen[KEY] == ("j1", 0, {"p1"})
+
+    # Its Job is not in the cache (yet): the look forgets nothing either.
+    jobs.clear()
+    asyncio.run(reconciler._as_its_children_show("ns", "a"))
+    assert reconciler._pods_seen[KEY] == ("j1", 0, {"p1"})

@@ -374,8 +374,10 @@ class Reconciler:
         progress: dict[str, Any] | None,
         *,
         budget: bool,
+        record: bool = True,
     ) -> Observed:
-        """What `compute_status` is given about a resource and its children."""
+        """What `compute_status` is given about a resource and its children; without `record`
+        the pods counted are not remembered (another resource's pass looking at this one)."""
         namespace = key[1]
         resolved, effective = seen.resolved, seen.effective
         changed: tuple[str, ...] = ()
@@ -392,7 +394,7 @@ class Reconciler:
             memory=(effective.get("resources") or {}).get("memory"),
             source=seen.gate,
             study=seen.study,
-            pods_seen=self._count_pods(key, obj, seen.job, seen.pods),
+            pods_seen=self._count_pods(key, obj, seen.job, seen.pods, record=record),
             gpus=planner.spec_gpus(effective),
             pod_refused=pod_refused,
             preflight=seen.preflight,
@@ -559,10 +561,14 @@ class Reconciler:
         obj: dict[str, Any],
         job: dict[str, Any] | None,
         pods: list[dict[str, Any]],
+        *,
+        record: bool = True,
     ) -> int | None:
-        """Distinct pods of the current Job, remembered across reconciles."""
+        """Distinct pods of the current Job, remembered across reconciles (without `record`:
+        counted the same way, but nothing remembered or forgotten)."""
         if job is None:
-            self._pods_seen.pop(key, None)
+            if record:
+                self._pods_seen.pop(key, None)
             return None
         job_uid = str(job["metadata"]["uid"])
         uids = {str(p["metadata"].get("uid") or p["metadata"]["name"]) for p in pods}
@@ -573,7 +579,10 @@ class Reconciler:
             counted = int((obj.get("status") or {}).get("attempts") or 0)
             counted -= planner.attempts_before(job)
             entry = (job_uid, max(0, counted - len(uids)), set())
-            self._pods_seen[key] = entry
+            if record:
+                self._pods_seen[key] = entry
+        if not record:
+            return entry[1] + len(entry[2] | uids)
         entry[2].update(uids)
         return entry[1] + len(entry[2])
 
@@ -638,7 +647,8 @@ class Reconciler:
     async def _as_its_children_show(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A referenced FineTuneJob with the status this operator computes for it now from
         its own Job, pods and trials, not the status its body carries: the gate (Succeeded,
-        a search's best trial) never rests on a status someone else wrote."""
+        a search's best trial) never rests on a status someone else wrote. The referenced
+        job's own bookkeeping (the pods counted for its attempts) is left to its own passes."""
         ref_key: Key = (sources.FINETUNE, namespace, name)
         body = self.bodies.get(ref_key) or await self.kube.get(
             resource_path(namespace, name, kind=sources.FINETUNE)
@@ -647,7 +657,7 @@ class Reconciler:
             return body
         body = {**body, "kind": sources.FINETUNE}
         seen = await self._children(ref_key, body)
-        observed = self._observed(ref_key, body, seen, None, None, budget=False)
+        observed = self._observed(ref_key, body, seen, None, None, budget=False, record=False)
         return {**body, "status": compute_status(body, observed, datetime.now(UTC)).status}
 
     def _forget_dependencies(self, key: Key) -> None:
