@@ -35,9 +35,6 @@ from graft.api.optimize import Generation, OptimizeArtifacts, OptimizeMetrics
 # The environment of a trainer pod (set by controller.planner, read by graft_trainer).
 ENV_ARTIFACTS_URI = "GRAFT_ARTIFACTS_URI"
 ENV_REPORTER = "GRAFT_REPORTER"
-ENV_RESOURCE_KIND = "GRAFT_RESOURCE_KIND"
-ENV_RESOURCE_NAME = "GRAFT_RESOURCE_NAME"
-ENV_RESOURCE_NAMESPACE = "GRAFT_RESOURCE_NAMESPACE"
 ENV_TRIAL = "GRAFT_TRIAL"
 ENV_METRICS_PORT = "GRAFT_TRAINER_METRICS_PORT"
 

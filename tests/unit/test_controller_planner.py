@@ -75,9 +75,6 @@ def test_pod_contract_with_the_trainer() -> None:
         "s3://graft-artifacts/artifacts/", "team-a", "FineTuneJob", "tone-classifier", UID
     )
     assert env["GRAFT_REPORTER"] == "jsonl"  # progress on stdout, read by the operator
-    assert env["GRAFT_RESOURCE_KIND"] == "FineTuneJob"
-    assert env["GRAFT_RESOURCE_NAME"] == "tone-classifier"
-    assert env["GRAFT_RESOURCE_NAMESPACE"] == "team-a"
     assert env["KUBERNETES_SERVICE_HOST"] == "127.0.0.1"
     # Secrets by reference only: the name, never a value.
     assert container["envFrom"] == [{"secretRef": {"name": "graft-s3", "optional": False}}]

@@ -208,7 +208,6 @@ def test_launch_of_an_optimizejob_freezes_references_and_reads_their_secrets() -
     assert planner.launched_references(cm) == refs
     container = job["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["GRAFT_RESOURCE_KIND"] == "OptimizeJob"
     assert env["GRAFT_ARTIFACTS_URI"] == "s3://store/graft/team/optimizejobs/r-ruid/"
     assert [e["secretRef"]["name"] for e in container["envFrom"]] == ["models-ro", "store-s3"]
     volumes = job["spec"]["template"]["spec"]["volumes"]

@@ -20,9 +20,6 @@ from graft.contract import (
     ENV_ARTIFACTS_URI,
     ENV_METRICS_PORT,
     ENV_REPORTER,
-    ENV_RESOURCE_KIND,
-    ENV_RESOURCE_NAME,
-    ENV_RESOURCE_NAMESPACE,
     ENV_TRIAL,
 )
 from graft.controller.config import OperatorConfig
@@ -495,9 +492,6 @@ def _trainer_env(
         },
         # Progress records on stdout, which the operator reads from the pod's log.
         {"name": ENV_REPORTER, "value": "jsonl"},
-        {"name": ENV_RESOURCE_KIND, "value": kind},
-        {"name": ENV_RESOURCE_NAME, "value": name},
-        {"name": ENV_RESOURCE_NAMESPACE, "value": namespace},
         {"name": "HOME", "value": HOME},
     ]
     if trial is not None:
