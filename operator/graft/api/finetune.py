@@ -238,6 +238,71 @@ class EarlyStoppingSpec(ApiModel):
     )
 
 
+ShardingStrategy = Literal["none", "fsdp"]
+
+# What was checked before refusing sharding with QLoRA (trainer image: torch 2.13, bitsandbytes
+# 0.50.2, peft 0.21): FSDP2 does shard bitsandbytes 4-bit weights (a forward through a sharded
+# 4-bit Llama equals the unsharded one), but Graft's sharded training loop is built and tested
+# for method full only.
+QLORA_SHARDING_REFUSAL = (
+    "sharding fsdp is built for method full only. The trainer image's libraries (torch 2.13 "
+    "FSDP2, bitsandbytes 0.50.2) can shard 4-bit weights, but Graft does not train a sharded "
+    "QLoRA model yet; a QLoRA base is already a quarter of its fp16 size and only the adapter "
+    "trains: use strategy none (resources.gpu > 1 trains it data-parallel), or method full"
+)
+
+
+class ShardingSpec(ApiModel):
+    """How a full fine-tune's weights, gradients and optimizer state are split across its
+    training processes (one per GPU of the pod), so that a model whose training state does
+    not fit one GPU trains on several. Activation checkpointing is
+    training.gradientCheckpointing, which works with sharding."""
+
+    strategy: ShardingStrategy = Field(
+        default="none",
+        description=(
+            "none: every process holds the whole model, its gradients and optimizer state "
+            "(data parallel when resources.gpu > 1). fsdp: PyTorch FSDP shards them across the "
+            "processes; each decoder block's weights are gathered only while it computes. "
+            "method full only. Checkpoints are saved sharded (torch.distributed.checkpoint) and "
+            "resume with another number of processes when it divides the checkpoint's "
+            "micro-batches per step. With one process (resources.gpu 0 or 1) nothing is split."
+        ),
+    )
+    mode: Literal["full", "hybrid"] = Field(
+        default="full",
+        description=(
+            "full: shard across all processes of the job. hybrid: shard within a node and "
+            "replicate across nodes; refused until a FineTuneJob can span nodes (within one "
+            "node it is full sharding)."
+        ),
+    )
+    cpu_offload: bool = Field(
+        default=False,
+        description=(
+            "Keep the sharded weights, gradients and optimizer state in host memory and run "
+            "the optimizer step on the CPU; each block's weights move to the GPU only while it "
+            "computes. Saves GPU memory at the cost of speed. No effect on a CPU-only run. "
+            "Needs strategy fsdp."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_knobs(self) -> ShardingSpec:
+        if self.mode == "hybrid":
+            raise FieldPathError(
+                ("mode",),
+                "hybrid shards within a node and replicates across nodes, and a FineTuneJob "
+                "runs in one pod on one node (multi-node jobs are not built yet), where hybrid "
+                "is full sharding: use mode full",
+            )
+        if self.cpu_offload and self.strategy != "fsdp":
+            raise FieldPathError(
+                ("cpuOffload",), "cpuOffload offloads sharded state: it needs strategy fsdp"
+            )
+        return self
+
+
 class TrainingSpec(ApiModel):
     """The optimization loop."""
 
@@ -268,7 +333,11 @@ class TrainingSpec(ApiModel):
         default=1, ge=1, le=1024, description="Micro-batches summed into one optimizer step."
     )
     gradient_checkpointing: bool = Field(
-        default=False, description="Recompute activations in the backward pass to save memory."
+        default=False,
+        description=(
+            "Recompute activations in the backward pass to save memory (activation "
+            "checkpointing of each decoder block; works with sharding fsdp)."
+        ),
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         default="auto",
@@ -289,6 +358,18 @@ class TrainingSpec(ApiModel):
     early_stopping: EarlyStoppingSpec | None = Field(
         default=None, description="Stop when the eval metric stalls. Needs dataset.evalSplit."
     )
+    sharding: ShardingSpec | None = Field(
+        default=None,
+        description=(
+            "Split a full fine-tune's weights, gradients and optimizer state across the pod's "
+            "training processes (FSDP) instead of copying them to each. Unset: strategy none."
+        ),
+    )
+
+    @property
+    def sharded(self) -> bool:
+        """True when the spec asks for FSDP sharding."""
+        return self.sharding is not None and self.sharding.strategy == "fsdp"
 
     @model_validator(mode="after")
     def _check_length(self) -> TrainingSpec:
@@ -371,6 +452,17 @@ class FineTuneJobSpec(RunSpec):
             raise FieldPathError(("lora",), "method full trains every weight; remove lora")
         if self.quantization is not None and self.method != "qlora":
             raise FieldPathError(("quantization",), "quantization is only used with method qlora")
+        if self.training.sharded and self.method != "full":
+            raise FieldPathError(
+                ("training", "sharding", "strategy"),
+                QLORA_SHARDING_REFUSAL
+                if self.method == "qlora"
+                else (
+                    f"sharding fsdp is built for method full only; a {self.method} adapter's "
+                    "weights, gradients and optimizer state are small: use strategy none "
+                    "(resources.gpu > 1 trains it data-parallel), or method full"
+                ),
+            )
         if self.method in ("lora", "qlora", "dora") and self.lora is None:
             self.lora = LoraSpec()
         if self.method == "qlora" and self.quantization is None:
