@@ -9,6 +9,7 @@ from typing import Any
 from graft.api.errors import FieldIssue
 from graft.controller.status import (
     Observed,
+    StudyObserved,
     classify_pod,
     compute_status,
     derive_phase,
@@ -16,6 +17,7 @@ from graft.controller.status import (
     set_condition,
     status_patch,
 )
+from graft.controller.study import TrialObserved
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -379,3 +381,90 @@ def test_a_running_job_shows_what_its_log_says_not_what_status_held() -> None:
     live = {"progress": {"step": 2}, "metrics": {"trainLoss": 3.0}, "warnings": []}
     plan = compute_status(ftj(forged), observed(job(), pod("p1", "Running"), progress=live), NOW)
     assert plan.status["metrics"] == {"trainLoss": 3.0} and plan.status["artifacts"] is None
+
+
+def test_a_key_written_into_a_field_by_someone_else_is_deleted_by_the_patch() -> None:
+    # A merge patch keeps what it does not name: a forged key inside an object the operator
+    # writes (a metric, search.best) is deleted with null, not left beside the computed ones.
+    forged = {"metrics": {"evalLoss": 0.01}, "search": {"completed": 0, "best": {"trial": 1}}}
+    desired = {"metrics": {"trainLoss": 3.0}, "search": {"completed": 0}}
+    assert status_patch(forged, desired) == {
+        "metrics": {"evalLoss": None, "trainLoss": 3.0},
+        "search": {"best": None},
+    }
+    assert status_patch(desired, desired) == {}
+
+
+SEARCH_PREFIX = "s3://b/n/finetunejobs/a-u1/"
+SEARCH_SPEC: dict[str, Any] = {
+    "output": {"uri": "s3://b/"},
+    "search": {
+        "strategy": "grid",
+        "trials": 2,
+        "parallelism": 2,
+        "space": {"training.learningRate": {"type": "choice", "values": [0.01, 0.02]}},
+    },
+}
+
+
+def finished_trial(number: int, value: float | None) -> TrialObserved:
+    """Trial `number`'s Job, complete, with its pod's report (Failed without a value)."""
+    record: dict[str, Any] = {"trial": number, "state": "Failed", "message": "diverged"}
+    if value is not None:
+        record = {
+            "trial": number,
+            "state": "Complete",
+            "value": value,
+            "step": 4,
+            "params": {"training.learningRate": 0.01 * (number + 1)},
+            "adapter": f"{SEARCH_PREFIX}trials/{number}/adapter/",
+        }
+    message = json.dumps({"kind": "FineTuneJob", "state": "Succeeded", "trial": record})
+    trial_pod = pod(
+        f"a-trial-{number}-x", "Succeeded", terminated={"exitCode": 0, "message": message}
+    )
+    trial_job = job("Complete")
+    trial_job["metadata"] = {"name": f"a-trial-{number}", "uid": f"t{number}"}
+    return TrialObserved(number, trial_job, (trial_pod,))
+
+
+def test_a_forged_best_over_a_finished_search_is_computed_again_from_its_trials() -> None:
+    trials = (finished_trial(0, 0.5), finished_trial(1, 0.3))
+    seen = Observed(
+        launched_hash="h", current_hash="h", study=StudyObserved(SEARCH_SPEC, SEARCH_PREFIX, trials)
+    )
+    honest = compute_status(ftj(None, **SEARCH_SPEC), seen, NOW).status
+    assert honest["phase"] == "Succeeded" and honest["search"]["best"]["trial"] == 1
+    forged = json.loads(json.dumps(honest))
+    forged["search"]["best"] = {"trial": 0, "params": {"training.learningRate": 0.01}, "value": 0}
+    forged["artifacts"]["adapter"] = f"{SEARCH_PREFIX}trials/0/adapter/"
+    plan = compute_status(ftj(forged, **SEARCH_SPEC), seen, NOW)
+    assert plan.status["phase"] == "Succeeded" and plan.events == []
+    assert plan.status["search"] == honest["search"]
+    assert plan.status["artifacts"] == honest["artifacts"]
+    patch = status_patch(forged, plan.status)
+    assert patch["search"] == {
+        "best": {"trial": 1, "params": {"training.learningRate": 0.02}, "value": 0.3}
+    }
+    assert patch["artifacts"] == {"adapter": f"{SEARCH_PREFIX}trials/1/adapter/"}
+
+
+def test_a_forged_success_over_a_search_whose_trials_all_failed_is_not_kept() -> None:
+    trials = (finished_trial(0, None), finished_trial(1, None))
+    seen = Observed(
+        launched_hash="h", current_hash="h", study=StudyObserved(SEARCH_SPEC, SEARCH_PREFIX, trials)
+    )
+    honest = compute_status(ftj(None, **SEARCH_SPEC), seen, NOW).status
+    assert honest["phase"] == "Failed" and "best" not in honest["search"]
+    forged = json.loads(json.dumps(honest))
+    forged["conditions"] = set_condition(
+        forged["conditions"], "Succeeded", "True", "Completed", "forged", generation=3, now=NOW
+    )
+    forged["conditions"] = set_condition(
+        forged["conditions"], "Failed", "False", "NotFailed", "forged", generation=3, now=NOW
+    )
+    forged["search"]["best"] = {"trial": 0, "params": {}, "value": 0}
+    forged["artifacts"] = {"adapter": f"{SEARCH_PREFIX}trials/0/adapter/"}
+    plan = compute_status(ftj(forged, **SEARCH_SPEC), seen, NOW)
+    assert plan.status["phase"] == "Failed", plan.status["conditions"]
+    assert plan.status["artifacts"] is None and "best" not in plan.status["search"]

@@ -295,8 +295,21 @@ def job_finished(job: dict[str, Any]) -> bool:
 
 def status_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
     """The merge patch of the status fields that differ; empty when none do (every status
-    field is the operator's)."""
-    return {k: v for k, v in desired.items() if current.get(k) != v}
+    field is the operator's). Within a field, a key the operator did not compute is deleted
+    (null): a merge patch keeps what it does not name, and a key someone else wrote into an
+    object (`search.best`, a metric) must not outlive the operator's next write."""
+    return {k: _merge_diff(current.get(k), v) for k, v in desired.items() if current.get(k) != v}
+
+
+def _merge_diff(current: Any, desired: Any) -> Any:
+    """The JSON merge patch (RFC 7386) that turns `current` into `desired`."""
+    if not (isinstance(current, dict) and isinstance(desired, dict)):
+        return desired
+    patch: dict[str, Any] = {k: None for k in current if k not in desired}
+    for k, v in desired.items():
+        if current.get(k) != v:
+            patch[k] = _merge_diff(current.get(k), v)
+    return patch
 
 
 # --- compute_status: an ordered chain of small rules per kind ------------------------------
@@ -366,6 +379,22 @@ class Run:
     def outcomes(self) -> list[PodOutcome]:
         """What each pod of the Job shows, oldest first."""
         return [classify_pod(p) for p in self.observed.pods]
+
+    @functools.cached_property
+    def study(self) -> StudyPlan | None:
+        """A searched FineTuneJob's study as its trial pods and the last status's records of
+        trials whose pods are gone show it (None: no search)."""
+        observed = self.observed.study
+        if observed is None:
+            return None
+        return plan_study(
+            observed.spec,
+            observed.prefix,
+            self.prev.get("search"),
+            list(observed.trials),
+            self.observed.backoff_limit,
+            self.obj["metadata"]["name"],
+        )
 
     @functools.cached_property
     def failures(self) -> list[PodOutcome]:
@@ -488,6 +517,10 @@ def _ended(run: Run) -> bool:
         return False
     succeeded = is_true(run.before, "Succeeded")
     run.cond("Running", "False", "Completed" if succeeded else "Failed", "the run has ended")
+    if succeeded and run.study is not None and run.observed.study and run.observed.study.trials:
+        # The best trial is what the trial pods reported, not what status says (an
+        # OptimizeJob's gate takes it as the job's output).
+        _study_fields(run, run.study)
     job = run.observed.job
     if not succeeded and job is not None and not job_finished(job):
         run.plan.delete_job = True
@@ -508,7 +541,12 @@ def _borne_out(run: Run) -> bool:
         return job_finished(job) or any(o.kind in ("failed", "disrupted") for o in run.outcomes)
     study = run.observed.study
     if study is not None:
-        return all(job_finished(t.job) for t in study.trials)
+        if not all(job_finished(t.job) for t in study.trials):
+            return False
+        if study.trials and is_true(run.before, "Succeeded"):
+            # A search succeeded when its trials' records show a best trial.
+            return run.study is not None and run.study.outcome == "succeeded"
+        return True
     return True
 
 
@@ -671,28 +709,28 @@ def _preflight_checking(run: Run, outcomes: list[PodOutcome]) -> None:
 
 
 def _study(run: Run) -> bool:
-    observed = run.observed
-    if observed.study is None:
+    observed, study = run.observed, run.study
+    if observed.study is None or study is None:
         return False
-    study = plan_study(
-        observed.study.spec,
-        observed.study.prefix,
-        run.prev.get("search"),
-        list(observed.study.trials),
-        observed.backoff_limit,
-        run.obj["metadata"]["name"],
-    )
     status = run.status
-    status["search"] = study.search
-    status["progress"] = study.progress
-    if study.artifacts is not None:
-        status["artifacts"] = study.artifacts
+    _study_fields(run, study)
     status["attempts"] = max(int(status.get("attempts") or 0), study.pods)
     held_back = _launch_trials(run, study.launch)
     if observed.study.trials and not status.get("startTime"):
         status["startTime"] = rfc3339(run.now)
     _study_conditions(run, study, held_back)
     return True
+
+
+def _study_fields(run: Run, study: StudyPlan) -> None:
+    """A search's fields from its study: the best trial's artifacts once it is done, none
+    before (null deletes a field someone else wrote in the merge patch)."""
+    run.status["search"] = study.search
+    run.status["progress"] = study.progress
+    if study.artifacts is not None:
+        run.status["artifacts"] = study.artifacts
+    elif "artifacts" in run.prev:
+        run.status["artifacts"] = None
 
 
 def _launch_trials(run: Run, wanted: list[int]) -> int:
