@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import json
+import pathlib
+import re
 import uuid
 from typing import Any
 from urllib.parse import urlparse
@@ -379,7 +381,9 @@ def test_reference_to_a_missing_finetunejob_fails_naming_the_field(env: Any) -> 
 
 
 @pytest.mark.faults
-def test_search_runs_a_job_per_trial_and_survives_operator_kills(env: Any) -> None:
+def test_search_runs_a_job_per_trial_and_survives_operator_kills(
+    env: Any, tmp_path: pathlib.Path
+) -> None:
     from e2e.quickstart import apply
 
     full_cluster, cluster, s3, op = env
@@ -443,6 +447,41 @@ def test_search_runs_a_job_per_trial_and_survives_operator_kills(env: Any) -> No
     spec_cm = cluster.core.read_namespaced_config_map("tuned-int4-optimize-spec", cluster.ns)
     frozen = json.loads(spec_cm.data["resource.json"])["references"]["tuned"]
     assert frozen["uri"] == trials[best]["adapter"].removesuffix("adapter/")
+
+    # `graft run` of the same search plans it with the operator's code and runs each trial as
+    # its pod does: the same keys under the job's prefix (trial numbers and checkpoint steps
+    # aside: which trials get pruned depends on the points sampled).
+    prefix = status["artifacts"]["report"].removesuffix("search/report.html")
+    local = run_search_locally(doc, tmp_path / "tuned")
+    assert layout(local) == layout(s3_listing(s3, prefix)), (sorted(local), prefix)
+
+
+def run_search_locally(doc: dict[str, Any], out: pathlib.Path) -> set[str]:
+    """The keys a `graft run` of the search `doc` leaves under its prefix (the kit's model and
+    data on disk stand in for the bucket's copies)."""
+    from graft_trainer.search import run_search
+    from tests.integration.trainer_kit import shared_kit
+
+    kit = shared_kit()
+    local = copy.deepcopy(doc)
+    local["spec"]["model"] = {"uri": f"file://{kit['model']}"}
+    local["spec"]["dataset"].update(uri=f"file://{kit['dataset']}")
+    local["spec"]["dataset"].pop("credentialsSecret", None)
+    local["spec"].pop("output", None)
+    end = run_search(local, f"file://{out}/", "none")
+    assert end.code == 0, end.message
+    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+
+
+def layout(keys: set[str]) -> set[str]:
+    """Keys with the parts that name a run rather than a place replaced: trial numbers,
+    checkpoint steps, TensorBoard event file names."""
+    shapes = set()
+    for key in keys:
+        key = re.sub(r"^trials/\d+/", "trials/<n>/", key)
+        key = re.sub(r"checkpoint-\d+", "checkpoint-<step>", key)
+        shapes.add(re.sub(r"events\.out\.tfevents\.[^/]+$", "events.out.tfevents.<run>", key))
+    return shapes
 
 
 def s3_listing(s3: Any, uri: str) -> set[str]:

@@ -5,12 +5,11 @@ Shared by the trainer (which runs a study) and the operator (which reads a study
 fill `status.search`). No torch here, and optuna only inside the functions that need it: the
 operator imports this module without optuna ever being loaded.
 
-A study is persisted as `study.json` (`study_uri(prefix)`): one record per trial, numbered from
-0 with no gaps, in the order optuna asked them. `rebuild_study` adds every record back into a
-fresh in-memory optuna study (finished ones as finished, a trial that was running when the
-process died as RUNNING), so the study resumes without rerunning a finished trial and without
-duplicate trial numbers; the caller continues the RUNNING ones (`running_trials`) and asks new
-ones with the ask/tell interface.
+Each trial keeps its own record, `<prefix>/trials/<n>/trial.json` (graft_trainer.search_trial).
+`rebuild_study` adds records back into a fresh in-memory optuna study (finished ones as
+finished, the trial being run as RUNNING), so a trial asks its parameters with the finished
+trials as history, and a trial whose process died continues with the same parameters
+(`running_trials`).
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from graft.api.finetune import DEFAULT_EVAL_METRICS, GENERATION_METRICS
 from graft.api.search import (
-    DEFAULT_DIRECTION,
     DEFAULT_OBJECTIVE_METRIC,
     SearchBest,
     SearchSpec,
@@ -40,8 +38,7 @@ if TYPE_CHECKING:
 
 TrialState = Literal["Running", "Complete", "Pruned", "Failed"]
 FINISHED: tuple[TrialState, ...] = ("Complete", "Pruned", "Failed")
-STUDY_FILE = "search/study.json"
-STUDY_VERSION = 1
+REPORT_FILE = "search/report.html"
 # Spec sections whose change makes earlier trials incomparable (a new study starts).
 COMPARED_SECTIONS = (
     "model",
@@ -64,9 +61,9 @@ def trial_uri(prefix: str, number: int) -> str:
     return join_uri(prefix, f"trials/{number}/")
 
 
-def study_uri(prefix: str) -> str:
-    """Where the study's records live: `<prefix>/search/study.json`."""
-    return join_uri(prefix, STUDY_FILE)
+def report_uri(prefix: str) -> str:
+    """The study report every trial redraws: `<prefix>/search/report.html`."""
+    return join_uri(prefix, REPORT_FILE)
 
 
 def trial_spec(
@@ -229,7 +226,8 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class StudyTrial:
-    """One trial as stored in study.json."""
+    """One trial's record, `<prefix>/trials/<n>/trial.json` (`study`: the fingerprint of the
+    spec it was run for; a record of another spec is not this study's)."""
 
     number: int
     params: dict[str, Any]
@@ -243,9 +241,11 @@ class StudyTrial:
     started: str | None = None
     finished: str | None = None
     system_attrs: dict[str, Any] = field(default_factory=dict)
+    study: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "study": self.study,
             "number": self.number,
             "state": self.state,
             "params": self.params,
@@ -280,6 +280,7 @@ class StudyTrial:
             started=data.get("started"),
             finished=data.get("finished"),
             system_attrs=dict(data.get("systemAttrs") or {}),
+            study=str(data.get("study") or ""),
         )
 
     @property
@@ -298,39 +299,6 @@ class Study:
     metric: str = "eval_loss"
     trials: list[StudyTrial] = field(default_factory=list)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": STUDY_VERSION,
-            "fingerprint": self.fingerprint,
-            "objective": {"metric": self.metric, "direction": self.direction},
-            "trials": [t.to_json() for t in sorted(self.trials, key=lambda t: t.number)],
-        }
-
-    def dumps(self) -> str:
-        return json.dumps(self.to_json(), indent=2, sort_keys=True, allow_nan=False) + "\n"
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Study:
-        if data.get("version") != STUDY_VERSION:
-            raise ValueError(f"study.json version {data.get('version')!r} is not {STUDY_VERSION}")
-        objective = data.get("objective") or {}
-        trials = sorted(
-            (StudyTrial.from_json(t) for t in data.get("trials") or []), key=lambda t: t.number
-        )
-        numbers = [t.number for t in trials]
-        if numbers != list(range(len(trials))):
-            raise ValueError(f"study.json trial numbers {numbers} are not 0..{len(trials) - 1}")
-        return cls(
-            fingerprint=str(data.get("fingerprint", "")),
-            direction=objective.get("direction", DEFAULT_DIRECTION),
-            metric=objective.get("metric", DEFAULT_OBJECTIVE_METRIC),
-            trials=trials,
-        )
-
-    @classmethod
-    def loads(cls, text: str | bytes) -> Study:
-        return cls.from_json(json.loads(text))
-
     def get(self, number: int) -> StudyTrial:
         return self.trials[number]
 
@@ -344,18 +312,6 @@ def new_study(base: dict[str, Any], search: SearchSpec) -> Study:
         direction=search.objective.direction,
         metric=search.objective.metric,
     )
-
-
-def load_or_new(text: str | bytes | None, base: dict[str, Any], search: SearchSpec) -> Study:
-    """The stored study when it belongs to this spec, else a new, empty one."""
-    fresh = new_study(base, search)
-    if text is None:
-        return fresh
-    try:
-        stored = Study.loads(text)
-    except (ValueError, KeyError, TypeError):
-        return fresh
-    return stored if stored.fingerprint == fresh.fingerprint else fresh
 
 
 # ---------------------------------------------------------------- records <-> optuna
@@ -418,45 +374,6 @@ def running_trials(ostudy: optuna.Study) -> list[optuna.trial.Trial]:
         optuna.trial.Trial(ostudy, t._trial_id)
         for t in ostudy.get_trials(deepcopy=False, states=(OS.RUNNING,))
     ]
-
-
-def sync_record(record: StudyTrial, ostudy: optuna.Study) -> StudyTrial:
-    """Copy optuna's view of the trial (state, value, intermediate values, system attrs)."""
-    from optuna.trial import TrialState as OS
-
-    frozen = ostudy.get_trials(deepcopy=False)[record.number]
-    mapping: dict[Any, TrialState] = {
-        OS.RUNNING: "Running",
-        OS.WAITING: "Running",
-        OS.COMPLETE: "Complete",
-        OS.PRUNED: "Pruned",
-        OS.FAIL: "Failed",
-    }
-    record.state = mapping[frozen.state]
-    record.params = dict(frozen.params) or record.params
-    record.intermediate = {int(k): float(v) for k, v in frozen.intermediate_values.items()}
-    record.system_attrs = {k: _plain(v) for k, v in frozen.system_attrs.items()}
-    if frozen.state == OS.COMPLETE:
-        record.value = frozen.value
-    if record.intermediate:
-        record.step = max(record.step or 0, max(record.intermediate))
-    if record.state in FINISHED and record.finished is None:
-        record.finished = now()
-    return record
-
-
-def start_record(
-    study: Study, trial: optuna.trial.Trial, params: dict[str, Any], prefix: str
-) -> StudyTrial:
-    """The record of a trial optuna just handed out (appended, or the same number again)."""
-    number = trial.number
-    if number < len(study.trials):
-        return study.trials[number]
-    if number != len(study.trials):
-        raise ValueError(f"optuna asked trial {number}, the study has {len(study.trials)}")
-    record = StudyTrial(number=number, params=params, uri=trial_uri(prefix, number), started=now())
-    study.trials.append(record)
-    return record
 
 
 # ---------------------------------------------------------------- the status summary

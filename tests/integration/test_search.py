@@ -1,6 +1,7 @@
-"""Hyper-parameter search on the tiny model: random and grid studies complete and publish the
-best trial's adapter as the job's, a divergent trial is pruned early, and a rerun resumes the
-study without rerunning a finished trial."""
+"""Hyper-parameter search with `graft run` on the tiny model (the operator's study plan, each
+trial run as in its pod): random and grid studies complete with the best trial's adapter as
+the job's, a divergent trial is pruned early, and a rerun resumes the study without rerunning
+a finished trial."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import pytest
 
 from graft import search_plan as plan
 from graft.api.search import SearchSpec, SearchStatus
-from graft.storage import file_digest, read_manifest
-from graft_trainer.errors import EXIT_INVALID, EXIT_OK
+from graft.storage import read_manifest
+from graft_trainer.errors import EXIT_FAILURE, EXIT_OK
+from graft_trainer.outcome import RunEnd
 from graft_trainer.search import run_search
+from graft_trainer.search_trial import grid_point
 from tests.integration.trainer_kit import job_document, shared_kit
 
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(900)]
@@ -51,50 +54,49 @@ def search_doc(kit: dict[str, Path], name: str, search: dict[str, Any], **traini
 
 
 def study_of(out: Path) -> plan.Study:
-    return plan.Study.loads((out / "search" / "study.json").read_text())
+    """The study as the trial records under `out` show it (what both executors write)."""
+    study = plan.Study(fingerprint="")
+    for path in sorted((out / "trials").glob("*/trial.json"), key=lambda p: int(p.parent.name)):
+        study.trials.append(plan.StudyTrial.from_json(json.loads(path.read_text())))
+    return study
 
 
-def check_published(out: Path, study: plan.Study) -> plan.StudyTrial:
-    """The job's outputs are the best trial's, with the manifest last; returns the best."""
+def check_published(out: Path, end: RunEnd, study: plan.Study) -> plan.StudyTrial:
+    """The job's result is its best trial's, as the operator's status would say; returns it."""
+    assert end.code == EXIT_OK, end.message
     done = [t for t in study.trials if t.state == "Complete"]
     assert done
     values = [t.value for t in done]
     assert all(v is not None and math.isfinite(v) for v in values)
     best = min(done, key=lambda t: (t.value, t.number))  # type: ignore[arg-type,return-value]
-    manifest = read_manifest(f"file://{out}/")
-    assert manifest is not None and manifest["kind"] == "finetune-output"
-    assert manifest["search"]["best"]["trial"] == best.number
-    assert manifest["search"]["best"]["value"] == pytest.approx(best.value)
-    status = SearchStatus.model_validate(
-        {k: v for k, v in manifest["search"].items() if k in SearchStatus.model_fields}
-    )
+    assert end.search is not None
+    status = SearchStatus.model_validate(end.search)
+    assert status.best is not None and status.best.trial == best.number
+    assert status.best.value == pytest.approx(best.value)
     assert status.completed == len(done) and len(status.trials) == len(study.trials)
-    # the job's spec is the best trial's: its parameters, no search
-    assert "search" not in manifest["spec"]
-    for path, value in best.params.items():
-        node = manifest["spec"]
+    # the job's adapter is the best trial's own, with its manifest: the layout of a cluster
+    # study, where nothing is copied to the job's prefix
+    assert end.outcome is not None
+    assert best.adapter is not None and best.adapter.endswith(f"/trials/{best.number}/adapter/")
+    assert end.outcome.artifacts["adapter"] == best.adapter
+    assert read_manifest(best.adapter) is not None
+    assert read_manifest(f"file://{out}/") is None and not (out / "adapter").exists()
+    trial_manifest = read_manifest(f"file://{out}/trials/{best.number}/")
+    assert trial_manifest is not None and "search" not in trial_manifest["spec"]
+    for path, value in best.params.items():  # the trial trained with its parameters
+        node = trial_manifest["spec"]
         for part in path.split("."):
             node = node[part]
         assert node == value
-    # the job's adapter is the best trial's adapter, byte for byte, with its own manifest
-    trial_adapter = out / "trials" / str(best.number) / "adapter"
-    assert best.adapter is not None and best.adapter.endswith(f"/trials/{best.number}/adapter/")
-    assert read_manifest(f"file://{out}/adapter/") is not None
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert file_digest(out / "adapter" / "adapter_model.safetensors") == file_digest(
-        trial_adapter / "adapter_model.safetensors"
-    )
-    assert "adapter/adapter_model.safetensors" in manifest["files"]
-    # the report shows every trial, with inline SVG charts that parse
-    report = (out / "report.html").read_text()
+    # the study report shows every trial, with inline SVG charts that parse
+    assert end.outcome.artifacts["report"] == f"file://{out}/search/report.html"
+    report = (out / "search" / "report.html").read_text()
     for t in study.trials:
         assert f"<tr><td>{t.number}</td>" in report or f"<td>{t.number}</td><td>{t.state}" in report
     svgs = [s.split("</svg>")[0] + "</svg>" for s in report.split("<svg")[1:]]
-    assert len(svgs) == 2 + len(manifest["search"]["trials"][0]["params"])
+    assert len(svgs) == 2 + len(status.trials[0].params)
     for svg in svgs:
         ET.fromstring("<svg" + svg)
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["search"]["best"]["trial"] == best.number
     return best
 
 
@@ -110,9 +112,9 @@ def test_random_search_of_six_trials(kit: dict[str, Path], tmp_path: Path) -> No
         },
     }
     out = tmp_path / "job"
-    code, message = run_search(search_doc(kit, "rand", search), f"file://{out}/", "none")
-    assert code == EXIT_OK, message
-    assert "best trial" in message
+    end = run_search(search_doc(kit, "rand", search), f"file://{out}/", "none")
+    assert end.code == EXIT_OK, end.message
+    assert "best trial" in end.message
     study = study_of(out)
     assert [t.number for t in study.trials] == list(range(6))
     assert all(t.state == "Complete" and t.step == 4 for t in study.trials)
@@ -120,7 +122,7 @@ def test_random_search_of_six_trials(kit: dict[str, Path], tmp_path: Path) -> No
     for t in study.trials:
         assert set(t.intermediate) == {2, 4}
         assert read_manifest(f"file://{out}/trials/{t.number}/") is not None
-    check_published(out, study)
+    check_published(out, end, study)
 
 
 def test_grid_search_runs_each_point_once_two_at_a_time(
@@ -136,21 +138,20 @@ def test_grid_search_runs_each_point_once_two_at_a_time(
         },
     }
     out = tmp_path / "job"
-    code, message = run_search(search_doc(kit, "grid", search), f"file://{out}/", "none")
-    assert code == EXIT_OK, message
+    end = run_search(search_doc(kit, "grid", search), f"file://{out}/", "none")
+    assert end.code == EXIT_OK, end.message
     study = study_of(out)
     assert len(study.trials) == 4 and all(t.state == "Complete" for t in study.trials)
     points = {(t.params["training.learningRate"], t.params["lora.r"]) for t in study.trials}
     assert points == {(1e-3, 4), (1e-3, 8), (2e-2, 4), (2e-2, 8)}
-    check_published(out, study)
+    check_published(out, end, study)
 
 
 def _seed_with_good_first(search: dict[str, Any]) -> int:
-    """A training seed for which the grid tries the sane learning rate first."""
+    """A training seed for which the grid's trial 0 takes the sane learning rate."""
     spec = SearchSpec.model_validate(search)
     for seed in range(50):
-        ostudy = plan.rebuild_study(plan.Study(fingerprint=""), spec, seed=seed)
-        if plan.suggest(ostudy.ask(), spec)["training.learningRate"] < 1:
+        if grid_point(spec, 0, seed)["training.learningRate"] < 1:
             return seed
     raise AssertionError("no seed puts the sane learning rate first")
 
@@ -165,8 +166,8 @@ def test_pruning_stops_a_divergent_trial_early(kit: dict[str, Path], tmp_path: P
     seed = _seed_with_good_first(search)
     out = tmp_path / "job"
     doc = search_doc(kit, "prune", search, maxSteps=8, seed=seed)
-    code, message = run_search(doc, f"file://{out}/", "none")
-    assert code == EXIT_OK, message
+    end = run_search(doc, f"file://{out}/", "none")
+    assert end.code == EXIT_OK, end.message
     study = study_of(out)
     good, bad = study.trials
     assert good.params["training.learningRate"] == 1e-2 and good.state == "Complete"
@@ -175,9 +176,9 @@ def test_pruning_stops_a_divergent_trial_early(kit: dict[str, Path], tmp_path: P
     assert bad.step is not None and bad.step < 8  # stopped before its last step
     assert bad.adapter is None
     assert read_manifest(f"file://{out}/trials/1/") is None  # a pruned trial publishes nothing
-    best = check_published(out, study)
+    best = check_published(out, end, study)
     assert best.number == 0
-    assert "Pruned" in (out / "report.html").read_text()
+    assert "Pruned" in (out / "search" / "report.html").read_text()
 
 
 def test_rerun_resumes_the_study(kit: dict[str, Path], tmp_path: Path) -> None:
@@ -188,16 +189,16 @@ def test_rerun_resumes_the_study(kit: dict[str, Path], tmp_path: Path) -> None:
     }
     out = tmp_path / "job"
     uri = f"file://{out}/"
-    code, message = run_search(search_doc(kit, "resume", search), uri, "none")
-    assert code == EXIT_OK, message
+    end = run_search(search_doc(kit, "resume", search), uri, "none")
+    assert end.code == EXIT_OK, end.message
     first = study_of(out)
     assert len(first.trials) == 2
     stamps = {n: (out / "trials" / str(n) / "manifest.json").stat().st_mtime_ns for n in (0, 1)}
 
     # the same job asked for more trials runs only the missing one
     search["trials"] = 3
-    code, message = run_search(search_doc(kit, "resume", search), uri, "none")
-    assert code == EXIT_OK, message
+    end = run_search(search_doc(kit, "resume", search), uri, "none")
+    assert end.code == EXIT_OK, end.message
     second = study_of(out)
     assert [t.number for t in second.trials] == [0, 1, 2]
     assert [t.to_json() for t in second.trials[:2]] == [t.to_json() for t in first.trials]
@@ -205,37 +206,41 @@ def test_rerun_resumes_the_study(kit: dict[str, Path], tmp_path: Path) -> None:
         assert (out / "trials" / str(n) / "manifest.json").stat().st_mtime_ns == stamps[n]
     lrs = [t.params["training.learningRate"] for t in second.trials]
     assert len(set(lrs)) == 3
-    check_published(out, second)
+    check_published(out, end, second)
 
-    # a crash while trial 2 ran: its record says Running; a rerun continues it, asks nothing new
-    crashed = json.loads((out / "search" / "study.json").read_text())
-    crashed["trials"][2].update(state="Running", value=None, adapter=None, finished=None)
-    (out / "search" / "study.json").write_text(json.dumps(crashed))
-    (out / "manifest.json").unlink()
-    code, message = run_search(search_doc(kit, "resume", search), uri, "none")
-    assert code == EXIT_OK, message
+    # a crash while trial 2 ran: its record says Running; a rerun continues it with the same
+    # parameters, as a replacement pod does
+    record = out / "trials" / "2" / "trial.json"
+    crashed = json.loads(record.read_text())
+    crashed.update(state="Running", value=None, adapter=None, finished=None)
+    record.write_text(json.dumps(crashed))
+    (out / "trials" / "2" / "manifest.json").unlink()
+    end = run_search(search_doc(kit, "resume", search), uri, "none")
+    assert end.code == EXIT_OK, end.message
     third = study_of(out)
     assert [t.number for t in third.trials] == [0, 1, 2]
     assert third.trials[2].state == "Complete"
     assert third.trials[2].params == second.trials[2].params
     assert [t.to_json() for t in third.trials[:2]] == [t.to_json() for t in first.trials]
-    check_published(out, third)
+    check_published(out, end, third)
 
-    # nothing left to do: a rerun only republishes
-    code, message = run_search(search_doc(kit, "resume", search), uri, "none")
-    assert code == EXIT_OK, message
+    # nothing left to do: a rerun only reports
+    end = run_search(search_doc(kit, "resume", search), uri, "none")
+    assert end.code == EXIT_OK, end.message
     assert [t.to_json() for t in study_of(out).trials] == [t.to_json() for t in third.trials]
 
 
-def test_input_errors_of_every_trial_end_the_search_as_invalid(
+def test_a_search_whose_every_trial_fails_fails_naming_the_cause(
     kit: dict[str, Path], tmp_path: Path
 ) -> None:
     search = {"trials": 2, "space": {"lora.r": {"type": "choice", "values": [4, 8]}}}
     doc = search_doc(kit, "bad", search)
     doc["spec"]["dataset"]["uri"] = f"file://{tmp_path}/missing.jsonl"
     out = tmp_path / "job"
-    code, message = run_search(doc, f"file://{out}/", "none")
-    assert code == EXIT_INVALID, message
-    assert "no trial of the search completed" in message
-    assert read_manifest(f"file://{out}/") is None
+    end = run_search(doc, f"file://{out}/", "none")
+    assert end.code == EXIT_FAILURE, end.message
+    # the operator's wording for the same study (AllTrialsFailed), and the first trial's cause
+    assert "no trial completed (0 complete, 0 pruned, 2 failed)" in end.message
+    assert "missing.jsonl" in end.message, end.message
     assert [t.state for t in study_of(out).trials] == ["Failed", "Failed"]
+    assert read_manifest(f"file://{out}/") is None

@@ -4,6 +4,7 @@ finished trial reports the recorded result instead of training again."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from graft import search_plan as plan
 from graft.api.search import SearchSpec
 from graft_trainer.errors import EXIT_OK
 from graft_trainer.search_trial import ask, grid_point, run_trial
-from tests.integration.test_search import search_doc
+from tests.integration.test_search import TRAINING, search_doc
 from tests.integration.trainer_kit import shared_kit
 
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(600)]
@@ -65,6 +66,15 @@ def test_trials_in_separate_runs_form_one_study(kit: dict[str, Path], tmp_path: 
     assert code == EXIT_OK and "recorded before" in message
     assert again == results[1]
     assert adapter.stat().st_mtime_ns == before
+
+    # The same job edited (`graft run` again after changing what is trained): the records of
+    # the old spec are not this study's, so the trial trains again rather than report them.
+    edited = copy.deepcopy(doc)
+    edited["spec"]["training"]["maxSteps"] = TRAINING["maxSteps"] - 2
+    code, message, fresh = run_trial(edited, f"file://{out}/", 1)
+    assert code == EXIT_OK and "recorded before" not in message, message
+    assert fresh["state"] == "Complete" and fresh["step"] == TRAINING["maxSteps"] - 2
+    assert adapter.stat().st_mtime_ns != before
 
 
 def test_a_divergent_trial_is_pruned_against_the_finished_ones(

@@ -110,6 +110,8 @@ def test_failed_trials_count_and_a_study_without_a_completed_trial_fails() -> No
     )
     assert plan.outcome == "failed" and plan.search["failed"] == 3
     assert "no trial completed" in plan.message
+    # the message names the first failed trial's cause, so `kubectl describe` says why
+    assert "; trial 0: " in plan.message and "boom" in plan.message, plan.message
 
 
 def test_compute_status_drives_conditions_and_trial_jobs() -> None:

@@ -1,5 +1,6 @@
-"""graft.search_plan: trial specs by dotted path, samplers and pruners, the study's JSON records
-(round trip, resume without reruns or duplicates) and the status summary."""
+"""graft.search_plan: trial specs by dotted path, samplers and pruners, the trials' JSON records
+(round trip, resume without reruns or duplicates, which spec they belong to) and the status
+summary."""
 
 from __future__ import annotations
 
@@ -60,17 +61,38 @@ def objective(params: dict[str, Any]) -> float:
 
 
 def run_trials(study: plan.Study, spec: SearchSpec, n: int, prefix: str = "file:///out/") -> Any:
-    """Ask and tell `n` new trials against the rebuilt study (the trainer's loop, no training)."""
+    """Ask and tell `n` new trials against the rebuilt study, each kept as the record a trial
+    writes (run_trial's loop, no training)."""
     ostudy = plan.rebuild_study(study, spec)
     for _ in range(n):
         trial = ostudy.ask()
         params = plan.suggest(trial, spec)
-        record = plan.start_record(study, trial, params, prefix)
         value = objective(params)
         trial.report(value + 1, 5)
         ostudy.tell(trial, value)
-        plan.sync_record(record, ostudy)
+        frozen = ostudy.trials[trial.number]
+        study.trials.append(
+            plan.StudyTrial(
+                number=trial.number,
+                params=params,
+                state="Complete",
+                value=value,
+                intermediate={5: value + 1},
+                step=5,
+                uri=plan.trial_uri(prefix, trial.number),
+                system_attrs=dict(frozen.system_attrs),
+            )
+        )
     return ostudy
+
+
+def records_round_trip(study: plan.Study) -> plan.Study:
+    """The study as read back from its trials' JSON records."""
+    again = plan.Study(fingerprint=study.fingerprint, direction=study.direction)
+    again.trials = [
+        plan.StudyTrial.from_json(json.loads(json.dumps(t.to_json()))) for t in study.trials
+    ]
+    return again
 
 
 # ---------------------------------------------------------------- trial specs
@@ -105,7 +127,7 @@ def test_trial_spec_output_and_generated_objective() -> None:
 def test_locations() -> None:
     assert plan.trial_uri("s3://b/p/", 3) == "s3://b/p/trials/3/"
     assert plan.trial_uri("file:///x/p", 0) == "file:///x/p/trials/0/"
-    assert plan.study_uri("s3://b/p/") == "s3://b/p/search/study.json"
+    assert plan.report_uri("s3://b/p/") == "s3://b/p/search/report.html"
 
 
 # ---------------------------------------------------------------- samplers and pruners
@@ -161,9 +183,8 @@ def test_records_round_trip_through_json() -> None:
     spec = grid()
     study = plan.Study(fingerprint="abc")
     run_trials(study, spec, 2)
-    text = study.dumps()
-    again = plan.Study.loads(text)
-    assert again.to_json() == json.loads(text)
+    again = records_round_trip(study)
+    assert [t.to_json() for t in again.trials] == [t.to_json() for t in study.trials]
     assert [t.number for t in again.trials] == [0, 1]
     assert again.trials[0].intermediate == {5: study.trials[0].value + 1}  # type: ignore[operator]
     assert again.trials[0].system_attrs["grid_id"] in range(4)
@@ -175,7 +196,7 @@ def test_resume_neither_reruns_nor_duplicates(make: Any) -> None:
     study = plan.Study(fingerprint="abc")
     run_trials(study, spec, 2)
     first = [dict(t.params) for t in study.trials]
-    resumed = plan.Study.loads(study.dumps())
+    resumed = records_round_trip(study)
     ostudy = run_trials(resumed, spec, 2)
     assert [t.number for t in resumed.trials] == [0, 1, 2, 3]
     assert [t.params for t in resumed.trials[:2]] == first  # finished trials kept as they were
@@ -184,44 +205,28 @@ def test_resume_neither_reruns_nor_duplicates(make: Any) -> None:
     assert len(set(keys)) == 4  # no point proposed twice
 
 
-def test_a_trial_running_at_the_crash_is_continued_not_duplicated() -> None:
-    spec = grid()
+def test_a_trial_running_at_the_crash_is_continued_with_its_parameters() -> None:
+    spec = search(trials=6)
     study = plan.Study(fingerprint="abc")
     run_trials(study, spec, 1)
+    running = plan.StudyTrial(number=1, params={}, state="Running", intermediate={2: 3.0})
     ostudy = plan.rebuild_study(study, spec)
-    trial = ostudy.ask()
-    params = plan.suggest(trial, spec)
-    record = plan.start_record(study, trial, params, "file:///out/")
-    trial.report(3.0, 2)
-    plan.sync_record(record, ostudy)
-    assert record.state == "Running" and record.step == 2
+    running.params = plan.suggest(ostudy.ask(), spec)
     # the process dies here; a new one reads the records back
-    resumed = plan.Study.loads(study.dumps())
+    resumed = records_round_trip(plan.Study(fingerprint="abc", trials=[*study.trials, running]))
     ostudy = plan.rebuild_study(resumed, spec)
     handles = plan.running_trials(ostudy)
     assert [h.number for h in handles] == [1]
-    handle = handles[0]
-    assert plan.suggest(handle, spec) == params  # same point, read back
-    assert plan.start_record(resumed, handle, params, "file:///out/") is resumed.trials[1]
-    ostudy.tell(handle, 0.25)
-    plan.sync_record(resumed.trials[1], ostudy)
-    assert resumed.trials[1].state == "Complete" and resumed.trials[1].value == 0.25
-    assert resumed.trials[1].intermediate == {2: 3.0}
-    # the remaining two grid points, then the grid is done
-    for _ in range(2):
-        t = ostudy.ask()
-        plan.start_record(resumed, t, plan.suggest(t, spec), "file:///out/")
-        ostudy.tell(t, 1.0)
-        plan.sync_record(resumed.trials[t.number], ostudy)
-    combos = {(t.params["training.learningRate"], t.params["lora.r"]) for t in resumed.trials}
-    assert len(resumed.trials) == 4 and len(combos) == 4
+    assert plan.suggest(handles[0], spec) == running.params  # same point, read back
+    ostudy.tell(handles[0], 0.25)
+    assert ostudy.best_trial.number == 1 and ostudy.best_trial.intermediate_values == {2: 3.0}
 
 
 def test_pruner_sees_rebuilt_intermediate_values() -> None:
     spec = search(trials=10, pruning={"enabled": True, "warmupSteps": 1})
     study = plan.Study(fingerprint="x")
     run_trials(study, spec, 2)  # each reported (value + 1) at step 5
-    ostudy = plan.rebuild_study(plan.Study.loads(study.dumps()), spec)
+    ostudy = plan.rebuild_study(records_round_trip(study), spec)
     bad = ostudy.ask()
     plan.suggest(bad, spec)
     bad.report(1e6, 5)
@@ -232,21 +237,18 @@ def test_pruner_sees_rebuilt_intermediate_values() -> None:
     assert not good.should_prune()
 
 
-def test_load_or_new_keeps_a_study_only_for_the_same_spec() -> None:
-    spec = SearchSpec.model_validate(BASE["search"])
-    study = plan.new_study(BASE, spec)
-    run_trials(study, spec, 1)
-    text = study.dumps()
-    assert len(plan.load_or_new(text, BASE, spec).trials) == 1
+def test_a_record_belongs_to_the_study_of_the_same_spec_only() -> None:
+    """The fingerprint a trial's record carries: more trials or parallelism extend a study;
+    any change to what is trained starts a new one."""
+    same = plan.study_fingerprint(BASE)
     more = {**BASE, "search": {**BASE["search"], "trials": 9, "parallelism": 3}}
-    assert len(plan.load_or_new(text, more, spec).trials) == 1  # more trials extend it
+    assert plan.study_fingerprint(more) == same
     other = {**BASE, "training": {**BASE["training"], "maxSteps": 99}}
-    assert plan.load_or_new(text, other, spec).trials == []
-    assert plan.load_or_new("{not json", BASE, spec).trials == []
-    assert plan.load_or_new(None, BASE, spec).trials == []
-    broken = json.loads(text)
-    broken["trials"][0]["number"] = 5
-    assert plan.load_or_new(json.dumps(broken), BASE, spec).trials == []
+    assert plan.study_fingerprint(other) != same
+    wider = {**BASE, "search": {**BASE["search"], "strategy": "grid"}}
+    assert plan.study_fingerprint(wider) != same
+    record = plan.StudyTrial(number=0, params={}, study=same)
+    assert plan.StudyTrial.from_json(record.to_json()).study == same
 
 
 def test_non_finite_values_never_reach_the_json() -> None:
@@ -254,10 +256,9 @@ def test_non_finite_values_never_reach_the_json() -> None:
         number=0, params={}, state="Pruned", intermediate={2: 1.0, 4: float("nan")}, step=4
     )
     record.value = float("inf")
-    study = plan.Study(fingerprint="x", trials=[record])
-    data = json.loads(study.dumps())
-    assert data["trials"][0]["intermediate"] == {"2": 1.0}
-    assert data["trials"][0]["value"] is None and data["trials"][0]["step"] == 4
+    data = json.loads(json.dumps(record.to_json(), allow_nan=False))
+    assert data["intermediate"] == {"2": 1.0}
+    assert data["value"] is None and data["step"] == 4
 
 
 # ---------------------------------------------------------------- status summary

@@ -56,7 +56,7 @@ def test_report_lists_every_trial_and_its_charts_parse() -> None:
         ("4", "Running"),
     ]
     assert "best trial <b>2</b>" in page
-    assert 'href="trials/2/report.html"' in page
+    assert 'href="../trials/2/report.html"' in page  # the report sits in search/
     assert "&lt;oops&gt;" in page and "<oops>" not in page  # escaped
     svgs = re.findall(r"<svg.*?</svg>", page, re.S)
     assert len(svgs) == 1 + len(SPACE.space) + 1  # per trial, per parameter, over steps

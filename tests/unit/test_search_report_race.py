@@ -21,8 +21,17 @@ SEARCH = SearchSpec.model_validate(
 )
 
 
+BASE: dict[str, Any] = {"model": {}}
+
+
 def finished(number: int, value: float) -> bytes:
-    trial = plan.StudyTrial(number=number, params={"lora.r": 4}, state="Complete", value=value)
+    trial = plan.StudyTrial(
+        number=number,
+        params={"lora.r": 4},
+        state="Complete",
+        value=value,
+        study=plan.study_fingerprint(BASE),
+    )
     return json.dumps(trial.to_json()).encode()
 
 
@@ -36,7 +45,7 @@ class RacingStore(LocalStore):
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         super().write_bytes(uri, data)
-        if uri.endswith(search_trial.REPORT):
+        if uri.endswith(plan.REPORT_FILE):
             self.report_writes.append(data.decode())
             if len(self.report_writes) == 1:
                 super().write_bytes(search_trial.record_uri(self.prefix, 1), finished(1, 0.4))
@@ -52,6 +61,6 @@ def test_a_trial_that_finished_during_the_redraw_is_in_the_final_report(
     prefix = f"file://{tmp_path}/ns/FineTuneJob/a-uid/"
     store = RacingStore(prefix)
     store.write_bytes(search_trial.record_uri(prefix, 0), finished(0, 0.5))
-    search_trial._redraw_report(store, prefix, "a", {"model": {}}, SEARCH, target=3)
+    search_trial._redraw_report(store, prefix, "a", BASE, SEARCH, target=3)
     assert store.report_writes == ["trials=[0] best=0", "trials=[0, 1] best=1"]
-    assert store.read_bytes(prefix + search_trial.REPORT) == b"trials=[0, 1] best=1"
+    assert store.read_bytes(prefix + plan.REPORT_FILE) == b"trials=[0, 1] best=1"

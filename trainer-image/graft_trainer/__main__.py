@@ -73,8 +73,7 @@ def run_resource(
     if obj.spec.search is not None:  # `graft run`: on a cluster each trial's pod serves its own
         from graft_trainer.search import run_search
 
-        code, message = run_search(document, artifacts_uri, reporter_name, work_dir=work_dir)
-        return outcome.RunEnd(code, message)
+        return run_search(document, artifacts_uri, reporter_name, work_dir=work_dir)
     from graft_trainer import parallel
 
     try:
@@ -209,8 +208,18 @@ def _cmd_run_resource(args: argparse.Namespace) -> int:
     print(end.message if end.code == EXIT_OK else f"error: {end.message}", file=sys.stderr)
     outcome.write_termination_log(outcome.termination_message(end))
     if document is not None:
-        outcome.save_outcome(end, artifacts or "")
+        outcome.save_outcome(end, _outcome_prefix(artifacts or ""))
     return end.code
+
+
+def _outcome_prefix(artifacts: str) -> str:
+    """Where the pod's outcome goes: beside its own artifacts (a trial's under its prefix)."""
+    from graft.search_plan import trial_uri
+
+    trial = os.environ.get(ENV_TRIAL)
+    return (
+        trial_uri(artifacts, int(trial)) if artifacts and trial and trial.isdigit() else artifacts
+    )
 
 
 def _run_document(document: dict[str, Any], artifacts: str) -> RunEnd:

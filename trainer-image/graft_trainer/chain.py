@@ -7,6 +7,10 @@ manifest). Every reference is checked before anything runs, and so is the archit
 model an OptimizeJob or AdapterBundle will export: a FineTuneJob whose model the ONNX builder
 cannot export is refused before it trains, not after. Each output is written with its
 manifest last, to `spec.output.uri/<name>/` or `./graft-runs/<name>/` (the caller's `uri_for`).
+
+Planned as the operator plans it: an OptimizeJob or AdapterBundle passes the operator's source
+gate (`graft.controller.sources.gate`, which also picks a search's best trial) over the
+FineTuneJobs that ran here, then runs from the references it resolved, as its pod does.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ from graft_trainer.errors import (
     one_line,
     store_exit_code,
 )
+from graft_trainer.outcome import RunEnd
 
 Say = Callable[[str], None]
-# Runs one FineTuneJob document: (document, artifacts URI, reporter) -> (exit code, message).
-RunFineTune = Callable[[dict[str, Any], str, str | None], tuple[int, str]]
+# Runs one FineTuneJob document: (document, artifacts URI, reporter) -> how it ended.
+RunFineTune = Callable[[dict[str, Any], str, str | None], RunEnd]
 FINETUNE = "FineTuneJob"
+# The namespace the operator's gate is told about for resources run here (its messages).
+LOCAL_NAMESPACE = "local"
 
 
 class ChainError(GraftInputError):
@@ -45,17 +52,10 @@ class Done:
 
 
 def references(obj: Any) -> list[tuple[str, str]]:
-    """(field, FineTuneJob name) of every reference `obj` makes."""
-    refs: list[tuple[str, str]] = []
-    if obj.kind == "OptimizeJob" and obj.spec.source.fine_tune_job_ref is not None:
-        refs.append(("spec.source.fineTuneJobRef.name", obj.spec.source.fine_tune_job_ref.name))
-    if obj.kind == "AdapterBundle":
-        for i, adapter in enumerate(obj.spec.adapters):
-            if adapter.fine_tune_job_ref is not None:
-                refs.append(
-                    (f"spec.adapters[{i}].fineTuneJobRef.name", adapter.fine_tune_job_ref.name)
-                )
-    return refs
+    """(field, FineTuneJob name) of every reference `obj` makes: the operator's reading."""
+    from graft.controller.sources import references as spec_references
+
+    return [(r.field, r.name) for r in spec_references(obj.kind, obj.spec.to_api())]
 
 
 def order(objs: Sequence[Any], source: str, prior: Callable[[str], str | None]) -> list[Any]:
@@ -77,7 +77,8 @@ def order(objs: Sequence[Any], source: str, prior: Callable[[str], str | None]) 
             elif prior(name) is None:
                 raise ChainError(
                     f"{obj.kind}/{obj.metadata.name}: {field_path}: no FineTuneJob {name!r} "
-                    f"in {source} (and no finished run of it to reuse)"
+                    f"in {source} (and no finished run of it to reuse; a search is reused by "
+                    "listing it again: its finished trials are not rerun)"
                 )
     done: list[int] = []
     while len(done) < len(objs):
@@ -102,14 +103,11 @@ def _local_dir(uri: str) -> Path:
 def _weights_dir(job: Done, field_path: str) -> Path:
     from graft.storage import join_uri, read_manifest
 
+    # Whether the job can serve here (an adapter, one base model) is the gate's to say; a
+    # reader trusts only a manifest.
     if read_manifest(job.uri) is None:
         raise ChainError(
             f"{field_path}: FineTuneJob {job.name!r} has no finished output in {job.uri}"
-        )
-    if job.spec.method == "full":
-        raise ChainError(
-            f"{field_path}: FineTuneJob {job.name!r} trained the full model (method: full); "
-            "it has no adapter to use here"
         )
     return _local_dir(join_uri(job.uri, "adapter/"))
 
@@ -257,22 +255,14 @@ def run_bundle_object(
 
     spec = obj.spec
     base_uri = spec.base_model.uri if spec.base_model is not None else None
-    base_field = "spec.baseModel"
     inputs: list[BundleAdapterInput] = []
     for i, adapter in enumerate(spec.adapters):
-        field_path = f"spec.adapters[{i}]"
         if adapter.fine_tune_job_ref is None:
             inputs.append(BundleAdapterInput(adapter.name, _local_dir(adapter.uri)))
             continue
         job = jobs[adapter.fine_tune_job_ref.name]
-        if base_uri is None:
-            base_uri, base_field = job.spec.model.uri, field_path
-        elif _local_dir(job.spec.model.uri) != _local_dir(base_uri):
-            raise ChainError(
-                f"AdapterBundle/{obj.metadata.name}: {field_path}: FineTuneJob {job.name!r} "
-                f"was trained on {job.spec.model.uri}, not on {base_uri} ({base_field})"
-            )
-        inputs.append(BundleAdapterInput(adapter.name, _weights_dir(job, field_path)))
+        base_uri = base_uri or job.spec.model.uri  # the gate saw that they all share it
+        inputs.append(BundleAdapterInput(adapter.name, _weights_dir(job, f"spec.adapters[{i}]")))
     assert base_uri is not None  # the API requires baseModel unless every adapter is a ref
     with tempfile.TemporaryDirectory(prefix="graft-bundle-") as tmp:
         out_dir = Path(tmp) / "out"
@@ -330,6 +320,16 @@ def run_referencing_document(
     return run_bundle_object(obj, artifacts_uri, jobs, say)
 
 
+def _finished(name: str, spec: dict[str, Any], uri: str, search: Any = None) -> dict[str, Any]:
+    """A FineTuneJob that ran here, as the operator's gate reads one from the cluster: its spec
+    (writing where it wrote), Succeeded, and a study's status.search."""
+    status: dict[str, Any] = {"conditions": [{"type": "Succeeded", "status": "True"}]}
+    if search is not None:
+        status["search"] = search
+    spec = {**spec, "output": {**(spec.get("output") or {}), "uri": uri}}
+    return {"metadata": {"name": name, "uid": ""}, "spec": spec, "status": status}
+
+
 def run_documents(
     documents: Sequence[dict[str, Any]],
     *,
@@ -341,8 +341,13 @@ def run_documents(
     run_finetune: RunFineTune,
 ) -> tuple[int, str]:
     """Run every document in dependency order; returns (exit code, one-line message).
-    `run_finetune` runs each FineTuneJob (the pod's `run_object`)."""
+    `run_finetune` runs each FineTuneJob (the pod's `run_resource`); an OptimizeJob or
+    AdapterBundle goes through the operator's source gate, then runs as its pod would, from
+    the references the gate resolved."""
+    from graft.api.finetune import FineTuneJobSpec
     from graft.api.kinds import InvalidResource, parse_object
+    from graft.controller.config import OperatorConfig
+    from graft.controller.sources import gate
     from graft.storage import StoreError, read_manifest
 
     objs: list[Any] = []
@@ -358,18 +363,16 @@ def run_documents(
         ordered = order(objs, source, prior)
     except ChainError as exc:
         return EXIT_INVALID, one_line(exc)
-    jobs: dict[str, Done] = {}
+    in_file = {o.metadata.name for o in objs if o.kind == FINETUNE}
+    found: dict[str, dict[str, Any]] = {}  # the FineTuneJobs that ran, as the gate reads them
+    prefixes: dict[str, str] = {}  # where each wrote its outputs
     for obj in objs:
         for _, name in references(obj):
             prior_uri = prior(name)
-            in_file = any(o.kind == FINETUNE and o.metadata.name == name for o in objs)
-            if not in_file and prior_uri is not None:
-                from graft.api.finetune import FineTuneJobSpec
-
-                manifest = read_manifest(prior_uri) or {}
-                spec = FineTuneJobSpec.model_validate(manifest.get("spec", {}))
-                jobs[name] = Done(name, prior_uri, spec)
-    specs = {name: job.spec for name, job in jobs.items()}
+            if name not in in_file and prior_uri is not None:
+                spec = (read_manifest(prior_uri) or {}).get("spec", {})
+                found[name], prefixes[name] = _finished(name, spec, prior_uri), prior_uri
+    specs = {name: FineTuneJobSpec.model_validate(job["spec"]) for name, job in found.items()}
     specs.update({o.metadata.name: o.spec for o in objs if o.kind == FINETUNE})
     try:
         check_exportable(ordered, specs)
@@ -377,27 +380,26 @@ def run_documents(
         return EXIT_INVALID, one_line(exc)
     for obj in ordered:
         doc, uri = raw[id(obj)], uri_for(raw[id(obj)])
-        label = f"{obj.kind}/{obj.metadata.name}"
+        name, label = obj.metadata.name, f"{obj.kind}/{obj.metadata.name}"
         if obj.kind == FINETUNE:
-            code, message = run_finetune(doc, uri, reporter)
-            if code != EXIT_OK:
-                return code, f"{label}: {message}"
-            spec = obj.spec
-            if spec.search is not None:  # the best trial's spec (its params applied)
-                from graft.api.finetune import FineTuneJobSpec
-
-                ran = (read_manifest(uri) or {}).get("spec") or spec.to_api()
-                spec = FineTuneJobSpec.model_validate(ran)
-            jobs[obj.metadata.name] = Done(obj.metadata.name, uri, spec)
-            say(f"{label}: {message}")
+            end = run_finetune(doc, uri, reporter)
+            if end.code != EXIT_OK:
+                return end.code, f"{label}: {end.message}"
+            found[name] = _finished(name, obj.spec.to_api(), uri, end.search)
+            prefixes[name] = uri
+            say(f"{label}: {end.message}")
             continue
+        if obj.kind not in ("OptimizeJob", "AdapterBundle"):
+            return EXIT_INVALID, f"{label}: {obj.kind} is not supported by graft run"
+        sources = gate(
+            obj.kind, LOCAL_NAMESPACE, obj.spec.to_api(), found, OperatorConfig(), prefixes.get
+        )
+        if sources.state != "ready":
+            return EXIT_INVALID, f"{label}: {sources.message}"
         try:
-            if obj.kind == "OptimizeJob":
-                lines, _ = run_optimize_object(obj, uri, jobs, say)
-            elif obj.kind == "AdapterBundle":
-                lines, _ = run_bundle_object(obj, uri, jobs, say)
-            else:
-                return EXIT_INVALID, f"{label}: {obj.kind} is not supported by graft run"
+            lines, _ = run_referencing_document(
+                {**doc, "references": sources.references}, obj, uri, say
+            )
         except GraftInputError as exc:
             text = one_line(exc)
             return EXIT_INVALID, text if text.startswith(label) else f"{label}: {text}"

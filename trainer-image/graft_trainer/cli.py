@@ -89,7 +89,7 @@ def _cmd_run(args: argparse.Namespace, out: Console) -> int:
         say(f"error: {message}" if code else message)
         return int(code)
     from graft.storage import read_manifest
-    from graft_trainer.__main__ import run_object
+    from graft_trainer.__main__ import run_resource
     from graft_trainer.chain import run_documents
 
     # several documents: --out is the parent of one folder per resource
@@ -113,7 +113,7 @@ def _cmd_run(args: argparse.Namespace, out: Console) -> int:
         prior=prior,
         reporter=args.reporter,
         say=say,
-        run_finetune=run_object,
+        run_finetune=run_resource,
     )
     say(f"error: {message}" if code else message)
     return int(code)

@@ -34,6 +34,8 @@ class RunEnd:
     code: int
     message: str
     outcome: TrainerOutcome | None = None
+    # A local study's status.search (`graft run`): what a referencing resource's gate reads.
+    search: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """For a process that ran it to hand to the one that reports it (data parallel)."""

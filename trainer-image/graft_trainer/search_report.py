@@ -204,7 +204,9 @@ def render_search_report(name: str, search: SearchSpec, study: Study, best: int 
     for t in trials:
         cells = "".join(f"<td>{_fmt(t.params.get(p))}</td>" for p in paths)
         link = (
-            f'<a href="trials/{t.number}/report.html">report</a>' if t.state == "Complete" else ""
+            f'<a href="../trials/{t.number}/report.html">report</a>'
+            if t.state == "Complete"
+            else ""
         )
         style = ' style="background:#e8f5e9;font-weight:bold"' if t.number == best else ""
         rows.append(
@@ -218,7 +220,7 @@ def render_search_report(name: str, search: SearchSpec, study: Study, best: int 
             f"best trial <b>{chosen.number}</b>: {html.escape(search.objective.metric)} "
             f"<b>{_fmt(chosen.value)}</b> with "
             f"{html.escape(json.dumps(chosen.params))}; its adapter is the job's adapter "
-            f'(<a href="trials/{chosen.number}/report.html">its report</a>).'
+            f'(<a href="../trials/{chosen.number}/report.html">its report</a>).'
         )
     else:
         best_line = "no trial completed."

@@ -20,21 +20,111 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from graft import search_plan as plan
+from graft.api.finetune import FineTuneJobSpec
 from graft.api.search import SearchSpec
+from graft.progress import Reporter
 from graft.storage import StoreError, open_store
 from graft.storage.uri import join_uri
-from graft_trainer.errors import EXIT_FAILURE, EXIT_INVALID, EXIT_OK
+from graft_trainer.errors import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, GraftInputError, one_line
 
 log = logging.getLogger("graft_trainer.search")
 
 RECORD = "trial.json"
-REPORT = "search/report.html"
 REDRAWS = 5
+
+
+class TrialPruned(Exception):
+    """Raised from the Engine's evaluation hook: optuna pruned the trial at `step`."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"pruned at step {step}")
+        self.step = step
+
+
+@dataclass
+class TrialOutcome:
+    """How one trial ended (plain data: it crosses the process boundary)."""
+
+    state: Literal["Complete", "Pruned", "Failed"]
+    value: float | None = None
+    step: int | None = None
+    adapter: str | None = None
+    message: str | None = None
+    store_error: bool = False
+
+
+def train_trial(
+    spec_doc: dict[str, Any],
+    identity: tuple[str, str, str],
+    uri: str,
+    metric: str,
+    on_report: Any,
+    reporter: Reporter | None = None,
+    work_dir: Path | None = None,
+) -> TrialOutcome:
+    """Train one trial with the Engine. `on_report(step, value, last)` gets every intermediate
+    objective value and returns True to prune the trial there."""
+    from pydantic import ValidationError
+
+    from graft_trainer.engine import Engine, JobIdentity
+    from graft_trainer.reporting import NullReporter
+
+    try:
+        spec = FineTuneJobSpec.model_validate(spec_doc)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return TrialOutcome("Failed", message=f"{where}: {first['msg']}")
+    last_step: list[int] = []
+
+    def hook(step: int, total: int, values: dict[str, float]) -> None:
+        value = values.get(metric)
+        if value is None:
+            return
+        last_step.append(step)
+        if on_report(step, float(value), step >= total):
+            raise TrialPruned(step)
+
+    engine = Engine(
+        spec,
+        JobIdentity(*identity),
+        uri,
+        reporter or NullReporter(),
+        work_dir=work_dir,
+        on_evaluate=hook,
+        generate_during_eval=metric in ("accuracy", "f1", "bleu", "rouge"),
+    )
+    try:
+        result = engine.run()
+    except TrialPruned as exc:
+        return TrialOutcome("Pruned", step=exc.step, message=str(exc))
+    except GraftInputError as exc:
+        return TrialOutcome("Failed", step=_last(last_step), message=one_line(exc))
+    except StoreError as exc:
+        return TrialOutcome("Failed", message=one_line(exc), store_error=True)
+    except Exception as exc:  # one trial's failure (say, out of memory) is not the study's
+        log.exception("trial failed")
+        return TrialOutcome(
+            "Failed", step=_last(last_step), message=f"{type(exc).__name__}: {one_line(exc)}"
+        )
+    value = result.final.get(metric)
+    adapter = result.artifacts.get("adapter") or result.artifacts.get("model")
+    if value is None or not math.isfinite(value):
+        return TrialOutcome(
+            "Failed", step=result.final_step, adapter=adapter, message=f"{metric} is {value}"
+        )
+    return TrialOutcome("Complete", value=float(value), step=result.final_step, adapter=adapter)
+
+
+def _last(steps: list[int]) -> int | None:
+    return steps[-1] if steps else None
 
 
 def record_uri(prefix: str, number: int) -> str:
@@ -73,15 +163,21 @@ def ask(
     return plan.suggest(ostudy.ask(), search)
 
 
-def _read_record(store: Any, prefix: str, number: int) -> plan.StudyTrial | None:
+def _read_record(store: Any, prefix: str, number: int, study: str) -> plan.StudyTrial | None:
+    """Trial `number`'s record, when it is one of the study `study` (a fingerprint): a record
+    left by a run of another spec under the same prefix (`graft run` after an edit) is not."""
     data = store.read_bytes(record_uri(prefix, number))
     if data is None:
         return None
     try:
-        return plan.StudyTrial.from_json(json.loads(data))
+        record = plan.StudyTrial.from_json(json.loads(data))
     except (ValueError, KeyError, TypeError):
         log.warning("ignoring the unreadable record of trial %d", number)
         return None
+    if record.study != study:
+        log.warning("trial %d: its record was made for another spec; it runs again", number)
+        return None
+    return record
 
 
 def run_trial(
@@ -94,7 +190,6 @@ def run_trial(
     fails (the pod is retried and continues); 2 when the document itself is unusable.
     """
     from graft.api.kinds import FineTuneJob, InvalidResource, parse_object
-    from graft_trainer.search import train_trial
 
     try:
         obj = parse_object(document)
@@ -117,8 +212,11 @@ def run_trial(
     )
     try:
         store = open_store(prefix)
-        others = [r for n in range(target) if n != number if (r := _read_record(store, prefix, n))]
-        own = _read_record(store, prefix, number)
+        study = plan.study_fingerprint(base)
+        others = [
+            r for n in range(target) if n != number if (r := _read_record(store, prefix, n, study))
+        ]
+        own = _read_record(store, prefix, number, study)
         if own is not None and own.state in plan.FINISHED:
             # The pod that finished it did not live to report it: report, do not rerun.
             return EXIT_OK, f"trial {number}: {own.state} (recorded before)", _result(own)
@@ -129,6 +227,7 @@ def run_trial(
                 params=params,
                 uri=plan.trial_uri(prefix, number),
                 started=plan.now(),
+                study=study,
             )
             store.write_bytes(record_uri(prefix, number), json.dumps(own.to_json()).encode())
         history = _history(others, base, search)
@@ -206,7 +305,8 @@ def _redraw_report(
 
     drawn: set[int] | None = None
     for _ in range(REDRAWS):
-        trials = [r for n in range(target) if (r := _read_record(store, prefix, n))]
+        study = plan.study_fingerprint(base)
+        trials = [r for n in range(target) if (r := _read_record(store, prefix, n, study))]
         finished = {t.number for t in trials if t.state in plan.FINISHED}
         if finished == drawn:
             return
@@ -215,7 +315,7 @@ def _redraw_report(
         best = plan.best_trial(study)
         try:
             page = render_search_report(name, search, study, best.number if best else None)
-            store.write_bytes(join_uri(prefix, REPORT), page.encode())
+            store.write_bytes(plan.report_uri(prefix), page.encode())
         except Exception as exc:  # the report is a view; the records are what counts
             log.warning("could not draw the search report: %s", exc)
             return

@@ -13,7 +13,7 @@ resource.json): the artifact prefix and the spec the FineTuneJob ran with.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from graft.api.kinds import InvalidResource
@@ -79,8 +79,12 @@ def gate(
     spec: Mapping[str, Any],
     found: Mapping[str, Mapping[str, Any] | None],
     config: OperatorConfig,
+    prefix_of: Callable[[str], str] | None = None,
 ) -> SourceGate:
-    """The gate for a resource whose referenced FineTuneJobs, looked up by name, are `found`."""
+    """The gate for a resource whose referenced FineTuneJobs, looked up by name, are `found`.
+
+    A FineTuneJob's outputs are under its artifact prefix on the cluster's store, or, for
+    `graft run`, where `prefix_of(name)` says it wrote them: the gate is otherwise the same."""
     from graft.controller.planner import resolve_spec  # planner imports this module's users
     from graft.controller.study import best_trial_source
 
@@ -131,9 +135,11 @@ def gate(
                 )
                 continue
         meta = obj.get("metadata") or {}
-        uri = artifact_prefix(
-            run.output_uri, namespace, FINETUNE, ref.name, str(meta.get("uid", ""))
-        )
+        if prefix_of is not None:
+            uri = prefix_of(ref.name)
+        else:
+            uid = str(meta.get("uid", ""))
+            uri = artifact_prefix(run.output_uri, namespace, FINETUNE, ref.name, uid)
         spec_used = run.spec
         if run.spec.get("search"):  # a study: its best trial is what the job produced
             best = best_trial_source(dict(obj.get("status") or {}), run.spec, uri)

@@ -48,7 +48,7 @@ class StudyPlan:
     active: int = 0  # trials with a Job that has not finished
 
 
-def _reported(number: int, outcome: TrainerOutcome | None) -> dict[str, Any]:
+def reported_record(number: int, outcome: TrainerOutcome | None) -> dict[str, Any]:
     """The record a succeeded trial pod reported in its outcome (Failed when it reported
     nothing usable, or another trial's)."""
     trial = outcome.trial if outcome is not None else None
@@ -71,7 +71,7 @@ def observe_trial(trial: TrialObserved, backoff_limit: int) -> dict[str, Any]:
     outcomes = [classify_pod(p) for p in trial.pods]
     succeeded = next((o for o in outcomes if o.kind == "succeeded"), None)
     if succeeded is not None:
-        return _reported(trial.number, succeeded.outcome)
+        return reported_record(trial.number, succeeded.outcome)
     failures = sorted((o for o in outcomes if o.kind == "failed"), key=lambda o: o.name)
     invalid = [o for o in failures if o.exit_code in NOT_RETRIED]
     if invalid or len(failures) > backoff_limit:
@@ -98,8 +98,6 @@ def plan_study(
     job_name: str,
 ) -> StudyPlan:
     """The study's status and the trials to launch, from the last status and what runs."""
-    search = SearchSpec.model_validate(spec["search"])
-    target = search_plan.target_trials(search)
     # A finished trial's record outlives its Job and pods in status; what a trial's pods show
     # wins over it, so a record written into status by anyone else counts only for a trial
     # whose pods are gone.
@@ -107,14 +105,26 @@ def plan_study(
     for record in (previous or {}).get("trials") or []:
         if record.get("state") in FINISHED:
             records[int(record["number"])] = dict(record)
-    active = 0
     for trial in trials:
         record = observe_trial(trial, backoff_limit)
         if record["state"] in FINISHED or trial.number not in records:
             records[trial.number] = record
-            active += record["state"] not in FINISHED
-    started = {t.number for t in trials} | set(records)
-    launch = [n for n in range(target) if n not in started][: max(0, search.parallelism - active)]
+    plan = plan_records(spec, prefix, records, job_name)
+    plan.pods = sum(len(t.pods) for t in trials)
+    return plan
+
+
+def plan_records(
+    spec: dict[str, Any], prefix: str, records: dict[int, dict[str, Any]], job_name: str
+) -> StudyPlan:
+    """The study's status and the trials to launch, from one record per started trial
+    (finished, or Pending/Running). Both executors plan with it: the operator, whose records
+    come from trial Jobs and pods, and `graft run`, whose come from its worker processes."""
+    search = SearchSpec.model_validate(spec["search"])
+    target = search_plan.target_trials(search)
+    records = {number: dict(record) for number, record in records.items()}
+    active = sum(1 for r in records.values() if r["state"] not in FINISHED)
+    launch = [n for n in range(target) if n not in records][: max(0, search.parallelism - active)]
     for number in launch:
         records[number] = {"number": number, "state": "Pending"}
 
@@ -153,7 +163,11 @@ def plan_study(
         outcome: Literal["running", "succeeded", "failed"] = "running"
         artifacts = None
     elif best is None:
-        message = f"no trial completed ({counts})"
+        failed = [r for _, r in sorted(records.items()) if r["state"] == "Failed"]
+        cause = next(
+            (f"; trial {r['number']}: {r['message']}" for r in failed if r.get("message")), ""
+        )
+        message = f"no trial completed ({counts}){cause}"
         outcome, artifacts = "failed", None
     else:
         metric = search.objective.metric
@@ -161,7 +175,7 @@ def plan_study(
         outcome = "succeeded"
         artifacts = {
             "adapter": best.adapter,
-            "report": f"{prefix}search/report.html",
+            "report": search_plan.report_uri(prefix),
             "metrics": f"{search_plan.trial_uri(prefix, best.number)}metrics.json",
         }
     return StudyPlan(
@@ -171,7 +185,7 @@ def plan_study(
         launch=launch,
         outcome=outcome,
         message=message,
-        pods=sum(len(t.pods) for t in trials),
+        pods=0,
         active=active,
     )
 
