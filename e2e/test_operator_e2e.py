@@ -459,7 +459,7 @@ def test_search_runs_a_job_per_trial_and_survives_operator_kills(
 def run_search_locally(doc: dict[str, Any], out: pathlib.Path) -> set[str]:
     """The keys a `graft run` of the search `doc` leaves under its prefix (the kit's model and
     data on disk stand in for the bucket's copies)."""
-    from graft_trainer.search import run_search
+    from graft_trainer.__main__ import run_resource as run_search
     from tests.integration.trainer_kit import shared_kit
 
     kit = shared_kit()

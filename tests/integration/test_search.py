@@ -16,9 +16,9 @@ import pytest
 from graft import search_plan as plan
 from graft.api.search import SearchSpec, SearchStatus
 from graft.storage import read_manifest
+from graft_trainer.__main__ import run_resource as run_search
 from graft_trainer.errors import EXIT_FAILURE, EXIT_OK
 from graft_trainer.outcome import RunEnd
-from graft_trainer.search import run_search
 from graft_trainer.search_trial import grid_point
 from tests.integration.trainer_kit import job_document, shared_kit
 

@@ -73,7 +73,7 @@ def run_resource(
     if obj.spec.search is not None:  # `graft run`: on a cluster each trial's pod serves its own
         from graft_trainer.search import run_search
 
-        return run_search(document, artifacts_uri, reporter_name, work_dir=work_dir)
+        return run_search(document, obj.spec, artifacts_uri, reporter_name, work_dir=work_dir)
     from graft_trainer import parallel
 
     try:

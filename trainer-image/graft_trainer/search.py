@@ -25,7 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from graft.api.finetune import FineTuneProgress
+from graft.api.finetune import FineTuneJobSpec, FineTuneProgress
 from graft.contract import decode_termination
 from graft.controller.study import StudyPlan, plan_records, reported_record
 from graft.progress import ProgressEvent, Reporter
@@ -192,31 +192,27 @@ def study_end(document: dict[str, Any], plan: StudyPlan, prefix: str) -> RunEnd:
 
 def run_search(
     document: dict[str, Any],
+    spec: FineTuneJobSpec,
     artifacts_uri: str,
     reporter_name: str | None,
     work_dir: Path | None = None,
 ) -> RunEnd:
-    """Run the study of a FineTuneJob with `spec.search` under `artifacts_uri`."""
-    from graft.api.kinds import FineTuneJob, InvalidResource, parse_object
+    """Run the study of the FineTuneJob `document` (validated: `spec`, with `search`) under
+    `artifacts_uri`. Reached through `graft_trainer.__main__.run_resource`."""
     from graft_trainer.reporting import make_reporter
 
-    try:
-        obj = parse_object(document)
-    except InvalidResource as exc:
-        return outcome.failed(document, EXIT_INVALID, f"invalid resource: {exc}")
-    if not isinstance(obj, FineTuneJob) or obj.spec.search is None:
-        return outcome.failed(document, EXIT_INVALID, "expected a FineTuneJob with spec.search")
+    assert spec.search is not None
     try:
         import optuna  # noqa: F401
     except ImportError:
         message = "spec.search needs optuna in the trainer image (pip install optuna)"
         return outcome.failed(document, EXIT_FAILURE, message)
     # The operator plans with the validated spec, defaults written out.
-    planned = {**document, "spec": obj.spec.to_api()}
+    planned = {**document, "spec": spec.to_api()}
     reporter = make_reporter(reporter_name)
     try:
         study = LocalStudy(planned, artifacts_uri, reporter, work_dir)
-        plan, aborted = study.run(obj.spec.search.parallelism)
+        plan, aborted = study.run(spec.search.parallelism)
     finally:
         reporter.close()
     if aborted is not None:
