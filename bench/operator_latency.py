@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Operator latency at a burst: N FineTuneJobs created at once; time from create to the trainer
-Job appearing, next to a bare API create (N Jobs created directly) in the same run, and the
-operator's memory.
+Job appearing, next to a bare API create (N Jobs created directly) and the kopf operator most
+tutorials lead to (bench/tutorial_operator.py, the same burst in its own namespace) in the same
+run, and each operator's memory. `ratios` holds Graft against both, beside the goals.
 
     make cluster-up   # or: CLUSTER_MODE=control-plane make cluster-up
     .venv/bin/python bench/operator_latency.py [--count 200] [--kubeconfig /tmp/graft-cluster/kubeconfig]
@@ -19,8 +20,11 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -198,8 +202,125 @@ async def burst(kubeconfig: str, count: int, operator_pid: int) -> dict[str, Any
     }
 
 
+async def tutorial_burst(kubeconfig: str, count: int, operator_pid: int) -> dict[str, Any]:
+    """The same FineTuneJob burst through the tutorial kopf operator (bench/tutorial_operator.py),
+    in its own namespace: create -> Job on a watch, and its memory. Jobs that have not appeared
+    within TUTORIAL_WAIT_S are counted, not waited for (at 200 the tutorial operator has been
+    seen not to finish)."""
+    from kubernetes_asyncio import client, config, watch
+
+    cfg = client.Configuration()
+    await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    cfg.connection_pool_maxsize = 64
+    api = client.ApiClient(cfg)
+    batch, custom = client.BatchV1Api(api), client.CustomObjectsApi(api)
+    seen: dict[str, float] = {}
+
+    async def watch_jobs() -> None:
+        w = watch.Watch()
+        async with w.stream(batch.list_namespaced_job, NS_TUT, timeout_seconds=900) as stream:
+            async for event in stream:
+                if event["type"] == "ADDED":
+                    seen.setdefault(event["object"].metadata.name, time.monotonic())
+
+    watcher = asyncio.create_task(watch_jobs())
+    await asyncio.sleep(1.0)
+    starts: dict[str, float] = {}
+
+    async def create(i: int) -> None:
+        name = f"ftj-{i:03d}"
+        starts[f"{name}-train"] = time.monotonic()
+        await custom.create_namespaced_custom_object(
+            "graft.dev", "v1alpha1", NS_TUT, "finetunejobs", ftj(name, NS_TUT)
+        )
+
+    await asyncio.gather(*(create(i) for i in range(count)))
+    deadline = time.monotonic() + TUTORIAL_WAIT_S
+    while not all(k in seen for k in starts) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    memory = rss_mib(operator_pid)
+    watcher.cancel()
+    await api.close()
+    done = [seen[k] - s for k, s in starts.items() if k in seen]
+    return {
+        "jobs_created": len(done),
+        "jobs_missing_after_wait": count - len(done),
+        "ftj_create_to_job_on_watch": summary(done) if done else None,
+        "operator_rss_mib": memory.get("VmRSS"),
+        "operator_peak_rss_mib": memory.get("VmHWM"),
+    }
+
+
+def run_tutorial(kubeconfig: str, count: int, port: int) -> dict[str, Any]:
+    """Start the tutorial operator on NS_TUT, run its burst, stop it."""
+    env = {**os.environ, "KUBECONFIG": kubeconfig}
+    fd, log_name = tempfile.mkstemp(prefix=f"tutorial-operator-{NS_TUT}-", suffix=".log")
+    with os.fdopen(fd, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                *("-m", "kopf", "run", "--standalone", "--namespace", NS_TUT),
+                f"--liveness=http://127.0.0.1:{port}/healthz",
+                str(TUTORIAL),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit(
+                        f"the tutorial operator did not start; log: {log_name}"
+                    ) from None
+                time.sleep(0.2)
+        time.sleep(2)  # initial listing done
+        result = asyncio.run(tutorial_burst(kubeconfig, count, proc.pid))
+        result["operator_log"] = log_name
+        return result
+    finally:
+        stop_operator(proc)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def compare(result: dict[str, Any]) -> dict[str, Any]:
+    """Graft against the tutorial operator and the bare create, as the goals read."""
+    ours, theirs = result["ftj_create_to_job_on_watch"], result["tutorial"]
+    tut = theirs["ftj_create_to_job_on_watch"] or {}
+    return {
+        "graft_over_tutorial_p50": ratio(ours["p50_ms"], tut.get("p50_ms")),
+        "graft_over_tutorial_p95": ratio(ours["p95_ms"], tut.get("p95_ms")),
+        # the operator's share (resource on its watch -> Job on the watch) against the API
+        # server's own create -> watch
+        "operator_share_p50_over_bare_p50": ratio(
+            result["ftj_on_watch_to_job_on_watch"]["p50_ms"],
+            result["bare_job_create_to_watch"]["p50_ms"],
+        ),
+        "graft_rss_over_tutorial_rss": ratio(
+            result["operator_peak_rss_mib"], theirs["operator_peak_rss_mib"]
+        ),
+        "goals": {
+            "graft_over_tutorial_p50": 0.5,
+            "graft_over_tutorial_p95": 0.5,
+            "operator_share_p50_over_bare_p50": 1.0,
+            "operator_peak_rss_mib": 100,
+        },
+    }
+
+
 NS_OP = f"bench-op-{uuid.uuid4().hex[:5]}"
 NS_BARE = f"bench-bare-{uuid.uuid4().hex[:5]}"
+NS_TUT = f"bench-tut-{uuid.uuid4().hex[:5]}"
+TUTORIAL = REPO / "bench" / "tutorial_operator.py"
+TUTORIAL_WAIT_S = 180.0
 
 
 def main() -> int:
@@ -215,7 +336,8 @@ def main() -> int:
     if args.smoke:
         args.count = 3
 
-    prepare(args.kubeconfig, (NS_OP, NS_BARE))
+    namespaces = (NS_OP, NS_BARE, NS_TUT)
+    prepare(args.kubeconfig, namespaces)
     port = 18000 + os.getpid() % 1000
     profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
     proc = None
@@ -233,8 +355,11 @@ def main() -> int:
             sum(requests.values()) / args.count, 2
         )
         result["operator_idle_rss_mib"] = idle.get("VmRSS")
-        result["goal"] = {"p50_ms": 300, "p95_ms": 1000, "rss_mib": 150}
         result["operator_log"] = log_name
+        stop_operator(proc)  # the baseline gets the machine to itself, as Graft did
+        proc = None
+        result["tutorial"] = run_tutorial(args.kubeconfig, args.count, port + 1)
+        result["ratios"] = compare(result)
         result["machine"] = machine_facts()
         result["smoke"] = args.smoke
         print(json.dumps(result))
@@ -242,7 +367,7 @@ def main() -> int:
         if proc is not None:
             stop_operator(proc)
         if not args.keep:
-            delete_namespaces(args.kubeconfig, (NS_OP, NS_BARE))
+            delete_namespaces(args.kubeconfig, namespaces)
     return 0
 
 
