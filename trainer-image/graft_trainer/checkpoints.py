@@ -1,7 +1,9 @@
 """Resumable checkpoints in the output store: `<prefix>checkpoints/step-N/`, manifest last.
 
 A checkpoint holds the trainable weights, optimizer, scheduler and RNG states, the data position
-(the step: batch order depends only on the seed) and the loop's bookkeeping. Only checkpoints
+(the step: batch order depends only on the seed) and the loop's bookkeeping. A sharded spec's
+(training.sharding fsdp) holds its weights and optimizer state in a torch.distributed.checkpoint
+folder, `sharded/`, that every process wrote its shards into (graft_trainer.sharding). Only checkpoints
 with a manifest count; older ones are pruned after a newer one is complete.
 
 Nothing read back can run code: tensors and plain containers are loaded with
@@ -76,19 +78,26 @@ class CheckpointManager:
     def save(
         self,
         step: int,
-        trainable: dict[str, Any],
+        trainable: dict[str, Any] | None,
         optimizer: Any,
         scheduler: Any,
         state: dict[str, Any],
         best: dict[str, Any] | None,
+        local: Path | None = None,
     ) -> str:
+        """Write and upload the checkpoint of `step`. A sharded run passes `local`, the folder
+        its ranks already wrote their shards of the weights and optimizer state into
+        (sharding.save), and no `trainable` or `optimizer`."""
         import torch
 
-        local = self.work_dir / f"ckpt-{step:08d}"
-        shutil.rmtree(local, ignore_errors=True)
-        local.mkdir(parents=True)
-        torch.save(trainable, local / "trainable.pt")
-        torch.save(optimizer.state_dict(), local / "optimizer.pt")
+        if local is None:
+            local = self.work_dir / f"ckpt-{step:08d}"
+            shutil.rmtree(local, ignore_errors=True)
+            local.mkdir(parents=True)
+        if trainable is not None:
+            torch.save(trainable, local / "trainable.pt")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), local / "optimizer.pt")
         torch.save(scheduler.state_dict(), local / "scheduler.pt")
         torch.save(rng_state(), local / "rng.pt")
         if best is not None:
@@ -125,18 +134,31 @@ class CheckpointManager:
     def load(self, uri: str) -> dict[str, Any]:
         """The checkpoint's contents; IntegrityError when its files do not match its manifest
         or do not load as plain tensors and containers (nothing in it is executed)."""
-        import pickle
-
-        import torch
-
         target = self.work_dir / "resume"
+        local = self.download(uri, target)
+        out = self.read(local, uri)
+        shutil.rmtree(local, ignore_errors=True)
+        return out
+
+    def download(self, uri: str, target: Path) -> Path:
+        """The checkpoint's files in `target`, each checked against its manifest."""
         shutil.rmtree(target, ignore_errors=True)
         try:
             local, _ = download_artifact(uri, target, store=self.store)
         except IntegrityError as exc:
             raise IntegrityError(f"checkpoint refused: {exc}") from None
+        return Path(local)
+
+    def read(self, local: Path, uri: str, best: bool = True) -> dict[str, Any]:
+        """A downloaded checkpoint's contents (trainable and optimizer None where a sharded
+        run keeps them in its DCP folder; best only when asked)."""
+        import pickle
+
+        import torch
 
         def tensors(name: str) -> Any:
+            if not (local / name).is_file():
+                return None
             try:
                 return torch.load(local / name, weights_only=True)
             except pickle.UnpicklingError as exc:
@@ -145,13 +167,11 @@ class CheckpointManager:
                     f"(refused, nothing in it was run): {str(exc).splitlines()[0]}"
                 ) from None
 
-        out: dict[str, Any] = {
+        return {
             "state": json.loads((local / "state.json").read_text()),
             "trainable": tensors("trainable.pt"),
             "optimizer": tensors("optimizer.pt"),
             "scheduler": tensors("scheduler.pt"),
             "rng": tensors("rng.pt"),
-            "best": tensors("best.pt") if (local / "best.pt").is_file() else None,
+            "best": tensors("best.pt") if best else None,
         }
-        shutil.rmtree(local, ignore_errors=True)
-        return out

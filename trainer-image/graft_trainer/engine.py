@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ from graft.api.finetune import (
 from graft.progress import ProgressEvent, Reporter, Stage
 from graft.storage import open_store
 from graft.storage.uri import join_uri
-from graft_trainer import attention, lm_loss, parallel, swiglu
+from graft_trainer import attention, lm_loss, parallel, sharding, swiglu
 from graft_trainer import data as D
 from graft_trainer.checkpoints import CheckpointManager, set_rng_state
 from graft_trainer.evaluation import BestTracker, Evaluator, OverfittingDetector, metric_key
@@ -48,6 +49,7 @@ from graft_trainer.training import (
     Control,
     EarlyStoppingCallback,
     EvaluationCallback,
+    GatherCallback,
     LoggingCallback,
     PreemptionCallback,
     ProgressCallback,
@@ -202,6 +204,8 @@ class Engine:
         resumed = self._resume(state)
         self._baseline(state, measure=not resumed and self.main_process)
         self._train(state)
+        if state.sharded:  # rank 0's copy gets the last step's weights
+            sharding.gather(state.train_model.inner, state.model if self.main_process else None)
         if not self.main_process:  # the main process evaluates and writes the outputs
             return RunResult(
                 state.step,
@@ -259,7 +263,10 @@ class Engine:
         self.processes, self.main_process = world, rank == 0
         if self.main_process:
             pins.save()
-        model = load_model(spec, prep.model_dir, prep.device)
+        # training.sharding fsdp with several processes: the model is sharded (sharding.py)
+        # from host memory, each rank moving only its shards to the device.
+        sharded = spec.training.sharded and world > 1
+        model = load_model(spec, prep.model_dir, "cpu" if sharded else prep.device)
         swiglu.enable(model)  # SwiGLU MLPs keep two activations for the backward, not three
         model.train()
         # Ragged texts without padding: each micro-batch becomes one row with block-diagonal
@@ -270,14 +277,30 @@ class Engine:
             and spec.method != "qlora"
             and attention.enable(model)
         )
-        total, per_step, per_epoch = self._schedule(data, world)
-        params, optimizer, scheduler = self._optimizer(model, prep.device, total)
-        evaluator, tracker = self._evaluator(data, prep)
         checkpoints = self._checkpoints(world)
+        resume_point, per_step = self._resume_point(checkpoints, world)
+        total, per_step, per_epoch = self._schedule(data, world, per_step)
+        checkpoints.job_manifest["microBatchesPerStep"] = per_step
+        # The loss through the LM head at target positions only (lm_loss; stock forward for
+        # models it cannot wrap): what DDP wraps, or FSDP's root unit.
+        train_model = lm_loss.loss_module(model)
+        plain = model
+        if sharded:
+            assert spec.training.sharding is not None
+            # rank 0 evaluates and publishes an unsharded copy, kept in host memory
+            plain = copy.deepcopy(model) if self.main_process else model
+            sharding.shard(train_model, model, device, world, spec.training.sharding.cpu_offload)
+        params, optimizer, scheduler = self._optimizer(model, prep.device, total, sharded)
+        evaluator, tracker = self._evaluator(data, prep)
+        if sharded:
+            evaluator = sharding.OnDevice(evaluator, device)  # type: ignore[assignment]
         return TrainingState(
             prep=prep,
             data=data,
-            model=model,
+            model=plain,
+            train_model=train_model,
+            sharded=sharded,
+            resume_point=resume_point,
             device=device,
             amp=amp,
             acc=acc,
@@ -297,11 +320,14 @@ class Engine:
             checkpoints=checkpoints,
         )
 
-    def _schedule(self, data: D.TrainData, world: int) -> tuple[int, int, int]:
-        """(optimizer steps, micro-batches per step over all processes, steps per epoch)."""
+    def _schedule(
+        self, data: D.TrainData, world: int, per_step: int | None = None
+    ) -> tuple[int, int, int]:
+        """(optimizer steps, micro-batches per step over all processes, steps per epoch);
+        `per_step` is a resumed sharded checkpoint's, kept whatever the number of processes."""
         t = self.spec.training
         batch = t.per_device_train_batch_size
-        per_step = t.gradient_accumulation_steps * world
+        per_step = per_step or t.gradient_accumulation_steps * world
         per_epoch = max(1, data.batches_per_epoch(batch) // per_step)
         total = t.max_steps or max(
             1, math.ceil((t.epochs or 1.0) * data.batches_per_epoch(batch) / per_step)
@@ -309,7 +335,9 @@ class Engine:
         self.progress.total_steps = total
         return total, per_step, per_epoch
 
-    def _optimizer(self, model: Any, device: str, total: int) -> tuple[list[Any], Any, Any]:
+    def _optimizer(
+        self, model: Any, device: str, total: int, sharded: bool = False
+    ) -> tuple[list[Any], Any, Any]:
         """AdamW (no weight decay on biases and norms) and the learning-rate schedule."""
         import torch
         from transformers import get_scheduler
@@ -319,7 +347,7 @@ class Engine:
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         opt_kwargs: dict[str, Any] = {"lr": t.learning_rate}
-        if device == "cuda":
+        if device == "cuda" and not sharded:
             opt_kwargs["fused"] = True
         else:
             opt_kwargs["foreach"] = True
@@ -374,6 +402,8 @@ class Engine:
             "specDigest": spec_digest(self.spec),
             "processes": world,
         }
+        if self.spec.training.sharded:  # weights and optimizer state in a DCP folder
+            job_manifest["format"] = "sharded"
         ckpts = CheckpointManager(
             join_uri(self.prefix, "checkpoints/"), self.store, self.work_dir, job_manifest
         )
@@ -383,30 +413,63 @@ class Engine:
             self.artifacts["tensorboard"] = join_uri(self.prefix, "tensorboard/")
         return ckpts
 
-    def _resume(self, state: TrainingState) -> bool:
-        """Continue from the latest checkpoint made by this spec with as many processes;
-        False when there is none."""
-        ckpts = state.checkpoints
+    def _resume_point(
+        self, ckpts: CheckpointManager, world: int
+    ) -> tuple[tuple[str, dict[str, Any]] | None, int | None]:
+        """The latest checkpoint this run can continue from, and the micro-batches per step it
+        keeps (a sharded checkpoint made by another number of processes), or (None, None)."""
         latest = ckpts.latest()
-        if latest is not None and latest[1].get("specDigest") != ckpts.job_manifest["specDigest"]:
-            self.warn(
-                "NoImprovement", f"ignoring checkpoint {latest[0]}: it was made by a different spec"
-            )
-            latest = None
-        if latest is not None and int(latest[1].get("processes", 1)) != state.world:
-            # The steps were counted in micro-batches of another number of processes.
-            self.warn(
-                "NoImprovement",
-                f"ignoring checkpoint {latest[0]}: it was made by "
-                f"{latest[1].get('processes', 1)} training processes, this run has {state.world}",
-            )
-            latest = None
         if latest is None:
+            return None, None
+        uri, manifest = latest
+        if manifest.get("specDigest") != ckpts.job_manifest["specDigest"]:
+            self.warn(
+                "NoImprovement", f"ignoring checkpoint {uri}: it was made by a different spec"
+            )
+            return None, None
+        made_by = int(manifest.get("processes", 1))
+        if made_by == world:
+            return latest, None
+        per_step = int(manifest.get("microBatchesPerStep") or 0)
+        if manifest.get("format") == "sharded" and per_step and per_step % world == 0:
+            # DCP reshards the weights and optimizer state; each process takes
+            # per_step / world of each step's micro-batches: the same global batch.
+            return latest, per_step
+        # The steps were counted in micro-batches of another number of processes.
+        reason = (
+            f"ignoring checkpoint {uri}: it was made by {made_by} training processes, "
+            f"this run has {world}"
+        )
+        if manifest.get("format") == "sharded":
+            reason += f", which cannot share its {per_step} micro-batches per step evenly"
+        self.warn("NoImprovement", reason)
+        return None, None
+
+    def _resume(self, state: TrainingState) -> bool:
+        """Continue from the latest checkpoint made by this spec (with as many processes, or
+        sharded with a number that divides its micro-batches per step); False when none."""
+        if state.resume_point is None:
             return False
-        loaded = ckpts.load(latest[0])
+        uri, manifest = state.resume_point
+        ckpts = state.checkpoints
+        if manifest.get("format") == "sharded":
+            # Rank 0 downloads (digests checked) where every rank reads its shards.
+            local = sharding.shared_dir(self.work_dir) / "resume"
+            if self.main_process:
+                ckpts.download(uri, local)
+            sharding.barrier(state.world)
+            loaded = ckpts.read(local, uri, best=self.main_process)
+            sharding.load(state.train_model, state.optimizer, local / sharding.SHARDED_DIR)
+            sharding.barrier(state.world)
+            if self.main_process:
+                import shutil
+
+                shutil.rmtree(local, ignore_errors=True)
+        else:
+            loaded = ckpts.load(uri)
+            load_trainable_state(state.model, loaded["trainable"])
+            state.optimizer.load_state_dict(loaded["optimizer"])
         saved = loaded["state"]
-        load_trainable_state(state.model, loaded["trainable"])
-        state.optimizer.load_state_dict(loaded["optimizer"])
         state.scheduler.load_state_dict(loaded["scheduler"])
         set_rng_state(loaded["rng"])
         state.best_weights = loaded["best"]
@@ -420,7 +483,14 @@ class Engine:
         state.tokens_total = int(saved.get("tokens_total", 0))
         self.warnings = [TrainingWarning.model_validate(w) for w in saved.get("warnings", [])]
         self.progress.step = state.step
-        self.emit("training", f"resumed from checkpoint at step {state.step} ({latest[0]})")
+        made_by = int(manifest.get("processes", 1))
+        note = ""
+        if made_by != state.world:
+            note = (
+                f"; made by {made_by} processes, resharded to {state.world}, each taking "
+                f"{state.per_step // state.world} of each step's {state.per_step} micro-batches"
+            )
+        self.emit("training", f"resumed from checkpoint at step {state.step} ({uri}){note}")
         return True
 
     def _baseline(self, state: TrainingState, measure: bool) -> None:
@@ -434,31 +504,47 @@ class Engine:
         self.metrics.baseline_accuracy = state.baseline.get("accuracy")
 
     def save_checkpoint(self, state: TrainingState) -> None:
-        """A checkpoint of this step (with the best weights, when they are another step's)."""
+        """A checkpoint of this step (with the best weights, when they are another step's).
+        A sharded spec's: every rank writes its shards (sharding.save), rank 0 the rest."""
         best = None
         if state.best_weights is not None and state.tracker.best_step != state.step:
             best = state.best_weights
+        local = None
+        if self.spec.training.sharded:
+            local = sharding.shared_dir(self.work_dir) / f"ckpt-{state.step:08d}"
+            if self.main_process:
+                import shutil
+
+                shutil.rmtree(local, ignore_errors=True)
+                local.mkdir(parents=True)
+            sharding.barrier(state.world)
+            sharding.save(state.train_model, state.optimizer, local / sharding.SHARDED_DIR)
+            if not self.main_process:
+                return
         state.checkpoints.save(
             state.step,
-            trainable_state(state.model),
-            state.optimizer,
+            trainable_state(state.model) if local is None else None,
+            state.optimizer if local is None else None,
             state.scheduler,
             state.checkpoint_state(self.history, self.warnings),
             best,
+            local=local,
         )
         if self.live is not None:
             self.live.publish(force=True)
 
     def _callbacks(
-        self, logging: LoggingCallback, termination: TerminationRequest
+        self, logging: LoggingCallback, termination: TerminationRequest, sharded: bool
     ) -> list[Callback]:
         """What happens after every optimizer step, in this order."""
         callbacks: list[Callback] = [
             ProgressCallback(self),
             logging,
             PreemptionCallback(self, termination),
-            EvaluationCallback(self),
         ]
+        if sharded:
+            callbacks.append(GatherCallback(self))
+        callbacks += [EvaluationCallback(self)]
         if self.on_evaluate is not None:
             callbacks.append(PruneCallback(self.on_evaluate))
         callbacks += [
@@ -479,14 +565,14 @@ class Engine:
             start=state.step * state.per_step,
             flatten=state.flatten,
         )
-        # The loss through the LM head at target positions only (lm_loss; stock forward for
-        # models it cannot wrap). DDP averages the gradients of the processes' shares of each
-        # step: it wraps the module whose forward runs.
-        loss_of = lm_loss.loss_module(state.model)
-        train_model = state.acc.prepare_model(loss_of) if state.acc is not None else loss_of
+        # DDP averages the gradients of the processes' shares of each step: it wraps the
+        # module whose forward runs (FSDP has wrapped it already: sharding.shard).
+        train_model = state.train_model
+        if state.acc is not None and not state.sharded:
+            train_model = state.acc.prepare_model(train_model)
         self.emit("training", f"training {state.total} steps ({state.per_epoch} per epoch)")
         termination = self._termination = TerminationRequest().install()
-        callbacks = self._callbacks(logging, termination)
+        callbacks = self._callbacks(logging, termination, state.sharded)
         while state.step < state.total:
             t0 = time.perf_counter()
             self._optimizer_step(state, batches, train_model)
@@ -520,9 +606,11 @@ class Engine:
         for i, b in enumerate(micro):
             inputs = b.tensors(device)
             last = i == len(micro) - 1
+            # FSDP reduce-scatters every micro-batch's gradients: its shards accumulate them
+            # (skipping the sync would hold unsharded gradients).
             with (
                 acc.no_sync(train_model)
-                if acc is not None and not last
+                if acc is not None and not last and not state.sharded
                 else contextlib.nullcontext()
             ):
                 with (
@@ -532,7 +620,7 @@ class Engine:
                 ):
                     raw = train_model(inputs)
                 loss = raw * (b.target_tokens / targets)
-                # DDP averages over the processes; undo its division.
+                # DDP (and FSDP) average over the processes; undo their division.
                 (loss * world if world > 1 else loss).backward()
             step_loss += float(loss.detach())
             step_tokens += b.tokens
@@ -543,11 +631,35 @@ class Engine:
             )
             step_loss, step_tokens = float(stats[0]), int(stats[1])
         state.tokens_total += step_tokens
-        torch.nn.utils.clip_grad_norm_(state.params, 1.0)
+        if state.sharded:
+            sharding.clip_grad_norm_(state.params, 1.0, device)
+        else:
+            torch.nn.utils.clip_grad_norm_(state.params, 1.0)
         state.optimizer.step()
+        if state.state_bytes is None:  # the first step: weights, gradients, optimizer state
+            self._measure_state(state)
         state.scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.step_loss, state.step_tokens = step_loss, step_tokens
+
+    def _measure_state(self, state: TrainingState) -> None:
+        """The largest process's bytes of trainable weights, gradients and optimizer state
+        after its first optimizer step (what sharding divides), into the history."""
+        import torch
+
+        n = sharding.training_state_bytes(state.params, state.optimizer)
+        if state.acc is not None:
+            import torch.distributed as dist
+
+            t = torch.tensor([n], dtype=torch.float64, device=state.acc.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            n = int(t.item())
+        state.state_bytes = n
+        self.record({"step": state.step + 1, "training_state_bytes_per_process": n})
+        log.info(
+            "training state per process",
+            extra={"fields": {"training_state_bytes_per_process": n, "processes": state.world}},
+        )
 
     def _final_evaluation(self, state: TrainingState) -> None:
         """The best weights back in place (early stopping's best, when not the last step),

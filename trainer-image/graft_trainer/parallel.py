@@ -100,6 +100,8 @@ def run_data_parallel(
                 "LOCAL_WORLD_SIZE": str(count),
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": port,
+                # the ranks' meeting place on disk (sharded checkpoints: sharding.py)
+                "GRAFT_PARALLEL_DIR": tmp,
             }
             args = [sys.executable, "-m", WORKER_MODULE, str(doc_path), artifacts_uri]
             args += [reporter_name or "", str(work_dir or ""), str(result_path)]

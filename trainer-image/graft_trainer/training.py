@@ -30,7 +30,10 @@ class TrainingState:
 
     prep: Prepared
     data: TrainData
-    model: Any
+    model: Any  # what the main process evaluates and publishes (sharded: its unsharded copy)
+    train_model: Any  # the loss module the steps run (lm_loss; FSDP's root unit when sharded)
+    sharded: bool  # training.sharding fsdp with several processes (sharding.py)
+    resume_point: tuple[str, dict[str, Any]] | None  # the checkpoint to resume (uri, manifest)
     device: Any  # torch.device
     amp: Any  # the autocast dtype, or None
     acc: Any  # accelerate.Accelerator in a data-parallel worker, else None
@@ -60,6 +63,7 @@ class TrainingState:
     step_loss: float = 0.0
     step_tokens: int = 0
     last_train_loss: float | None = None  # of the last logging window
+    state_bytes: int | None = None  # the largest process's weights + gradients + optimizer
     # the final evaluation's (main process)
     best_step: int | None = None
     final: dict[str, float] = field(default_factory=dict)
@@ -201,6 +205,22 @@ class PreemptionCallback(Callback):
             raise Preempted(state.step, state.total)
 
 
+class GatherCallback(Callback):
+    """On an evaluation step of a sharded run, in every process: the sharded weights gathered
+    into the main process's unsharded copy, which it evaluates."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    def on_step_end(self, state: TrainingState, control: Control) -> None:
+        if control.evaluate:
+            from graft_trainer import sharding
+
+            sharding.gather(
+                state.train_model.inner, state.model if self.host.main_process else None
+            )
+
+
 class EvaluationCallback(Callback):
     """On an evaluation step, in the main process: the eval metrics into the status, history
     and TensorBoard; the best weights so far; an Overfitting warning when eval loss rises
@@ -283,7 +303,7 @@ class EarlyStoppingCallback(Callback):
 
 class CheckpointCallback(Callback):
     """Every `save_steps` (not at the last step, nor at one that stops): a checkpoint, by the
-    main process."""
+    main process (by every process of a sharded spec, each writing its shards)."""
 
     def __init__(self, host: Host, save_steps: int) -> None:
         self.host = host
@@ -293,6 +313,7 @@ class CheckpointCallback(Callback):
         if control.should_stop:
             return
         step = state.step
-        if step % self.save_steps == 0 and step < state.total and self.host.main_process:
+        writes = self.host.main_process or state.sharded
+        if step % self.save_steps == 0 and step < state.total and writes:
             self.host.save_checkpoint(state)
             self.host.emit("training", f"checkpoint at step {step}")
