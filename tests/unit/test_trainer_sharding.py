@@ -53,3 +53,46 @@ def test_metadata_naming_anything_else_is_refused_unrun(tmp_path: Path) -> None:
     loaded, loaded_opt = _module_and_optimizer(1)
     with pytest.raises(IntegrityError, match=r"system.*refused, nothing in it was run"):
         sharding.load(loaded, loaded_opt, tmp_path / "sharded")
+
+
+def test_the_memory_estimate_of_a_sharded_spec_is_per_gpu() -> None:
+    from transformers import LlamaConfig
+
+    from graft.api import FineTuneJobSpec
+    from graft_trainer.preflight import estimate_memory, meta_model
+
+    config = LlamaConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        vocab_size=32000,
+    )
+    model = meta_model(config, False)
+
+    def spec(method: str = "full", **sharding: object) -> FineTuneJobSpec:
+        training: dict[str, object] = {"perDeviceTrainBatchSize": 1}
+        if sharding:
+            training["sharding"] = sharding
+        return FineTuneJobSpec.model_validate(
+            {
+                "model": {"uri": "s3://m/x/"},
+                "dataset": {"uri": "s3://d/p.jsonl", "textTemplate": "{a}", "maxSeqLength": 256},
+                "method": method,
+                "training": training,
+            }
+        )
+
+    whole = estimate_memory(spec(), model, config, "bf16", processes=4)
+    sharded = estimate_memory(spec(strategy="fsdp"), model, config, "bf16", processes=4)
+    offloaded = estimate_memory(
+        spec(strategy="fsdp", cpuOffload=True), model, config, "bf16", processes=4
+    )
+    assert "shardedOver" not in whole and sharded["shardedOver"] == 4
+    assert sharded["weightsBytes"] == whole["weightsBytes"] // 4
+    assert sharded["optimizerBytes"] == whole["optimizerBytes"] // 4
+    # weights + gradients + AdamW are 4x the weights: a quarter of each leaves about the
+    # whole weights (rank 0's evaluation copy) plus a quarter of the rest
+    assert offloaded["estimatedBytes"] < sharded["estimatedBytes"] < whole["estimatedBytes"] * 0.6
+    one = estimate_memory(spec(strategy="fsdp"), model, config, "bf16", processes=1)
+    assert one["estimatedBytes"] == estimate_memory(spec(), model, config, "bf16")["estimatedBytes"]

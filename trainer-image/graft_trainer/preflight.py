@@ -155,9 +155,10 @@ def meta_model(config: Any, trust_remote_code: bool) -> Any:
 
 
 def estimate_memory(
-    spec: FineTuneJobSpec, model: Any, config: Any, precision: str
+    spec: FineTuneJobSpec, model: Any, config: Any, precision: str, processes: int = 1
 ) -> dict[str, Any]:
-    """A rough peak-memory estimate in bytes, with its parts."""
+    """A rough peak-memory estimate in bytes (per GPU: of each of `processes` when the spec
+    shards), with its parts."""
     total = sum(p.numel() for p in model.parameters())
     hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0)
     layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 0)
@@ -181,7 +182,7 @@ def estimate_memory(
     logits = tokens * vocab * 4 * 3
     overhead = 300 * 2**20
     est = int(weights + optimizer + activations + logits + overhead)
-    return {
+    out: dict[str, Any] = {
         "parameters": total,
         "trainableParameters": trainable,
         "weightsBytes": int(weights),
@@ -189,6 +190,21 @@ def estimate_memory(
         "activationsBytes": int(activations + logits),
         "estimatedBytes": est,
     }
+    if t.sharding is not None and t.sharded and processes > 1:
+        # FSDP (graft_trainer.sharding): each GPU holds its 1/processes of the weights,
+        # gradients and optimizer state (none of them with cpuOffload) and the blocks being
+        # gathered; rank 0 also holds the whole weights while it evaluates.
+        share = 0.0 if t.sharding.cpu_offload else (weights + optimizer) / processes
+        block = weights / max(layers, 1)
+        training = share + 2 * block + activations + logits + overhead
+        evaluating = share + weights + overhead
+        out.update(
+            weightsBytes=int(weights / processes),
+            optimizerBytes=int(optimizer / processes),
+            estimatedBytes=int(max(training, evaluating)),
+            shardedOver=processes,
+        )
+    return out
 
 
 def check_memory(spec: FineTuneJobSpec, est: dict[str, Any], device: str) -> list[str]:
@@ -214,7 +230,8 @@ def check_memory(spec: FineTuneJobSpec, est: dict[str, Any], device: str) -> lis
     if need > limit:
         raise GraftInputError(
             text + "; lower perDeviceTrainBatchSize or maxSeqLength, enable gradientCheckpointing, "
-            "use qlora, or ask for more memory"
+            "use qlora, shard a full fine-tune over several GPUs (training.sharding.strategy "
+            "fsdp), or ask for more memory"
         )
     if need > 0.8 * limit:
         return [text + " (above 80%)"]
@@ -254,7 +271,12 @@ def prepare(
         assert spec.lora is not None
         targets = spec.lora.target_modules or default_targets(meta)
         check_targets(meta, targets, spec.lora.modules_to_save)
-    memory = estimate_memory(spec, meta, config, precision)
+    processes = 1
+    if spec.training.sharded:  # the estimate is per GPU, of each process's share
+        from graft_trainer import parallel
+
+        processes = max(1, spec.resources.gpu) if for_gpu_pod else parallel.processes(spec)
+    memory = estimate_memory(spec, meta, config, precision, processes)
     if not for_gpu_pod:
         warnings += check_memory(spec, memory, device)
     return Prepared(
@@ -282,7 +304,9 @@ def gpu_pod_summary(spec: FineTuneJobSpec, prep: Prepared) -> str:
         f"pre-flight passed in a CPU pod: {len(prep.train_records)} training and "
         f"{len(prep.eval_records)} evaluation records; {model[0]} with "
         f"{mem['parameters'] / 1e6:.1f}M parameters, {spec.method} on {trainable}; "
-        f"estimated peak memory {mem['estimatedBytes'] / 2**30:.2f} GiB at {prep.precision} "
+        f"estimated peak memory {mem['estimatedBytes'] / 2**30:.2f} GiB"
+        + (f" per GPU, sharded over {mem['shardedOver']}" if "shardedOver" in mem else "")
+        + f" at {prep.precision} "
         f"(batch {spec.training.per_device_train_batch_size} x {spec.dataset.max_seq_length} "
         "tokens), compared with the GPU's memory when the GPU pod starts"
     )
