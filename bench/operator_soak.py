@@ -9,7 +9,7 @@ resource is deleted, no per-resource entry may remain.
 
 Resources are created suspended and resumed later; a resumed one gets its Job and a pod that
 stays Pending (a node selector no node has), so the churn costs the kubelet nothing. `--smoke`
-(20 resources, 40 s) is what `make test` runs. Prints one JSON object.
+(10 resources, 15 s, a sample every 2 s) is what `make test` runs. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -130,10 +130,10 @@ def main() -> int:
     parser.add_argument(
         "--kubeconfig", default=os.environ.get("KUBECONFIG", "/tmp/graft-cluster/kubeconfig")
     )
-    parser.add_argument("--smoke", action="store_true", help="20 resources, 40 s")
+    parser.add_argument("--smoke", action="store_true", help="10 resources, 15 s")
     args = parser.parse_args()
     if args.smoke:
-        args.resources, args.minutes, args.sample_seconds = 20, 40 / 60, 5.0
+        args.resources, args.minutes, args.sample_seconds = 10, 15 / 60, 2.0
 
     from kubernetes import config
 

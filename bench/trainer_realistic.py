@@ -19,6 +19,10 @@ peak RSS is its own), same batch (4 records), steps, lr:
         [--qwen-layers 6] [--precision fp32|auto] [--json F]
     .venv/bin/python bench/trainer_realistic.py --smoke       # tiny shapes, seconds
 
+`--smoke` (what `make test` runs, through bench/gpu_check.sh --dry-run too) keeps every code
+path with the least work: 2-layer 64-wide models, 2 steps of 4 records of 6-30 words (the
+measured runs: 30-300), a 0.2 s matrix-product peak. Its figures mean nothing.
+
 With --rounds N every contender runs N times, the order rotated between rounds; the summary's
 ratios are medians of the ratios within each round (a shared machine's load drifts between
 runs, so figures are only compared with those of the same round).
@@ -66,6 +70,9 @@ SHAPES: dict[str, tuple[str, int, int, int, int, int, int, int]] = {
     "smoke-qwen": ("qwen2", 4096, 64, 2, 4, 2, 128, 2),
 }
 CONTENDERS = ("plain", "trl", "graft")
+# words per record: (prompt fewest, most, completion fewest, most); the smoke's are short
+WORDS = (30, 300, 3, 60)
+SMOKE_WORDS = (6, 30, 3, 10)
 
 
 # ---------------------------------------------------------------- model and data
@@ -78,19 +85,26 @@ def words(rng: random.Random) -> list[str]:
     )
 
 
-def records(n: int, seed: int) -> list[dict[str, str]]:
+def records(n: int, seed: int, lengths: tuple[int, int, int, int] = WORDS) -> list[dict[str, str]]:
     rng = random.Random(seed)
     vocab = words(rng)
+    p_low, p_high, c_low, c_high = lengths
     out = []
     for _ in range(n):
-        p = " ".join(rng.choice(vocab) for _ in range(rng.randint(30, 300)))
-        c = " ".join(rng.choice(vocab) for _ in range(rng.randint(3, 60)))
+        p = " ".join(rng.choice(vocab) for _ in range(rng.randint(p_low, p_high)))
+        c = " ".join(rng.choice(vocab) for _ in range(rng.randint(c_low, c_high)))
         out.append({"prompt": f"### Instruction:\n{p}\n### Response:\n", "completion": c})
     return out
 
 
 def build(
-    work: Path, shape: str, layers: int, n_records: int, tok_vocab: int, device: str = "cpu"
+    work: Path,
+    shape: str,
+    layers: int,
+    n_records: int,
+    tok_vocab: int,
+    device: str = "cpu",
+    lengths: tuple[int, int, int, int] = WORDS,
 ) -> dict[str, Any]:
     import torch
     import transformers
@@ -98,7 +112,7 @@ def build(
     from transformers import PreTrainedTokenizerFast
 
     arch, vocab, hidden, _, heads, kv, inter, real = SHAPES[shape]
-    rows = records(n_records, SEED)
+    rows = records(n_records, SEED, lengths)
     data = work / "instructions.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = Tokenizer(models.BPE())
@@ -515,8 +529,9 @@ def main() -> int:
     if args.child:
         child(args)
         return 0
-    if args.smoke:
-        args.steps, args.records = 2, 24
+    if args.smoke:  # every code path, the least work: one batch per step
+        args.steps = 2
+        args.records = args.steps * args.batch
         args.models = ",".join("smoke-" + m.removeprefix("smoke-") for m in args.models.split(","))
         args.models = args.models.replace("smoke-qwen1.5b", "smoke-qwen")
     if args.device == "cuda":
@@ -529,7 +544,7 @@ def main() -> int:
 
         bf16 = args.precision == "auto" and cpu_has_native_bf16()
     contenders = [c for c in args.contenders.split(",") if c]
-    peak = matmul_peak(args.device)
+    peak = matmul_peak(args.device, 0.2 if args.smoke else 2.0)
     nominal = nominal_peak_tflops(args.device)
     report: dict[str, Any] = {
         "machine": machine_facts(),
@@ -557,7 +572,13 @@ def main() -> int:
             layers = args.qwen_layers
         with tempfile.TemporaryDirectory() as tmp:
             paths = build(
-                Path(tmp), model, layers, args.records, 512 if args.smoke else 8192, args.device
+                Path(tmp),
+                model,
+                layers,
+                args.records,
+                512 if args.smoke else 8192,
+                args.device,
+                SMOKE_WORDS if args.smoke else WORDS,
             )
             for method in [m for m in args.methods.split(",") if m]:
                 key = model if method == "lora" else f"{model}/{method}"
