@@ -17,6 +17,17 @@ from tests.fixtures.cluster import ClusterInfo
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench"
+# The smokes start some twenty Python processes (each contender in a fresh interpreter), and
+# each imports torch, transformers, peft and datasets. Where PYTHONDONTWRITEBYTECODE is set and
+# the venv holds no bytecode, every one of them compiles those thousands of modules again: most
+# of a smoke's time. Their bytecode goes to a cache folder instead, outside the tree and the venv.
+PYCACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graft" / "pycache"
+
+
+def smoke_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(PYCACHE), **extra}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
 
 
 def run_smoke(script: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -25,7 +36,7 @@ def run_smoke(script: str, *args: str, env: dict[str, str] | None = None) -> dic
         capture_output=True,
         text=True,
         timeout=400,
-        env={**os.environ, **(env or {})},
+        env=smoke_env(**(env or {})),
         cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -165,7 +176,7 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=500,
-        env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable},
+        env=smoke_env(OUT=str(tmp_path), PYTHON=sys.executable),
         cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
