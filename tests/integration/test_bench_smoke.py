@@ -95,6 +95,12 @@ def test_operator_latency_smoke(control_plane: ClusterInfo) -> None:
     # each FineTuneJob got its Job through the operator, with at least that one create
     assert report["operator_api_requests_per_ftj"].get("POST jobs 201") == 1.0, report
     assert positive(report["operator_rss_mib"])
+    # the tutorial kopf operator served the same burst in its namespace: the baseline is real
+    tutorial = report["tutorial"]
+    assert tutorial["jobs_created"] == 3 and tutorial["jobs_missing_after_wait"] == 0, tutorial
+    assert positive(tutorial["ftj_create_to_job_on_watch"]["p50_ms"])
+    assert positive(tutorial["operator_peak_rss_mib"])
+    assert positive(report["ratios"]["graft_over_tutorial_p50"]), report["ratios"]
 
 
 @pytest.mark.integration
