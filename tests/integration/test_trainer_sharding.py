@@ -1,8 +1,9 @@
 """Sharded full fine-tunes (`training.sharding.strategy: fsdp`), exercised on the CPU: two
 processes (gloo, forced by GRAFT_DATA_PARALLEL) shard the weights, gradients and optimizer
 state with FSDP and train what one unsharded process accumulating the same micro-batches
-trains; their sharded checkpoint resumes with two processes, and resharded with one; the
-published model is the whole Hugging Face model."""
+trains (with activation checkpointing, training.gradientCheckpointing); their sharded
+checkpoint resumes with two processes, and resharded with one; the published model is the
+whole Hugging Face model."""
 
 from __future__ import annotations
 
@@ -69,10 +70,11 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_with_two_or_one(
     single = json.loads((tmp_path / "single" / "metrics.json").read_text())
     assert single["run"]["finalStep"] == 6
 
-    # Two sharded processes, killed (SIGKILL of rank 0) right after the checkpoint of step 3.
+    # Two sharded processes, killed (SIGKILL of rank 0) right after the checkpoint of step 3;
+    # with activation checkpointing (it recomputes, the losses stay the same).
     doc = job_document(
         kit, name="fsdp", method="full", lora=None,
-        training={**TRAINING, "sharding": {"strategy": "fsdp"}},
+        training={**TRAINING, "gradientCheckpointing": True, "sharding": {"strategy": "fsdp"}},
     )  # fmt: skip
     uri = f"file://{tmp_path}/out/"
     killed = run_pod(doc, uri, tmp_path, processes=2, GRAFT_FAULT_KILL_AFTER_CHECKPOINT="1")
