@@ -96,3 +96,51 @@ def test_the_memory_estimate_of_a_sharded_spec_is_per_gpu() -> None:
     assert offloaded["estimatedBytes"] < sharded["estimatedBytes"] < whole["estimatedBytes"] * 0.6
     one = estimate_memory(spec(strategy="fsdp"), model, config, "bf16", processes=1)
     assert one["estimatedBytes"] == estimate_memory(spec(), model, config, "bf16")["estimatedBytes"]
+
+
+class _Checkpoints:
+    def __init__(self, manifest: dict[str, object]) -> None:
+        self.manifest = manifest
+        self.job_manifest = {"specDigest": manifest["specDigest"]}
+
+    def latest(self) -> tuple[str, dict[str, object]]:
+        return "file:///c/step-00000004/", self.manifest
+
+
+@pytest.mark.parametrize(
+    ("made_by", "per_step", "world", "kept"),
+    [(2, 2, 2, None), (2, 2, 1, 2), (4, 8, 2, 8), (2, 2, 3, "refused")],
+)
+def test_a_sharded_checkpoint_resumes_with_a_process_count_dividing_its_step(
+    tmp_path: Path, made_by: int, per_step: int, world: int, kept: object
+) -> None:
+    from graft.api import FineTuneJobSpec
+    from graft_trainer.engine import Engine, JobIdentity
+
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"uri": "s3://m/x/"},
+            "dataset": {"uri": "s3://d/p.jsonl", "textTemplate": "{a}"},
+            "method": "full",
+            "training": {"sharding": {"strategy": "fsdp"}},
+        }
+    )
+    engine = Engine(spec, JobIdentity("x"), f"file://{tmp_path}/", reporter=None)  # type: ignore[arg-type]
+    manifest = {
+        "specDigest": "d",
+        "processes": made_by,
+        "microBatchesPerStep": per_step,
+        "format": "sharded",
+    }
+    point, adopted = engine._resume_point(_Checkpoints(manifest), world)  # type: ignore[arg-type]
+    if kept == "refused":
+        assert point is None and adopted is None
+        [warning] = engine.warnings
+        assert "made by 2 training processes, this run has 3" in warning.message
+        assert "cannot share its 2 micro-batches per step evenly" in warning.message
+    else:
+        assert point is not None and adopted == kept and engine.warnings == []
+    # A data-parallel (unsharded) checkpoint of another process count is never resumed.
+    manifest.pop("format")
+    if made_by != world:
+        assert engine._resume_point(_Checkpoints(manifest), world) == (None, None)  # type: ignore[arg-type]
