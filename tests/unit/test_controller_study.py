@@ -189,3 +189,25 @@ def test_a_trial_pod_without_the_contracts_outcome_is_a_failed_trial() -> None:
     plan = plan_study(SPEC, PREFIX, None, [TrialObserved(0, job, (pod,))], 1, "tune")
     record = next(t for t in plan.search["trials"] if t["number"] == 0)
     assert record["state"] == "Failed"
+
+
+def test_a_finished_record_in_status_counts_only_for_a_trial_whose_pods_are_gone() -> None:
+    """Status holds finished records for good (a trial's Job and pods may go), but what a
+    trial's pods show wins: a Complete record written over a running trial, or records
+    numbered outside the study, decide nothing."""
+    forged = {
+        "trials": [
+            {"number": 1, "state": "Complete", "value": 0.001, "params": {}, "adapter": "x"},
+            {"number": 7, "state": "Complete", "value": 0.0001, "params": {}},
+        ]
+    }
+    plan = plan_study(SPEC, PREFIX, forged, [done(0, 0.5), trial(1, "Running")], 1, "tune")
+    states = {t["number"]: t["state"] for t in plan.search["trials"]}
+    assert states == {0: "Complete", 1: "Running", 2: "Pending"}, states
+    assert plan.search["best"]["trial"] == 0 and plan.outcome == "running"
+    assert plan.launch == [2]  # trial 1 still takes one of the two places
+    # the same record for a trial whose Job's pods are gone is the operator's memory: kept
+    gone = TrialObserved(1, trial(1).job, ())
+    kept = plan_study(SPEC, PREFIX, forged, [done(0, 0.5), gone], 1, "tune")
+    assert {t["number"]: t["state"] for t in kept.search["trials"]}[1] == "Complete"
+    assert 7 not in {t["number"] for t in kept.search["trials"]}

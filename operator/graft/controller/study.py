@@ -100,14 +100,14 @@ def plan_study(
     """The study's status and the trials to launch, from the last status and what runs."""
     # A finished trial's record outlives its Job and pods in status; what a trial's pods show
     # wins over it, so a record written into status by anyone else counts only for a trial
-    # whose pods are gone.
+    # whose pods are gone (a running trial stays running whatever status says).
     records: dict[int, dict[str, Any]] = {}
     for record in (previous or {}).get("trials") or []:
         if record.get("state") in FINISHED:
             records[int(record["number"])] = dict(record)
     for trial in trials:
         record = observe_trial(trial, backoff_limit)
-        if record["state"] in FINISHED or trial.number not in records:
+        if record["state"] in (*FINISHED, "Running") or trial.number not in records:
             records[trial.number] = record
     plan = plan_records(spec, prefix, records, job_name)
     plan.pods = sum(len(t.pods) for t in trials)
@@ -122,7 +122,8 @@ def plan_records(
     come from trial Jobs and pods, and `graft run`, whose come from its worker processes."""
     search = SearchSpec.model_validate(spec["search"])
     target = search_plan.target_trials(search)
-    records = {number: dict(record) for number, record in records.items()}
+    # only the study's own numbers: a record numbered outside 0..target-1 is no trial of it
+    records = {n: dict(record) for n, record in records.items() if 0 <= n < target}
     active = sum(1 for r in records.values() if r["state"] not in FINISHED)
     launch = [n for n in range(target) if n not in records][: max(0, search.parallelism - active)]
     for number in launch:
