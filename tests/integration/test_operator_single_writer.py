@@ -77,6 +77,19 @@ def forge(cluster: Cluster, name: str) -> None:
     )
 
 
+def create_waiting_optimizejob(cluster: Cluster, name: str, source: str) -> None:
+    """An OptimizeJob referencing `source`, once its gate says it waits for it."""
+    create_optimizejob(cluster, name, source)
+    wait_for(
+        f"{name} waiting for {source}",
+        lambda: any(
+            c["reason"] == "WaitingForSource"
+            for c in (optimizejob(cluster, name).get("status") or {}).get("conditions", [])
+        ),
+        30,
+    )
+
+
 def test_forged_status_changes_nothing_and_the_outcome_fills_status(
     control_plane: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -85,15 +98,7 @@ def test_forged_status_changes_nothing_and_the_outcome_fills_status(
         pod = cluster.wait_pod("src")
         cluster.pod_running(pod)
         cluster.wait_phase("src", "Running", 30)
-        create_optimizejob(cluster, "opt", "src")
-        wait_for(
-            "opt waiting for src",
-            lambda: any(
-                c["reason"] == "WaitingForSource"
-                for c in (optimizejob(cluster, "opt").get("status") or {}).get("conditions", [])
-            ),
-            30,
-        )
+        create_waiting_optimizejob(cluster, "opt", "src")
 
         forge(cluster, "src")
 
@@ -236,15 +241,7 @@ def test_a_forged_search_best_decides_nothing(
         assert first.metadata.labels["graft.dev/trial"] == "0"
         cluster.pod_running(first)
         cluster.wait_phase("src", "Running", 30)
-        create_optimizejob(cluster, "opt", "src")
-        wait_for(
-            "opt waiting for src",
-            lambda: any(
-                c["reason"] == "WaitingForSource"
-                for c in (optimizejob(cluster, "opt").get("status") or {}).get("conditions", [])
-            ),
-            30,
-        )
+        create_waiting_optimizejob(cluster, "opt", "src")
 
         # While trial 0 runs: a forged finished search with trial 1 (never launched) as best.
         keep_forging(cluster, "src", prefix, 1, 5)
