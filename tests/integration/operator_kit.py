@@ -35,6 +35,19 @@ def wait_for(what: str, probe: Callable[[], T], timeout: float = 60, interval: f
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
+def create_quota(cluster: Cluster, name: str, hard: dict[str, str]) -> None:
+    """A ResourceQuota, once the quota controller has counted its usage: until then the API
+    server may admit what the quota forbids (a race a test would otherwise lose sometimes)."""
+    cluster.core.create_namespaced_resource_quota(
+        cluster.ns, {"metadata": {"name": name}, "spec": {"hard": hard}}
+    )
+    wait_for(
+        f"quota {name} in force",
+        lambda: cluster.core.read_namespaced_resource_quota(name, cluster.ns).status.hard or {},
+        30,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from tests.fixtures.cluster import ClusterInfo
-from tests.integration.operator_kit import NO_NODE, Cluster, Operator, wait_for
+from tests.integration.operator_kit import NO_NODE, Cluster, Operator, create_quota, wait_for
 from tests.integration.test_chart_rbac import _release, allowed
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -237,8 +237,7 @@ def scenario(cluster: Cluster, audit_log: Path, user: str) -> None:
 
     # A Job whose pod the Job controller cannot create (a pod quota): the operator lists that
     # Job's FailedCreate Events and says why (PodCreateRefused).
-    quota = {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
-    cluster.core.create_namespaced_resource_quota(cluster.ns, quota)
+    create_quota(cluster, "no-pods", {"pods": "0"})
     cluster.create_ftj("podless")
     wait_for(
         "PodCreateRefused",

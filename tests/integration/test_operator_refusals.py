@@ -9,22 +9,10 @@ from typing import Any
 
 import pytest
 
-from tests.integration.operator_kit import Cluster, operator_namespace, wait_for
+from tests.integration.operator_kit import create_quota as quota
+from tests.integration.operator_kit import operator_namespace, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(400)]
-
-
-def quota(cluster: Cluster, name: str, hard: dict[str, str]) -> None:
-    """A ResourceQuota, once the quota controller has counted its usage: until then the API
-    server may admit what the quota forbids (a race the test would otherwise lose sometimes)."""
-    cluster.core.create_namespaced_resource_quota(
-        cluster.ns, {"metadata": {"name": name}, "spec": {"hard": hard}}
-    )
-    wait_for(
-        f"quota {name} in force",
-        lambda: cluster.core.read_namespaced_resource_quota(name, cluster.ns).status.hard or {},
-        30,
-    )
 
 
 def test_a_refused_job_and_a_refused_pod_are_named_and_recover(
