@@ -11,7 +11,7 @@ from graft.controller import planner
 from graft.controller.config import OperatorConfig
 from graft.controller.sources import gate
 from graft.controller.status import Observed, StudyObserved, compute_status, find_condition
-from graft.controller.study import TrialObserved, plan_study
+from graft.controller.study import TrialObserved, plan_records, plan_study
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 PREFIX = "s3://b/ns/finetunejobs/tune-abcd1234/"
@@ -211,3 +211,15 @@ def test_a_finished_record_in_status_counts_only_for_a_trial_whose_pods_are_gone
     kept = plan_study(SPEC, PREFIX, forged, [done(0, 0.5), gone], 1, "tune")
     assert {t["number"]: t["state"] for t in kept.search["trials"]}[1] == "Complete"
     assert 7 not in {t["number"] for t in kept.search["trials"]}
+
+
+def test_the_plan_counts_the_trial_pods_it_was_given() -> None:
+    """status.attempts counts every trial pod seen: the plan comes out with it, whoever plans
+    (the operator from its trial Jobs, `graft run` with no pods)."""
+    retried = trial(1)
+    lost = {"metadata": {"name": "tune-trial-1-a"}, "status": {"phase": "Failed"}}
+    retried = TrialObserved(1, retried.job, (lost, *retried.pods))
+    assert plan_study(SPEC, PREFIX, None, [done(0, 0.5), retried], 1, "tune").pods == 3
+    records = {0: {"number": 0, "state": "Running"}}
+    assert plan_records(SPEC, PREFIX, records, "tune", pods=2).pods == 2
+    assert plan_records(SPEC, PREFIX, records, "tune").pods == 0

@@ -109,17 +109,21 @@ def plan_study(
         record = observe_trial(trial, backoff_limit)
         if record["state"] in (*FINISHED, "Running") or trial.number not in records:
             records[trial.number] = record
-    plan = plan_records(spec, prefix, records, job_name)
-    plan.pods = sum(len(t.pods) for t in trials)
-    return plan
+    return plan_records(spec, prefix, records, job_name, pods=sum(len(t.pods) for t in trials))
 
 
 def plan_records(
-    spec: dict[str, Any], prefix: str, records: dict[int, dict[str, Any]], job_name: str
+    spec: dict[str, Any],
+    prefix: str,
+    records: dict[int, dict[str, Any]],
+    job_name: str,
+    *,
+    pods: int = 0,
 ) -> StudyPlan:
     """The study's status and the trials to launch, from one record per started trial
     (finished, or Pending/Running). Both executors plan with it: the operator, whose records
-    come from trial Jobs and pods, and `graft run`, whose come from its worker processes."""
+    come from trial Jobs and pods (`pods` of them seen, for status.attempts), and `graft run`,
+    whose come from its worker processes (no pods)."""
     search = SearchSpec.model_validate(spec["search"])
     target = search_plan.target_trials(search)
     # only the study's own numbers: a record numbered outside 0..target-1 is no trial of it
@@ -186,7 +190,7 @@ def plan_records(
         launch=launch,
         outcome=outcome,
         message=message,
-        pods=0,
+        pods=pods,
         active=active,
     )
 
