@@ -37,6 +37,14 @@ ENV_ARTIFACTS_URI = "GRAFT_ARTIFACTS_URI"
 ENV_REPORTER = "GRAFT_REPORTER"
 ENV_TRIAL = "GRAFT_TRIAL"
 ENV_METRICS_PORT = "GRAFT_TRAINER_METRICS_PORT"
+# A multi-node job (spec.resources.nodes > 1): how many pods train together, this pod's place
+# among them (0: the pod whose first process is global rank 0, which evaluates, checkpoints
+# and publishes), and where rank 0's pod serves the torch.distributed rendezvous (a TCPStore:
+# a host name or IP, and a port).
+ENV_NODES = "GRAFT_NODES"
+ENV_NODE_RANK = "GRAFT_NODE_RANK"
+ENV_RENDEZVOUS_ADDR = "GRAFT_RENDEZVOUS_ADDR"
+ENV_RENDEZVOUS_PORT = "GRAFT_RENDEZVOUS_PORT"
 
 # The kubelet keeps at most 4096 bytes of a termination message.
 TERMINATION_MESSAGE_LIMIT = 4096

@@ -59,10 +59,18 @@ def test_fsdp_with_qlora_says_what_the_libraries_can_and_graft_cannot() -> None:
     assert "bitsandbytes 0.50.2" in message and "does not train a sharded QLoRA" in message
 
 
-def test_hybrid_sharding_waits_for_multi_node_jobs() -> None:
+def test_hybrid_sharding_waits_for_sharding_across_nodes() -> None:
     path, message = _refusal(_spec(strategy="fsdp", mode="hybrid"))
     assert path == "spec.training.sharding.mode"
-    assert "multi-node jobs are not built yet" in message
+    assert "sharding across resources.nodes is not built yet" in message
+
+
+def test_sharding_across_nodes_is_refused_naming_the_strategy() -> None:
+    spec = _spec(strategy="fsdp")
+    spec["resources"] = {"nodes": 2}
+    path, message = _refusal(spec)
+    assert path == "spec.training.sharding.strategy"
+    assert "runs within one pod" in message and "use strategy none" in message
 
 
 def test_cpu_offload_needs_fsdp() -> None:

@@ -8,7 +8,15 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from graft.api.base import ApiModel, Location, ModelSource, ResourceName, RunSpec, RunStatus
+from graft.api.base import (
+    ApiModel,
+    Location,
+    ModelSource,
+    Resources,
+    ResourceName,
+    RunSpec,
+    RunStatus,
+)
 from graft.api.errors import PATTERN_HINTS, FieldPathError
 from graft.api.search import SearchSpec, SearchStatus
 
@@ -273,8 +281,8 @@ class ShardingSpec(ApiModel):
         default="full",
         description=(
             "full: shard across all processes of the job. hybrid: shard within a node and "
-            "replicate across nodes; refused until a FineTuneJob can span nodes (within one "
-            "node it is full sharding)."
+            "replicate across nodes; refused until sharding spans nodes (a sharded job runs "
+            "in one pod, where hybrid is full sharding)."
         ),
     )
     cpu_offload: bool = Field(
@@ -292,9 +300,9 @@ class ShardingSpec(ApiModel):
         if self.mode == "hybrid":
             raise FieldPathError(
                 ("mode",),
-                "hybrid shards within a node and replicates across nodes, and a FineTuneJob "
-                "runs in one pod on one node (multi-node jobs are not built yet), where hybrid "
-                "is full sharding: use mode full",
+                "hybrid shards within a node and replicates across nodes, and a sharded "
+                "FineTuneJob runs in one pod on one node (sharding across resources.nodes is "
+                "not built yet), where hybrid is full sharding: use mode full",
             )
         if self.cpu_offload and self.strategy != "fsdp":
             raise FieldPathError(
@@ -415,8 +423,40 @@ class EvaluationSpec(ApiModel):
         return self
 
 
+MAX_NODES = 64
+
+
+class TrainingResources(Resources):
+    """Compute the trainer pods ask for: one pod, or with nodes > 1 one pod per node."""
+
+    # None, not 1, when unset: left out of the spec's dump, so the digests of specs written
+    # before this field existed do not change (a running job would see its spec "changed").
+    nodes: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_NODES,
+        description=(
+            "Pods that train together, one per node, each with `gpu` GPUs (and the cpu and "
+            "memory above): the job's processes are nodes × max(gpu, 1), data-parallel over "
+            "all of them, so perDeviceTrainBatchSize × gradientAccumulationSteps × processes "
+            "is the global batch. The pods meet through a headless Service; the pod of node 0 "
+            "evaluates, checkpoints and publishes. If one pod fails, is lost or cannot be "
+            "scheduled, every pod of the attempt restarts from the last checkpoint. Unset: 1."
+        ),
+    )
+
+    @property
+    def node_count(self) -> int:
+        return self.nodes or 1
+
+
 class FineTuneJobSpec(RunSpec):
     """What to fine-tune, on which data, and how."""
+
+    resources: TrainingResources = Field(
+        default_factory=TrainingResources,
+        description="CPU, memory and GPUs for each trainer pod, and how many pods (nodes).",
+    )
 
     model: ModelSource = Field(description="The base model.")
     dataset: DatasetSpec = Field(description="Training (and evaluation) data.")
@@ -463,6 +503,7 @@ class FineTuneJobSpec(RunSpec):
                     "(resources.gpu > 1 trains it data-parallel), or method full"
                 ),
             )
+        self._check_nodes()
         if self.method in ("lora", "qlora", "dora") and self.lora is None:
             self.lora = LoraSpec()
         if self.method == "qlora" and self.quantization is None:
@@ -498,6 +539,25 @@ class FineTuneJobSpec(RunSpec):
                 raise FieldPathError(("search",), "search compares trials on dataset.evalSplit")
             self.search.check_against(self.to_api(), FineTuneJobSpec)
         return self
+
+
+    def _check_nodes(self) -> None:
+        """What a multi-node job cannot be combined with (yet)."""
+        if self.resources.node_count == 1:
+            return
+        if self.search is not None:
+            raise FieldPathError(
+                ("resources", "nodes"),
+                "a search runs each trial in one pod: use nodes 1 with search (trials run "
+                "side by side up to search.parallelism)",
+            )
+        if self.training.sharded:
+            raise FieldPathError(
+                ("training", "sharding", "strategy"),
+                "sharding fsdp runs within one pod (its processes write a sharded checkpoint "
+                "into a folder they share); with resources.nodes > 1 use strategy none "
+                "(data parallel across the pods), or nodes 1 with resources.gpu > 1",
+            )
 
 
 class FineTuneProgress(ApiModel):
