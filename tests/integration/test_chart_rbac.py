@@ -96,6 +96,7 @@ NEEDED = [
     ("create", "events", "", ""),
     ("list", "events", "", ""),
     ("create", "serviceaccounts", "", ""),
+    ("create", "services", "", ""),
     ("get", "pods", "", "log"),
 ]
 REFUSED = [
@@ -116,6 +117,7 @@ REFUSED = [
     ("patch", "events", "", ""),
     ("create", "events", "events.k8s.io", ""),
     ("get", "serviceaccounts", "", ""),
+    ("delete", "services", "", ""),
     ("get", "rolebindings", "rbac.authorization.k8s.io", ""),
     ("create", "rolebindings", "rbac.authorization.k8s.io", ""),
     ("get", "pods", "", "exec"),

@@ -652,6 +652,14 @@ class FineTuneArtifacts(ApiModel):
 class FineTuneJobStatus(RunStatus):
     """What the operator and trainer have observed."""
 
+    failed_attempts: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Attempts of a multi-node job (resources.nodes > 1) that failed by the trainer's "
+            "fault, counted toward backoffLimit; an attempt whose pod was lost does not count."
+        ),
+    )
     progress: FineTuneProgress | None = Field(default=None, description="Live training progress.")
     metrics: FineTuneMetrics | None = Field(default=None, description="Training and eval metrics.")
     warnings: list[TrainingWarning] = Field(

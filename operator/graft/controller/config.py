@@ -99,6 +99,9 @@ class OperatorConfig:
     preflight_memory: str = "4Gi"
     # Each trainer pod's /metrics port (graft_trainer.observability); 0: no endpoint.
     trainer_metrics_port: int = 0
+    # Multi-node jobs as Indexed Jobs (True) or one Job per node (False); None: as the API
+    # server's version says (controller.gang.supports_indexed_jobs).
+    indexed_jobs: bool | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
@@ -154,6 +157,9 @@ class OperatorConfig:
         namespaces = tuple(
             n.strip() for n in env.get("GRAFT_WATCH_NAMESPACES", "").split(",") if n.strip()
         )
+        indexed = env.get("GRAFT_INDEXED_JOBS", "").strip().lower() or "auto"
+        if indexed not in ("auto", "true", "false"):
+            raise ConfigError(f"GRAFT_INDEXED_JOBS={indexed!r}: expected auto, true or false")
         return cls(
             trainer_image=text("GRAFT_TRAINER_IMAGE", cls.trainer_image),
             trainer_image_pull_policy=pull,
@@ -184,4 +190,5 @@ class OperatorConfig:
             preflight_cpu=quantity("GRAFT_PREFLIGHT_CPU") or cls.preflight_cpu,
             preflight_memory=quantity("GRAFT_PREFLIGHT_MEMORY") or cls.preflight_memory,
             trainer_metrics_port=trainer_metrics_port,
+            indexed_jobs=None if indexed == "auto" else indexed == "true",
         )

@@ -52,6 +52,7 @@ def object_path(obj: dict[str, Any], *, collection: bool = False) -> str:
         "ConfigMap": "configmaps",
         "Job": "jobs",
         "ServiceAccount": "serviceaccounts",
+        "Service": "services",
         "Pod": "pods",
         "Event": "events",
     }[str(obj["kind"])]

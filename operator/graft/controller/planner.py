@@ -22,6 +22,7 @@ from graft.contract import (
     ENV_REPORTER,
     ENV_TRIAL,
 )
+from graft.controller import gang
 from graft.controller.config import OperatorConfig
 from graft.naming import artifact_prefix, child_name
 from graft.policy import (
@@ -429,9 +430,11 @@ def build_trainer_job(
     attempts_before: int = 0,
     references: dict[str, Any] | None = None,
     trial: int | None = None,
+    gang_shape: GangShape | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job that runs the trainer for `obj` with the launched (resolved) `spec`;
-    with `trial`, the Job of that trial of the resource's search."""
+    with `trial`, the Job of that trial of the resource's search; with `gang_shape` (a spec
+    with resources.nodes > 1), the gang's Indexed Job or one node's Job (controller.gang)."""
     meta = obj["metadata"]
     name, namespace, kind = meta["name"], meta["namespace"], kind_of(obj)
     job_labels = _trainer_job_labels(obj, spec, trial)
@@ -445,7 +448,7 @@ def build_trainer_job(
         container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
     _trainer_network(pod_spec, container, config)
     _schedule_trainer_pod(pod_spec, spec, config, namespace)
-    return {
+    job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
@@ -461,6 +464,51 @@ def build_trainer_job(
         },
         "spec": _trainer_job_spec(spec, config, job_labels, pod_spec),
     }
+    if gang_shape is not None and gang.spec_nodes(spec) > 1:
+        _shape_gang(job, obj, spec, config, gang_shape, attempts_before)
+    return job
+
+
+@dataclasses.dataclass(frozen=True)
+class GangShape:
+    """Which Job of a multi-node attempt to build (controller.gang)."""
+
+    indexed: bool  # the API server runs Indexed Jobs: one Job for every node
+    node: int = 0  # the per-node shape: this node's Job
+    rendezvous: str | None = None  # the per-node shape, node > 0: node 0's pod IP
+    failed_before: int = 0  # attempts of the gang that failed by the trainer's fault
+
+
+def _shape_gang(
+    job: dict[str, Any],
+    obj: dict[str, Any],
+    spec: dict[str, Any],
+    config: OperatorConfig,
+    shape: GangShape,
+    attempts_before: int,
+) -> None:
+    nodes = gang.spec_nodes(spec)
+    meta = job["metadata"]
+    port = gang.rendezvous_port(
+        config.trainer_host_network, str(obj["metadata"]["uid"]), attempts_before
+    )
+    meta["annotations"][gang.ANNOTATION_FAILED_BEFORE] = str(shape.failed_before)
+    if shape.indexed:
+        gang.shape_indexed(job, nodes, port)
+        meta["annotations"][ANNOTATION_GPUS] = str(spec_gpus(spec) * nodes)
+        return
+    if shape.node:
+        meta["name"] = gang.node_job_name(obj["metadata"]["name"], shape.node)
+    gang.shape_node_job(job, nodes, shape.node, port, shape.rendezvous)
+
+
+def build_rendezvous_service(obj: dict[str, Any]) -> dict[str, Any]:
+    """The headless Service of a multi-node FineTuneJob's pods (controller.gang)."""
+    meta = obj["metadata"]
+    labels = {**selection_labels(obj), LABEL_COMPONENT: "trainer"}
+    return gang.build_rendezvous_service(
+        job_name(meta["name"], kind_of(obj)), meta["namespace"], labels, owner_reference(obj)
+    )
 
 
 def _trainer_job_labels(
@@ -741,7 +789,13 @@ def trainer_identity(namespace: str, config: OperatorConfig) -> list[dict[str, A
 
 
 def spec_gpus(spec: dict[str, Any]) -> int:
+    """GPUs of one trainer pod."""
     return int((spec.get("resources") or {}).get("gpu") or 0)
+
+
+def attempt_gpus(spec: dict[str, Any]) -> int:
+    """GPUs one attempt holds: every pod of a multi-node job."""
+    return spec_gpus(spec) * gang.spec_nodes(spec)
 
 
 def job_gpus(job: dict[str, Any]) -> int:

@@ -27,7 +27,7 @@ import aiohttp
 from graft.api.base import DEFAULT_BACKOFF_LIMIT
 from graft.api.errors import FieldIssue
 from graft.api.kinds import InvalidResource
-from graft.controller import planner, sources
+from graft.controller import gang, planner, sources
 from graft.controller.conditions import true_condition
 from graft.controller.config import OperatorConfig
 from graft.controller.kube import ApiError, Kube, object_path, resource_path
@@ -92,12 +92,18 @@ class Caches:
         ]
 
     def job(self, key: tuple[str, str], uid: str) -> dict[str, Any] | None:
+        """The trainer Job (a multi-node job's Indexed Job, or its node 0's Job)."""
         owned = [
             j
             for j in self._owned(self.jobs(key), uid)
-            if _trial_of(j) is None and not _is_preflight(j)
+            if _trial_of(j) is None and not _is_preflight(j) and not gang.node_of(j)
         ]
         return owned[0] if owned else None
+
+    def node_jobs(self, key: tuple[str, str], uid: str) -> list[dict[str, Any]]:
+        """A multi-node job's per-node Jobs of nodes 1..n-1, by node."""
+        found = [j for j in self._owned(self.jobs(key), uid) if gang.node_of(j)]
+        return sorted(found, key=lambda j: gang.node_of(j) or 0)
 
     def preflight_job(self, key: tuple[str, str], uid: str) -> dict[str, Any] | None:
         owned = [j for j in self._owned(self.jobs(key), uid) if _is_preflight(j)]
@@ -132,13 +138,14 @@ class Children:
     issues: tuple[FieldIssue, ...]
     configmap: dict[str, Any] | None  # the spec ConfigMap of the launch, if any
     job: dict[str, Any] | None
-    pods: list[dict[str, Any]]  # the Job's, oldest first
+    pods: list[dict[str, Any]]  # the Job's, oldest first (a gang's: node 0's first)
     gate: sources.SourceGate | None  # before a launch: the referenced FineTuneJobs
     launched_spec: dict[str, Any] | None
     launched_hash: str | None
     effective: dict[str, Any]  # the launched spec, else the current one
     study: StudyObserved | None
     preflight: PreflightObserved | None
+    node_jobs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 class Reconciler:
@@ -177,6 +184,7 @@ class Reconciler:
         # Jobs this process created that the watch cache may not show yet:
         # namespace -> {Job name: (GPUs, when created)}.
         self._gpu_claims: dict[str, dict[str, tuple[int, float]]] = {}
+        self._indexed: bool | None = None  # the API server runs Indexed Jobs (asked once)
         # resource -> (when its trainer pod's log was last read, the newest progress found).
         self._progress: dict[Key, tuple[float, dict[str, Any] | None]] = {}
 
@@ -262,6 +270,11 @@ class Reconciler:
         configmap = self.caches.configmap(cache_key, uid)
         job = self.caches.job(cache_key, uid)
         pods = self.caches.job_pods(cache_key, job["metadata"]["uid"]) if job else []
+        node_jobs = self.caches.node_jobs(cache_key, uid)
+        for node_job in node_jobs:
+            pods += self.caches.job_pods(cache_key, node_job["metadata"]["uid"])
+        if node_jobs or (job is not None and gang.node_of(job) is None and len(pods) > 1):
+            pods.sort(key=lambda p: gang.node_of(p) or 0)  # node 0's outcome is the job's
         if configmap is not None and job is None and not _ever_launched(obj):
             # The spec ConfigMap of a launch whose Job the API server refused: nothing ran, so
             # the current spec launches (the ConfigMap is brought up to date first).
@@ -303,6 +316,7 @@ class Reconciler:
             effective=effective,
             study=study,
             preflight=preflight,
+            node_jobs=node_jobs,
         )
 
     def _observe_study(self, key: Key, uid: str, effective: dict[str, Any]) -> StudyObserved | None:
@@ -363,6 +377,7 @@ class Reconciler:
         requeue = await self._launch_planned(obj, plan, seen)
         if plan.create_trials:
             await self._launch_trials(obj, seen.resolved, seen.configmap, plan.create_trials)
+        await self._launch_node_jobs(obj, plan, seen)
         return plan, observed, requeue
 
     def _observed(
@@ -390,12 +405,14 @@ class Reconciler:
             changed=changed,
             job=seen.job,
             pods=tuple(seen.pods),
+            nodes=gang.spec_nodes(effective),
+            node_jobs=tuple(seen.node_jobs),
             backoff_limit=int(effective.get("backoffLimit", DEFAULT_BACKOFF_LIMIT)),
             memory=(effective.get("resources") or {}).get("memory"),
             source=seen.gate,
             study=seen.study,
             pods_seen=self._count_pods(key, obj, seen.job, seen.pods, record=record),
-            gpus=planner.spec_gpus(effective),
+            gpus=planner.attempt_gpus(effective),
             pod_refused=pod_refused,
             preflight=seen.preflight,
             progress=progress,
@@ -479,6 +496,9 @@ class Reconciler:
         if plan.delete_job and job is not None:
             await self.kube.delete(object_path(job))
             plan.events.append(Event("Normal", "JobDeleted", f"deleted Job {job_name(job)}"))
+        if plan.delete_job:  # a gang's attempt ends as a whole
+            for node_job in seen.node_jobs:
+                await self.kube.delete(object_path(node_job))
         if plan.delete_job and study is not None:
             for trial in study.trials:
                 if observe_trial(trial, backoff_limit)["state"] not in FINISHED:
@@ -694,6 +714,7 @@ class Reconciler:
                     spec_hash_=spec_hash,
                     attempts_before=attempts,
                     references=planner.launched_references(configmap),
+                    gang_shape=await self._gang_shape(obj, spec, status),
                 )
             )
         elif resolved is not None:  # first launch: the spec ConfigMap, then the Job
@@ -711,16 +732,24 @@ class Reconciler:
                         object_path(wanted),
                         {"metadata": wanted["metadata"], "data": wanted["data"]},
                     )
-            build = planner.build_preflight_job if preflight else planner.build_trainer_job
-            created = await self.kube.create(
-                build(
+            if preflight:
+                job = planner.build_preflight_job(
                     obj,
                     resolved.spec,
                     self.config,
                     spec_hash_=resolved.spec_hash,
                     references=references,
                 )
-            )
+            else:
+                job = planner.build_trainer_job(
+                    obj,
+                    resolved.spec,
+                    self.config,
+                    spec_hash_=resolved.spec_hash,
+                    references=references,
+                    gang_shape=await self._gang_shape(obj, resolved.spec, status),
+                )
+            created = await self.kube.create(job)
         else:
             return None
         if preflight:
@@ -741,6 +770,64 @@ class Reconciler:
         status["jobName"] = name
         self._claim_gpus(created)
         return created
+
+    async def _gang_shape(
+        self, obj: dict[str, Any], spec: dict[str, Any], status: dict[str, Any]
+    ) -> planner.GangShape | None:
+        """How a multi-node job's attempt is shaped here (None: one pod); its headless
+        Service exists first (409: it does), so the pods' names resolve as they start."""
+        if gang.spec_nodes(spec) <= 1:
+            return None
+        await self.kube.create(planner.build_rendezvous_service(obj))
+        return planner.GangShape(
+            indexed=await self._indexed_jobs(),
+            failed_before=int(status.get("failedAttempts") or 0),
+        )
+
+    async def _indexed_jobs(self) -> bool:
+        """Whether the API server runs Indexed Jobs (Kubernetes 1.22+, where they are on by
+        default); asked once. GRAFT_INDEXED_JOBS=true|false overrides."""
+        if self._indexed is None:
+            if self.config.indexed_jobs is not None:
+                self._indexed = self.config.indexed_jobs
+            else:
+                version = await self.kube.get("/version") or {}
+                self._indexed = gang.supports_indexed_jobs(version)
+                logger.info(
+                    "API server %s: multi-node jobs run as %s",
+                    version.get("gitVersion", "?"),
+                    "Indexed Jobs" if self._indexed else "one Job per node",
+                )
+        return self._indexed
+
+    async def _launch_node_jobs(self, obj: dict[str, Any], plan: Plan, seen: Children) -> None:
+        """The per-node shape: the Jobs of nodes 1..n-1, told node 0's pod IP."""
+        job, configmap = seen.job, seen.configmap
+        if not plan.create_node_jobs or job is None or configmap is None or not plan.rendezvous:
+            return
+        spec, spec_hash = planner.launched_spec(configmap)
+        for node in plan.create_node_jobs:
+            shape = planner.GangShape(
+                indexed=False,
+                node=node,
+                rendezvous=plan.rendezvous,
+                failed_before=gang.failed_before(job),
+            )
+            made = await self.kube.create(
+                planner.build_trainer_job(
+                    obj,
+                    spec,
+                    self.config,
+                    spec_hash_=spec_hash,
+                    attempts_before=planner.attempts_before(job),
+                    references=planner.launched_references(configmap),
+                    gang_shape=shape,
+                )
+            )
+            if made is not None:
+                self._claim_gpus(made)
+                name = gang.node_job_name(obj["metadata"]["name"], node)
+                self._post(obj, Event("Normal", "JobCreated", f"created Job {name}"))
 
     async def _launch_trials(
         self,
@@ -831,6 +918,8 @@ def _running_pod(seen: Children) -> dict[str, Any] | None:
     if seen.job is None or seen.study is not None:
         return None
     running = [p for p in seen.pods if (p.get("status") or {}).get("phase") == "Running"]
+    if seen.node_jobs or any(gang.node_of(p) for p in running):  # a gang: node 0 reports
+        running = [p for p in running if not gang.node_of(p)]
     return running[-1] if running else None
 
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from graft.api.errors import FieldIssue
 from graft.contract import OUTCOME_FIELDS
+from graft.controller import gang
 from graft.controller.conditions import find_condition, is_true, true_condition
 from graft.controller.planner import (
     ANNOTATION_SPEC_HASH,
@@ -74,6 +75,7 @@ OPERATOR_FIELDS = (
     "startTime",
     "completionTime",
     "attempts",
+    "failedAttempts",
     "jobName",
 )
 # A search's fields, from its trial pods' outcomes.
@@ -137,7 +139,11 @@ class Plan:
     create_preflight: bool = False  # the CPU pod's Job that checks a GPU FineTuneJob first
     delete_preflight: bool = False
     create_trials: list[int] = dataclasses.field(default_factory=list)
-    delete_job: bool = False  # for a search: every unfinished trial Job
+    # A multi-node job of the per-node shape (controller.gang): the Jobs of these nodes, told
+    # node 0's address `rendezvous`.
+    create_node_jobs: list[int] = dataclasses.field(default_factory=list)
+    rendezvous: str | None = None
+    delete_job: bool = False  # for a search: every unfinished trial Job; a gang: every Job
     delete_resource: bool = False
     requeue_after: float | None = None
     events: list[Event] = dataclasses.field(default_factory=list)
@@ -170,7 +176,9 @@ class Observed:
     current_hash: str | None = None  # spec hash of the current spec, if valid
     changed: tuple[str, ...] = ()  # fields changed since launch
     job: dict[str, Any] | None = None
-    pods: tuple[dict[str, Any], ...] = ()
+    pods: tuple[dict[str, Any], ...] = ()  # of the Job (and of a gang's per-node Jobs)
+    nodes: int = 1  # pods of one attempt (spec.resources.nodes)
+    node_jobs: tuple[dict[str, Any], ...] = ()  # a gang's per-node Jobs, nodes 1..n-1
     backoff_limit: int = 2  # of the launched spec
     memory: str | None = None  # memory limit of the launched spec, for OOM messages
     # Distinct pods of the Job seen so far, deleted ones included (the reconciler remembers
@@ -773,6 +781,8 @@ def _job_seen(run: Run) -> bool:
     job, status = run.job, run.status
     status["jobName"] = job["metadata"]["name"]
     seen = max(len(run.outcomes), run.observed.pods_seen or 0)
+    if run.observed.nodes > 1:  # an attempt of a gang is all its pods
+        seen = min(seen, 1)
     status["attempts"] = max(int(run.prev.get("attempts") or 0), attempts_before(job) + seen)
     if not status.get("startTime"):
         started = (job.get("status") or {}).get("startTime")
@@ -798,6 +808,61 @@ def _completed(run: Run) -> bool:
     run.cond("Running", "False", "Completed", done)
     completed = (run.job.get("status") or {}).get("completionTime")
     run.status["completionTime"] = completed or rfc3339(run.now)
+    return True
+
+
+def _gang(run: Run) -> bool:
+    """A multi-node job (controller.gang): the attempt ends as a whole (every Job deleted, the
+    next attempt resumes from the last checkpoint, or the job fails past backoffLimit); the
+    per-node shape's other Jobs are created once node 0's pod has an IP; all pods must run."""
+    nodes, job = run.observed.nodes, run.job
+    if nodes <= 1 or true_condition(job, "Suspended") is not None:
+        return False
+    jobs = (job, *run.observed.node_jobs)
+    end = gang.judge_attempt(
+        nodes,
+        run.outcomes,
+        jobs_failed=[j["metadata"]["name"] for j in jobs if true_condition(j, "Failed")],
+        unschedulable_since=gang.unschedulable_since(list(run.observed.pods)),
+        now=run.now,
+    )
+    if end is not None:
+        failed = gang.failed_before(job) + int(end.counted)
+        run.status["failedAttempts"] = max(int(run.prev.get("failedAttempts") or 0), failed)
+        limit = run.observed.backoff_limit
+        if failed > limit:
+            message = f"{failed} failed attempts (backoffLimit {limit}); last: {end.message}"
+            _fail(run, "BackoffLimitExceeded", message, job)
+        else:
+            run.cond(
+                "Running",
+                "False",
+                "Restarting",
+                f"{end.message}; every pod of the {nodes} restarts from the last checkpoint",
+            )
+        run.plan.delete_job = True  # the other pods would wait on the lost one's collectives
+        return True
+    if gang.node_of(job) is not None and len(run.observed.node_jobs) < nodes - 1:
+        address = gang.node0_address(list(run.observed.pods))
+        if address is not None:
+            have = {gang.node_of(j) for j in run.observed.node_jobs}
+            run.plan.create_node_jobs = [n for n in range(1, nodes) if n not in have]
+            run.plan.rendezvous = address
+    running = [o for o in run.outcomes if o.kind == "running"]
+    if not running or len(running) == nodes:
+        return False  # none yet (queued, refused, pending), or training: the rules below
+    waiting = next((o for o in run.outcomes if o.kind == "pending"), None)
+    detail = (
+        f"pod {waiting.name} is pending ({waiting.reason or 'starting'})"
+        if waiting is not None
+        else f"{nodes - len(running)} pod(s) are not created yet"
+    )
+    run.cond(
+        "Running",
+        "False",
+        "WaitingForPods",
+        f"{len(running)} of {nodes} pods run; {detail}: they train once all run",
+    )
     return True
 
 
@@ -855,7 +920,11 @@ def _running(run: Run) -> bool:
     running = [o for o in run.outcomes if o.kind == "running"]
     if not running:
         return False
-    run.cond("Running", "True", "TrainerRunning", f"pod {running[0].name} is training")
+    if len(running) > 1:  # a multi-node job's pods
+        names = ", ".join(o.name for o in running)
+        run.cond("Running", "True", "TrainerRunning", f"pods {names} are training together")
+    else:
+        run.cond("Running", "True", "TrainerRunning", f"pod {running[0].name} is training")
     return True
 
 
@@ -1001,6 +1070,7 @@ _JOB: tuple[Rule, ...] = (
     _job_seen,
     _trainer_refused,
     _completed,
+    _gang,
     _backoff_exceeded,
     _job_failed,
     _queued,
