@@ -87,7 +87,11 @@ class LocalStudy:
                 ProgressEvent(stage="training", progress=progress, message=message)
             )
 
-    def _trial_dir(self, number: int) -> str | None:
+    def start(self, plan: StudyPlan, number: int) -> str | None:
+        """Record trial `number` as running and say so (the plan it starts in); its work
+        folder, if any."""
+        self.records[number] = {"number": number, "state": "Running"}
+        self.say(plan, f"trial {number}: started")
         if self.work_dir is None:
             return None
         path = self.work_dir / f"trial-{number}"
@@ -129,11 +133,9 @@ class LocalStudy:
             while True:
                 plan = self.plan()
                 for number in plan.launch if aborted is None else []:
-                    self.records[number] = {"number": number, "state": "Running"}
-                    work = self._trial_dir(number)
+                    work = self.start(plan, number)
                     future = pool.submit(_run_trial, self.document, self.prefix, number, work)
                     running[future] = number
-                    self.say(plan, f"trial {number}: started")
                 if not running:
                     return plan, aborted
                 done, _ = concurrent.futures.wait(running, return_when=FIRST_COMPLETED)
@@ -168,11 +170,8 @@ class LocalStudy:
             if not plan.launch:
                 return plan, None
             number = plan.launch[0]
-            self.records[number] = {"number": number, "state": "Running"}
-            self.say(plan, f"trial {number}: started")
-            aborted = self.finish(
-                number, _run_trial(self.document, self.prefix, number, self._trial_dir(number))
-            )
+            work = self.start(plan, number)
+            aborted = self.finish(number, _run_trial(self.document, self.prefix, number, work))
             if aborted is not None:
                 return self.plan(), aborted
 
