@@ -499,3 +499,101 @@ def wait_finished(api: Any, namespace: str, plural: str, name: str, timeout: flo
         return (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed") and obj
 
     return wait_for(f"{plural}/{name} to finish", finished, timeout, interval=1)
+
+
+def _two_node_doc(name: str, namespace: str, **training: Any) -> dict[str, Any]:
+    """The example as a job of two pods (one CPU each: the test node has two)."""
+    doc = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text()))
+    doc["metadata"] = {"name": name, "namespace": namespace}
+    doc["spec"]["training"].update(training)
+    doc["spec"]["training"].pop("earlyStopping", None)
+    doc["spec"]["resources"].update(cpu="1", nodes=2)
+    return doc
+
+
+def _metrics(s3: Any, obj: dict[str, Any]) -> dict[str, Any]:
+    bucket, key = split_s3(obj["status"]["artifacts"]["metrics"])
+    return dict(json.loads(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()))
+
+
+def test_a_two_node_job_trains_as_two_pods_matching_one_pod(env: Any) -> None:
+    """spec.resources.nodes: 2 on the v1.20 cluster (no Indexed Jobs, no DNS): node 0's Job,
+    then node 1's, told node 0's pod IP; the two pods train data-parallel through gloo and
+    match one pod accumulating the same micro-batches (the same global batch)."""
+    _, cluster, s3, _ = env
+    training = {"maxSteps": 12, "perDeviceTrainBatchSize": 8, "loggingSteps": 2}
+    training.update(evalSteps=6, saveSteps=6)
+    two = _two_node_doc("two-nodes", cluster.ns, **training)
+    cluster.custom.create_namespaced_custom_object(
+        "graft.dev", "v1alpha1", cluster.ns, "finetunejobs", two
+    )
+    obj, _ = finish(cluster, "two-nodes")
+    jobs = sorted(j.metadata.name for j in cluster.jobs("two-nodes"))
+    assert jobs == ["two-nodes-train", "two-nodes-train-node-1"], jobs
+    pods = cluster.pods("two-nodes")
+    assert sorted(p.metadata.labels["graft.dev/node"] for p in pods) == ["0", "1"]
+    assert all(p.status.phase == "Succeeded" for p in pods), [p.status.phase for p in pods]
+    service = cluster.core.read_namespaced_service("two-nodes-train", cluster.ns)
+    assert service.spec.cluster_ip == "None"
+    assert obj["status"]["attempts"] == 1 and not obj["status"].get("failedAttempts")
+    metrics = _metrics(s3, obj)
+    assert metrics["run"]["processes"] == 2, metrics["run"]
+
+    one = _two_node_doc("one-node", cluster.ns, **training, gradientAccumulationSteps=2)
+    del one["spec"]["resources"]["nodes"]
+    cluster.custom.create_namespaced_custom_object(
+        "graft.dev", "v1alpha1", cluster.ns, "finetunejobs", one
+    )
+    single = _metrics(s3, finish(cluster, "one-node")[0])
+    assert single["run"]["processes"] == 1 and single["run"]["finalStep"] == 12
+
+    def losses(m: dict[str, Any]) -> list[float]:
+        return [h["train_loss"] for h in m["history"] if "train_loss" in h]
+
+    assert len(losses(metrics)) == 6
+    for got, want in zip(losses(metrics), losses(single), strict=True):
+        assert got == pytest.approx(want, rel=1e-3)
+    assert metrics["final"]["eval_loss"] == pytest.approx(single["final"]["eval_loss"], rel=1e-3)
+
+
+@pytest.mark.faults
+def test_a_deleted_pod_of_two_restarts_both_from_the_checkpoint(env: Any) -> None:
+    """One pod of a two-node job lost mid-training (grace period 0, as on a node failure): the
+    operator restarts both pods, they resume from the last checkpoint, and the job succeeds;
+    the loss does not count toward backoffLimit."""
+    _, cluster, s3, _ = env
+    doc = _two_node_doc(
+        "two-resume", cluster.ns, maxSteps=400, saveSteps=10, evalSteps=200, loggingSteps=5
+    )
+    cluster.custom.create_namespaced_custom_object(
+        "graft.dev", "v1alpha1", cluster.ns, "finetunejobs", doc
+    )
+
+    def past_checkpoint() -> Any:
+        status = (cluster.ftj("two-resume") or {}).get("status") or {}
+        return ((status.get("progress") or {}).get("step") or 0) >= 25 and status
+
+    wait_for("training past a checkpoint", past_checkpoint, 600, interval=0.3)
+    (node1,) = [p for p in cluster.pods("two-resume") if p.metadata.labels["graft.dev/node"] == "1"]
+    cluster.core.delete_namespaced_pod(node1.metadata.name, cluster.ns, grace_period_seconds=0)
+    reasons: set[str] = set()
+
+    def restarted() -> Any:
+        status = (cluster.ftj("two-resume") or {}).get("status") or {}
+        running = next((c for c in status.get("conditions") or [] if c["type"] == "Running"), {})
+        if running.get("reason") == "Restarting":
+            reasons.add(running["message"])
+        return (status.get("attempts") or 0) >= 2 and status
+
+    wait_for("a second attempt", restarted, 300, interval=0.2)
+    obj, _ = finish(cluster, "two-resume")
+    status = obj["status"]
+    assert status["attempts"] == 2 and not status.get("failedAttempts"), status
+    # Both pods of the first attempt are gone, and the second attempt had two pods.
+    names = {p.metadata.name for p in cluster.pods("two-resume")}
+    assert node1.metadata.name not in names and len(names) == 2, names
+    if reasons:  # seen when a poll fell between the restart's two passes
+        assert any(node1.metadata.name in r or "lost a peer" in r for r in reasons), reasons
+    metrics = _metrics(s3, obj)
+    assert (metrics["run"]["resumedFrom"] or 0) > 0, metrics["run"]
+    assert metrics["run"]["finalStep"] == 400 and metrics["run"]["processes"] == 2

@@ -91,6 +91,31 @@ def test_per_node_jobs_tell_the_others_node_0s_pod_ip() -> None:
     ] == ["tone-classifier-train-node-1"]
 
 
+def test_every_pod_of_the_gang_gets_the_specs_placement_and_one_queue() -> None:
+    obj = resource(nodes=2, gpu=1)
+    obj["spec"]["scheduling"] = {
+        "nodeSelector": {"gpu": "h100"},
+        "tolerations": [{"key": "gpu", "operator": "Exists"}],
+        "queueName": "team-a",
+    }
+    indexed = build(obj, planner.GangShape(indexed=True))
+    # Kueue admits the Indexed Job as one workload of `parallelism` pods: the gang.
+    assert indexed["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert indexed["spec"]["parallelism"] == 2
+    node1 = build(obj, planner.GangShape(indexed=False, node=1, rendezvous="10.0.0.1"))
+    for job in (indexed, node1):
+        pod = job["spec"]["template"]["spec"]
+        assert pod["nodeSelector"]["gpu"] == "h100"
+        assert {"key": "gpu", "operator": "Exists"} in pod["tolerations"]
+        # One pod per node preferred, across the gang's pods (not only this node's).
+        [term] = pod["affinity"]["podAntiAffinity"][
+            "preferredDuringSchedulingIgnoredDuringExecution"
+        ]
+        selector = term["podAffinityTerm"]["labelSelector"]["matchLabels"]
+        assert gang.LABEL_NODE not in selector and selector["graft.dev/name"] == "tone-classifier"
+        kubernetes_validate.validate(job, "1.28.0", strict=True)
+
+
 def test_one_node_is_todays_single_pod_job() -> None:
     obj = resource(nodes=1, gpu=2)
     job = build(obj, planner.GangShape(indexed=True))

@@ -117,6 +117,30 @@ def _env(name: str, value: str) -> dict[str, Any]:
     return {"name": name, "value": value}
 
 
+def _spread(pod: dict[str, Any], labels: dict[str, str]) -> None:
+    """Prefer one pod per node (a pod asking for a node's GPUs gets one anyway; CPU pods may
+    share a node, as on a one-node test cluster). A spec's own podAntiAffinity wins."""
+    affinity = pod.setdefault("affinity", {})
+    if "podAntiAffinity" in affinity:
+        return
+    affinity["podAntiAffinity"] = {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "weight": 100,
+                "podAffinityTerm": {
+                    "labelSelector": {"matchLabels": dict(labels)},
+                    "topologyKey": "kubernetes.io/hostname",
+                },
+            }
+        ]
+    }
+
+
+def _gang_labels(job: dict[str, Any]) -> dict[str, str]:
+    """The labels every pod of the gang carries (the Job's own: not the node's)."""
+    return {k: v for k, v in job["metadata"]["labels"].items() if k != LABEL_NODE}
+
+
 def shape_indexed(job: dict[str, Any], nodes: int, port: int) -> None:
     """Turn the trainer Job into the gang's Indexed Job: one pod per node."""
     name = job["metadata"]["name"]
@@ -124,6 +148,7 @@ def shape_indexed(job: dict[str, Any], nodes: int, port: int) -> None:
     spec.update(completionMode="Indexed", completions=nodes, parallelism=nodes, backoffLimit=0)
     pod = spec["template"]["spec"]
     pod["subdomain"] = service_name(name)
+    _spread(pod, _gang_labels(job))
     container = pod["containers"][0]
     container["env"] += [
         _env(ENV_NODES, str(nodes)),
@@ -145,6 +170,7 @@ def shape_node_job(
     meta["labels"][LABEL_NODE] = str(node)
     spec["template"]["metadata"]["labels"][LABEL_NODE] = str(node)
     spec["backoffLimit"] = 0
+    _spread(spec["template"]["spec"], _gang_labels(job))
     container = spec["template"]["spec"]["containers"][0]
     if node == 0:
         addr: dict[str, Any] = {

@@ -497,6 +497,8 @@ def _shape_gang(
         gang.shape_indexed(job, nodes, port)
         meta["annotations"][ANNOTATION_GPUS] = str(spec_gpus(spec) * nodes)
         return
+    # The namespace's GPU budget counts the attempt's GPUs on node 0's Job, launched first.
+    meta["annotations"][ANNOTATION_GPUS] = str(spec_gpus(spec) * nodes if not shape.node else 0)
     if shape.node:
         meta["name"] = gang.node_job_name(obj["metadata"]["name"], shape.node)
     gang.shape_node_job(job, nodes, shape.node, port, shape.rendezvous)
