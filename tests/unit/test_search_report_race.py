@@ -61,6 +61,6 @@ def test_a_trial_that_finished_during_the_redraw_is_in_the_final_report(
     prefix = f"file://{tmp_path}/ns/FineTuneJob/a-uid/"
     store = RacingStore(prefix)
     store.write_bytes(search_trial.record_uri(prefix, 0), finished(0, 0.5))
-    search_trial._redraw_report(store, prefix, "a", BASE, SEARCH, target=3)
+    search_trial._redraw_report(store, prefix, "a", SEARCH, 3, plan.study_fingerprint(BASE))
     assert store.report_writes == ["trials=[0] best=0", "trials=[0, 1] best=1"]
     assert store.read_bytes(prefix + plan.REPORT_FILE) == b"trials=[0, 1] best=1"

@@ -263,7 +263,7 @@ def run_trial(
         own.message = outcome.message
         own.finished = plan.now()
         store.write_bytes(record_uri(prefix, number), json.dumps(own.to_json()).encode())
-        _redraw_report(store, prefix, meta.name, base, search, target)
+        _redraw_report(store, prefix, meta.name, search, target, study)
     except StoreError as exc:
         return EXIT_FAILURE, str(exc).splitlines()[0], {}
     return EXIT_OK, f"trial {number}: {own.state}", _result(own)
@@ -293,9 +293,10 @@ def _result(record: plan.StudyTrial) -> dict[str, Any]:
 
 
 def _redraw_report(
-    store: Any, prefix: str, name: str, base: dict[str, Any], search: SearchSpec, target: int
+    store: Any, prefix: str, name: str, search: SearchSpec, target: int, study: str
 ) -> None:
-    """The study report from every record the store holds now.
+    """The study report from every record of the study `study` (its fingerprint) the store
+    holds now.
 
     Trials finishing at the same time race to write the one report. Each redraws until the
     finished trials it drew are still all there are after its write, so whichever writes last
@@ -305,16 +306,16 @@ def _redraw_report(
 
     drawn: set[int] | None = None
     for _ in range(REDRAWS):
-        study = plan.study_fingerprint(base)
         trials = [r for n in range(target) if (r := _read_record(store, prefix, n, study))]
         finished = {t.number for t in trials if t.state in plan.FINISHED}
         if finished == drawn:
             return
-        study = plan.new_study(base, search)
-        study.trials = trials
-        best = plan.best_trial(study)
+        drawing = plan.Study(
+            study, search.objective.direction, search.objective.metric, trials=trials
+        )
+        best = plan.best_trial(drawing)
         try:
-            page = render_search_report(name, search, study, best.number if best else None)
+            page = render_search_report(name, search, drawing, best.number if best else None)
             store.write_bytes(plan.report_uri(prefix), page.encode())
         except Exception as exc:  # the report is a view; the records are what counts
             log.warning("could not draw the search report: %s", exc)
