@@ -273,8 +273,8 @@ class Reconciler:
         node_jobs = self.caches.node_jobs(cache_key, uid)
         for node_job in node_jobs:
             pods += self.caches.job_pods(cache_key, node_job["metadata"]["uid"])
-        if node_jobs or (job is not None and gang.node_of(job) is None and len(pods) > 1):
-            pods.sort(key=lambda p: gang.node_of(p) or 0)  # node 0's outcome is the job's
+        # A gang's pods: node 0's first (its outcome is the job's); otherwise (stable) as made.
+        pods.sort(key=lambda p: gang.node_of(p) or 0)
         if configmap is not None and job is None and not _ever_launched(obj):
             # The spec ConfigMap of a launch whose Job the API server refused: nothing ran, so
             # the current spec launches (the ConfigMap is brought up to date first).
