@@ -240,3 +240,79 @@ def test_ttl_deletes_the_finished_resource(env: tuple[Operator, Cluster]) -> Non
     cluster.pod_terminated(pod, 0, reason="Completed")
     cluster.wait_phase("ttl", "Succeeded", 60)
     wait_for("the resource deleted by TTL", lambda: cluster.ftj("ttl") is None, 30)
+
+
+def _gang_pod(cluster: Cluster, name: str, node: str, exclude: set[str]) -> Any:
+    def probe() -> Any:
+        fresh = [
+            p
+            for p in cluster.pods(name)
+            if p.metadata.labels.get("graft.dev/node") == node
+            and p.metadata.name not in exclude
+            and not p.metadata.deletion_timestamp
+        ]
+        return fresh[0] if fresh else None
+
+    return wait_for(f"node {node}'s pod of {name}", probe, 60)
+
+
+def _running_at(cluster: Cluster, pod: Any, ip: str) -> None:
+    cluster.pod_running(pod)
+    cluster.core.patch_namespaced_pod_status(
+        pod.metadata.name, cluster.ns, {"status": {"podIP": ip, "podIPs": [{"ip": ip}]}}
+    )
+
+
+def test_a_two_node_gang_restarts_as_one_and_counts_only_its_failures(
+    env: tuple[Operator, Cluster],
+) -> None:
+    """The v1.20 shape against the real Job controller (pods acted out as a kubelet would):
+    node 0's Job, node 1's once node 0's pod has an IP; a lost pod restarts both without
+    counting; a trainer failure past backoffLimit fails the job naming the pod."""
+    _, cluster = env
+    cluster.create_ftj("gang", resources={"nodes": 2}, backoffLimit=0)
+    first0 = _gang_pod(cluster, "gang", "0", set())
+    (job0,) = cluster.jobs("gang")
+    assert job0.metadata.name == "gang-train" and job0.spec.backoff_limit == 0
+    assert cluster.core.read_namespaced_service("gang-train", cluster.ns).spec.cluster_ip == "None"
+    time.sleep(3)  # no IP yet: node 1 waits
+    assert len(cluster.jobs("gang")) == 1
+    _running_at(cluster, first0, "192.0.2.9")
+    first1 = _gang_pod(cluster, "gang", "1", set())
+    job1 = next(j for j in cluster.jobs("gang") if j.metadata.name == "gang-train-node-1")
+    env_vars = {e.name: e.value for e in job1.spec.template.spec.containers[0].env}
+    assert env_vars["GRAFT_RENDEZVOUS_ADDR"] == "192.0.2.9" and env_vars["GRAFT_NODE_RANK"] == "1"
+    cluster.wait_reason("gang", "Running", "WaitingForPods")
+    cluster.pod_running(first1)
+    cluster.wait_reason("gang", "Running", "TrainerRunning")
+
+    # Node 1's pod lost, node 0's process exits on the broken collective: both restart.
+    cluster.pod_evicted(first1)
+    cluster.pod_terminated(first0, 4, message="lost a peer")
+    second0 = _gang_pod(cluster, "gang", "0", {first0.metadata.name})
+    status = wait_for(
+        "the second attempt counted",
+        lambda: (s := (cluster.ftj("gang") or {}).get("status") or {}).get("attempts") == 2 and s,
+        30,
+    )
+    assert not status.get("failedAttempts"), status
+    assert cluster.phase("gang") != "Failed"
+    _running_at(cluster, second0, "192.0.2.10")
+    second1 = _gang_pod(cluster, "gang", "1", {first1.metadata.name})
+    node1_env = {
+        e.name: e.value
+        for j in cluster.jobs("gang")
+        if j.metadata.name == "gang-train-node-1"
+        for e in j.spec.template.spec.containers[0].env
+    }
+    assert node1_env["GRAFT_RENDEZVOUS_ADDR"] == "192.0.2.10"
+
+    # A trainer failure on node 1: one failed attempt, past backoffLimit 0.
+    cluster.pod_running(second1)
+    cluster.pod_terminated(second1, 1, message="CUDA error")
+    obj = cluster.wait_phase("gang", "Failed", 30)
+    failed = cluster.condition("gang", "Failed")
+    assert failed is not None and failed["reason"] == "BackoffLimitExceeded"
+    assert second1.metadata.name in failed["message"], failed["message"]
+    assert obj["status"]["failedAttempts"] == 1
+    wait_for("the gang's Jobs deleted", lambda: cluster.jobs("gang") == [], 30)
