@@ -209,6 +209,12 @@ def scenario(cluster: Cluster, audit_log: Path, user: str) -> None:
     cluster.patch_ftj("pause", {"suspend": False})
     wait_for("the Job created again on resume", lambda: cluster.jobs("pause"), 30)
 
+    # A multi-node job: its headless Service (create; /version is asked once, a discovery
+    # read), node 0's Job.
+    cluster.create_ftj("gang", resources={"nodes": 2})
+    wait_for("the gang's Service", lambda: cluster.core.list_namespaced_service(cluster.ns).items)
+    wait_for("node 0's Job", lambda: cluster.jobs("gang"), 30)
+
     # An invalid spec: InvalidSpec, nothing launched.
     cluster.create_ftj("invalid", training={"earlyStopping": {"patience": 2}})
     kinds.wait_reason(ftj, "invalid", "Validated", "InvalidSpec")
