@@ -8,9 +8,11 @@
 
 Environment: GRAFT_ARTIFACTS_URI (the artifact prefix), GRAFT_REPORTER (rich | jsonl |
 kubernetes), AWS_* for S3, HF_TOKEN for hf://, GRAFT_TRAINER_METRICS_PORT (a Prometheus
-endpoint while it runs, graft_trainer.observability; unset or 0: none). Exit codes: 0 success,
-2 invalid input (not worth retrying), 1 any other failure; on failure a one-line reason goes to
-/dev/termination-log.
+endpoint while it runs, graft_trainer.observability; unset or 0: none). A multi-node job's
+pods also get GRAFT_NODES, GRAFT_NODE_RANK, GRAFT_RENDEZVOUS_ADDR and GRAFT_RENDEZVOUS_PORT
+(graft_trainer.parallel). Exit codes: 0 success, 2 invalid input (not worth retrying), 3
+untrusted storage, 4 a training process in another pod was lost, 143 stopped on SIGTERM after a
+checkpoint, 1 any other failure; on failure a one-line reason goes to /dev/termination-log.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 from graft.contract import ENV_ARTIFACTS_URI, ENV_REPORTER, ENV_TRIAL
 from graft.exit_codes import EXIT_PREEMPTED
-from graft_trainer import outcome
+from graft_trainer import outcome, parallel
 from graft_trainer.errors import (
     EXIT_FAILURE,
     EXIT_INVALID,
@@ -45,9 +47,10 @@ def run_object(
     artifacts_uri: str,
     reporter_name: str | None,
     work_dir: Path | None = None,
+    local_nodes: bool = False,
 ) -> tuple[int, str]:
     """Validate and run one resource object; returns (exit code, one-line message)."""
-    end = run_resource(document, artifacts_uri, reporter_name, work_dir)
+    end = run_resource(document, artifacts_uri, reporter_name, work_dir, local_nodes=local_nodes)
     return end.code, end.message
 
 
@@ -56,8 +59,11 @@ def run_resource(
     artifacts_uri: str,
     reporter_name: str | None,
     work_dir: Path | None = None,
+    local_nodes: bool = False,
 ) -> RunEnd:
-    """Validate and run one resource object; how it ended, with the outcome for the operator."""
+    """Validate and run one resource object; how it ended, with the outcome for the operator.
+    `local_nodes` (`graft run`): a multi-node FineTuneJob runs every node's processes here;
+    in a pod, GRAFT_NODES and the other multi-node variables say which are this pod's."""
     from graft.api.kinds import FineTuneJob, InvalidResource, parse_object
 
     # `references`: what the operator resolved at launch, beside the object, not part of it.
@@ -74,15 +80,16 @@ def run_resource(
         from graft_trainer.search import run_search
 
         return run_search(document, obj.spec, artifacts_uri, reporter_name, work_dir=work_dir)
-    from graft_trainer import parallel
-
     try:
         count = parallel.processes(obj.spec)
+        topo = parallel.topology(obj.spec, count, local=local_nodes)
     except GraftInputError as exc:
         return outcome.failed(document, EXIT_INVALID, one_line(exc))
-    if count > 1 and not parallel.in_worker():  # rank 0 serves the metrics, not the launcher
+    # several processes, here or across pods (even one per pod): this process launches its
+    # share of them; rank 0 serves the metrics, not the launcher
+    if topo.world > 1 and not parallel.in_worker():
         return parallel.run_data_parallel(
-            document, artifacts_uri, reporter_name, count, work_dir=work_dir
+            document, artifacts_uri, reporter_name, count, work_dir=work_dir, topo=topo
         )
     if parallel.rank() == 0:
         observability.serve_from_env()
@@ -207,7 +214,8 @@ def _cmd_run_resource(args: argparse.Namespace) -> int:
             end = _run_document(document, artifacts)
     print(end.message if end.code == EXIT_OK else f"error: {end.message}", file=sys.stderr)
     outcome.write_termination_log(outcome.termination_message(end))
-    if document is not None:
+    # a multi-node job's outcome is node 0's: the other pods leave none beside the artifacts
+    if document is not None and parallel.reports_outcome():
         outcome.save_outcome(end, _outcome_prefix(artifacts or ""))
     return end.code
 

@@ -25,9 +25,11 @@ from typing import Any
 from graft.storage import (
     IntegrityError,
     Store,
+    StoreError,
     download_artifact,
     latest_complete_checkpoint,
     list_checkpoints,
+    read_manifest,
     write_artifact,
 )
 from graft.storage.artifacts import MANIFEST, checkpoint_uri
@@ -175,3 +177,29 @@ class CheckpointManager:
             "rng": tensors("rng.pt"),
             "best": tensors("best.pt") if best else None,
         }
+
+
+def agreed_checkpoint(
+    ckpts: CheckpointManager, latest: tuple[str, dict[str, Any]] | None, acc: Any
+) -> tuple[str, dict[str, Any]] | None:
+    """Rank 0's latest checkpoint, in every process of a data-parallel run (a collective):
+    processes in other pods list the store at other moments, and all must resume the same
+    step. Each process then downloads it and checks every file against its manifest."""
+    import torch
+    import torch.distributed as dist
+
+    mine = int(latest[1]["step"]) if latest is not None else -1
+    chosen = torch.tensor([mine], dtype=torch.int64, device=acc.device)
+    dist.broadcast(chosen, src=0)
+    step = int(chosen.item())
+    if step < 0:
+        return None
+    if step == mine:
+        return latest
+    uri = checkpoint_uri(ckpts.prefix, step)
+    manifest = read_manifest(uri, ckpts.store)
+    if manifest is None:
+        raise StoreError(
+            f"checkpoint {uri}: rank 0 resumes it, but its manifest cannot be read here"
+        )
+    return uri, manifest

@@ -85,7 +85,9 @@ def _cmd_run(args: argparse.Namespace, out: Console) -> int:
     if len(docs) == 1 and docs[0].get("kind") == "FineTuneJob":
         from graft_trainer.__main__ import run_object
 
-        code, message = run_object(docs[0], _artifacts_uri(docs[0], args.out), args.reporter)
+        # a multi-node spec (resources.nodes) runs every node's processes here
+        uri = _artifacts_uri(docs[0], args.out)
+        code, message = run_object(docs[0], uri, args.reporter, local_nodes=True)
         say(f"error: {message}" if code else message)
         return int(code)
     from graft.storage import read_manifest
@@ -113,7 +115,7 @@ def _cmd_run(args: argparse.Namespace, out: Console) -> int:
         prior=prior,
         reporter=args.reporter,
         say=say,
-        run_finetune=run_resource,
+        run_finetune=functools.partial(run_resource, local_nodes=True),
     )
     say(f"error: {message}" if code else message)
     return int(code)

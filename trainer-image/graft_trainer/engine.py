@@ -29,7 +29,7 @@ from graft.storage import open_store
 from graft.storage.uri import join_uri
 from graft_trainer import attention, lm_loss, parallel, sharding, swiglu
 from graft_trainer import data as D
-from graft_trainer.checkpoints import CheckpointManager, set_rng_state
+from graft_trainer.checkpoints import CheckpointManager, agreed_checkpoint, set_rng_state
 from graft_trainer.evaluation import BestTracker, Evaluator, OverfittingDetector, metric_key
 from graft_trainer.hub import PINS_FILE, RevisionPins
 from graft_trainer.methods import (
@@ -278,7 +278,7 @@ class Engine:
             and attention.enable(model)
         )
         checkpoints = self._checkpoints(world)
-        resume_point, per_step = self._resume_point(checkpoints, world)
+        resume_point, per_step = self._resume_point(checkpoints, world, acc)
         total, per_step, per_epoch = self._schedule(data, world, per_step)
         checkpoints.job_manifest["microBatchesPerStep"] = per_step
         # The loss through the LM head at target positions only (lm_loss; stock forward for
@@ -414,11 +414,14 @@ class Engine:
         return ckpts
 
     def _resume_point(
-        self, ckpts: CheckpointManager, world: int
+        self, ckpts: CheckpointManager, world: int, acc: Any = None
     ) -> tuple[tuple[str, dict[str, Any]] | None, int | None]:
         """The latest checkpoint this run can continue from, and the micro-batches per step it
-        keeps (a sharded checkpoint made by another number of processes), or (None, None)."""
+        keeps (a sharded checkpoint made by another number of processes), or (None, None).
+        With several processes, rank 0's latest checkpoint is every process's."""
         latest = ckpts.latest()
+        if acc is not None:
+            latest = agreed_checkpoint(ckpts, latest, acc)
         if latest is None:
             return None, None
         uri, manifest = latest

@@ -1,6 +1,8 @@
 """One rank of a data-parallel FineTuneJob (graft_trainer.parallel starts one process per
 rank as `python -m graft_trainer.parallel_worker DOC URI REPORTER WORK_DIR RESULT`): run the
-resource; rank 0 leaves how its run ended (exit code, message, outcome) in RESULT for the launcher."""
+resource; rank 0 leaves how its run ended (exit code, message, outcome) in RESULT for the launcher.
+A process whose collective failed because another process went away exits 4 (EXIT_PEER_LOST)
+at once."""
 
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ import os
 import sys
 from pathlib import Path
 
+from graft.exit_codes import EXIT_PEER_LOST
 from graft_trainer import outcome
 from graft_trainer.__main__ import run_resource
 from graft_trainer.errors import EXIT_FAILURE, one_line
-from graft_trainer.parallel import rank
+from graft_trainer.parallel import peer_lost, rank
 from graft_trainer.reporting import setup_logging
 
 
@@ -30,9 +33,19 @@ def main(argv: list[str]) -> int:
             work_dir=Path(work_dir) if work_dir and is_main else None,
         )
     except Exception as exc:  # the launcher reports rank 0's reason, not a traceback
-        end = outcome.failed(document, EXIT_FAILURE, f"{type(exc).__name__}: {one_line(exc)}")
+        if peer_lost(exc):  # another process went away: its pod failed or was deleted
+            message = f"lost a training process of another pod ({one_line(exc)[:200]})"
+            end = outcome.failed(document, EXIT_PEER_LOST, message)
+        else:
+            end = outcome.failed(document, EXIT_FAILURE, f"{type(exc).__name__}: {one_line(exc)}")
     if is_main:
         Path(result_path).write_text(end.to_json())
+    if end.code == EXIT_PEER_LOST:
+        print(f"error: training process {rank()}: {end.message}", file=sys.stderr)
+        # at once: tearing down a process group whose peer is gone can block
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(end.code)
     return end.code
 
 
