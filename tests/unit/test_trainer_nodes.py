@@ -31,7 +31,8 @@ def pod_env(nodes: str = "3", rank: str = "1", port: str = "29400") -> dict[str,
     }
 
 
-def test_a_pods_ranks_follow_its_node_rank() -> None:
+def test_a_pods_ranks_follow_its_node_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
     topo = topology(spec(3), per_node=2, env=pod_env())
     assert (topo.nodes, topo.node_rank, topo.per_node, topo.world) == (3, 1, 2, 6)
     assert topo.here == [1] and topo.across_pods and not topo.reports_outcome
@@ -40,6 +41,8 @@ def test_a_pods_ranks_follow_its_node_rank() -> None:
     assert env["WORLD_SIZE"] == "6" and env["LOCAL_WORLD_SIZE"] == "2"
     assert env["MASTER_ADDR"] == "ftj-0.ftj-ranks" and env["MASTER_PORT"] == "29400"
     assert env["GRAFT_NODE_RANK"] == "1" and env["GROUP_RANK"] == "1"
+    # across pods, NCCL raises in the collective instead of aborting the process
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
     # node 0's first process is global rank 0
     assert topology(spec(3), 2, env=pod_env(rank="0")).worker_env(0, 0, 29400)["RANK"] == "0"
 
@@ -58,6 +61,7 @@ def test_without_the_variables_a_job_is_one_pod_or_graft_runs_every_node() -> No
     # each local node's processes: ranks 0-1 and 2-3, told their node like a pod's
     assert local.worker_env(1, 0, 5000)["RANK"] == "2"
     assert local.worker_env(1, 0, 5000)["GRAFT_NODE_RANK"] == "1"
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in local.worker_env(1, 0, 5000)
 
 
 @pytest.mark.parametrize(

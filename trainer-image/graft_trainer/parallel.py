@@ -46,6 +46,8 @@ PROCESSES_ENV = "GRAFT_DATA_PARALLEL"
 COLLECTIVE_TIMEOUT_S = 2 * 3600
 # Each process runs this module (graft_trainer/parallel_worker.py): one rank of the run.
 WORKER_MODULE = "graft_trainer.parallel_worker"
+# NCCL's reaction to a failed or timed-out collective (2: abort the communicators and raise).
+NCCL_ERROR_HANDLING_ENV = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 # What a collective's error says when the process at the other end went away (gloo's
 # "Connection closed by peer" / "Connection reset by peer", NCCL's remote error and watchdog
 # timeout, the store's broken connection).
@@ -133,6 +135,11 @@ class Topology:
                     ENV_RENDEZVOUS_PORT: str(port),
                 }
             )
+        if self.across_pods and NCCL_ERROR_HANDLING_ENV not in os.environ:
+            # NCCL's default tears the process down (SIGABRT) when a peer's connection
+            # fails; this aborts the communicators and raises in the waiting collective,
+            # so the process can say a peer was lost (exit 4). Untested here: no GPUs.
+            env[NCCL_ERROR_HANDLING_ENV] = "2"
         return env
 
     def node_label(self) -> str:
