@@ -17,15 +17,15 @@ from tests.fixtures.cluster import ClusterInfo
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench"
-# The smokes start some twenty Python processes (each contender in a fresh interpreter), and
-# each imports torch, transformers, peft and datasets. Where PYTHONDONTWRITEBYTECODE is set and
-# the venv holds no bytecode, every one of them compiles those thousands of modules again: most
-# of a smoke's time. Their bytecode goes to a cache folder instead, outside the tree and the venv.
-PYCACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graft" / "pycache"
 
 
 def smoke_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(PYCACHE), **extra}
+    """The smokes start some twenty Python processes (each contender in a fresh interpreter),
+    and each imports torch, transformers, peft and datasets: without bytecode, compiling those
+    thousands of modules is most of a smoke's time. `make venv` compiles them into the venv;
+    one made before it did gets them written in place by the first smoke, so bytecode writing
+    stays on even where PYTHONDONTWRITEBYTECODE is set."""
+    env = {**os.environ, **extra}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
