@@ -135,7 +135,9 @@ def test_a_pod_lost_ends_the_other_with_4_and_both_resume(
         os.killpg(node0.pid, signal.SIGKILL)
     node0.wait(timeout=60)
     assert node1.wait(timeout=PEER_LOST_BOUND_S + 30) == EXIT_PEER_LOST
-    assert time.monotonic() - lost_at < PEER_LOST_BOUND_S
+    took = time.monotonic() - lost_at
+    (tmp_path / "peer-lost-seconds.txt").write_text(f"{took:.1f}\n")  # for people
+    assert took < PEER_LOST_BOUND_S
     node1_log = (tmp_path / "node-1.log").read_text()
     assert "a training process in another pod went away" in node1_log
     assert read_manifest(uri) is None  # nothing published

@@ -76,7 +76,12 @@ def _local(t: Any) -> Any:
 
 def clip_grad_norm_(params: list[Any], max_norm: float, device: Any) -> float:
     """torch.nn.utils.clip_grad_norm_ over sharded gradients: the global L2 norm from each
-    rank's shards (FSDP's full sharding keeps every element on exactly one rank)."""
+    rank's shards (FSDP's full sharding keeps every element on exactly one rank).
+
+    Not torch's own, though it takes DTensor gradients: with `cpuOffload` the gradient shards
+    live in host memory, and its norm all-reduces them there through the NCCL-only process
+    group, which fails (pytorch/pytorch#148532, torchtune#1977); this one reduces the norm on
+    the training device."""
     import torch
     import torch.distributed as dist
 
