@@ -12,8 +12,12 @@ Decode speed excludes the prompt (prefill); each figure is the median of interle
 
     .venv/bin/python bench/onnx_decode.py [--work-dir DIR] [--tokens 128] [--rounds 5] [--smoke]
 
-`--smoke` (a 2-layer, 64-wide model, 8 tokens, one round; seconds) is what `make test` runs, so
-the benchmark cannot rot; its figures mean nothing. Goals: int4 >= 10x PyTorch fp32; adapter
+`--layouts` also serves other layouts of the LoRA branches (`bench/adapter_layouts.py`: one A
+per packed projection, float16 adapter weights) in the same rounds, each with its overhead over
+the plain base and whether it generates the shipped layout's tokens.
+
+`--smoke` (a 2-layer, 64-wide model, 8 tokens, one round, with `--layouts`) is what `make test`
+runs, so the benchmark cannot rot; its figures mean nothing. Goals: int4 >= 10x PyTorch fp32; adapter
 overhead <= 5%; no cost when no adapter is active.
 """
 
@@ -137,6 +141,16 @@ def genai_decode_tps(
     return lambda: model.decode_tokens_per_second(PROMPT, tokens, adapter=adapter, repeats=1)
 
 
+def same_tokens(
+    model_dir: Path, adapters: dict[str, Path], filename: str | None, tokens: int
+) -> list[int]:
+    """The greedy tokens generated with adapter 'lora' active."""
+    from graft_trainer.export.validate import GenaiModel
+
+    model = GenaiModel(model_dir, adapters, filename=filename)
+    return model.generate(PROMPT, tokens, adapter="lora").tokens
+
+
 def interleaved(measures: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
     """Samples of each measure, taken in turn, round after round (drift hits all alike)."""
     samples: dict[str, list[float]] = {name: [] for name in measures}
@@ -162,10 +176,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--skip-pytorch", action="store_true", help="measure only the adapter overhead"
     )
+    parser.add_argument(
+        "--layouts",
+        action="store_true",
+        help="also measure other LoRA layouts (bench/adapter_layouts.py) in the same rounds",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny shape, 8 tokens, one round")
     args = parser.parse_args(argv)
     if args.smoke:
         args.hidden, args.layers, args.rank, args.tokens, args.rounds = 64, 2, 4, 8, 1
+        args.layouts = True  # the smoke runs every code path
 
     from graft_trainer.export import builder, stages
 
@@ -194,6 +214,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     files = {"lora": bundle_dir / "adapters" / "lora.onnx_adapter"}
     base_dir, base_file = stages.plain_base_location(bundle_dir, manifest)
 
+    layouts: dict[str, Callable[[], float]] = {}
+    same: dict[str, bool] = {}
+    if args.layouts:
+        from bench.adapter_layouts import LAYOUTS, build_layout
+        from graft_trainer.export import bundle
+
+        peft = bundle.read_peft_adapter(adapter, "bench")
+        shapes = bundle.base_linear_shapes(model)
+        shipped = same_tokens(bundle_dir / "model", files, None, args.tokens)
+        for layout in LAYOUTS:
+            graph, file = build_layout(base_dir, layout, peft, shapes, base_file)
+            layouts[f"layout_{layout}"] = genai_decode_tps(
+                base_dir, args.tokens, {"lora": file}, "lora", filename=graph
+            )
+            # the greedy tokens it generates with the adapter, against the shipped layout's
+            same[layout] = same_tokens(base_dir, {"lora": file}, graph, args.tokens) == shipped
+
     speed = interleaved(
         {
             "onnx_int4": genai_decode_tps(int4, args.tokens),
@@ -208,9 +245,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 bundle_dir / "model", args.tokens, files, "lora"
             ),
             "bundle_no_adapter": genai_decode_tps(bundle_dir / "model", args.tokens, files),
+            **layouts,
         },
         args.rounds,
     )
+    layout_samples = {k: adapters.pop(k) for k in layouts}
     medians = {k: round(statistics.median(v), 1) for k, v in {**speed, **adapters}.items()}
     result = {
         "parameters": parameters(model),
@@ -229,6 +268,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         "no_adapter_served_by": manifest.get("noAdapter", {}),
     }
+    if layout_samples:
+        # Each layout's overhead over the plain base, paired round by round like the above.
+        result["layouts"] = {
+            key.removeprefix("layout_"): {
+                "decode_tokens_per_second": round(statistics.median(samples), 1),
+                "adapter_overhead": round(
+                    ratio({**adapters, key: samples}, "bundle_base", key) - 1, 4
+                ),
+                "same_tokens_as_shipped": same[key.removeprefix("layout_")],
+            }
+            for key, samples in layout_samples.items()
+        }
     print(json.dumps(result))
     return result
 

@@ -83,6 +83,13 @@ def test_onnx_decode_smoke(tmp_path: Path) -> None:
     assert all(positive(v) for v in speeds.values()), speeds
     assert positive(report["int4_speedup_vs_pytorch_fp32"])
     assert math.isfinite(report["adapter_overhead"])
+    # the other LoRA layouts (issue 19's levers) were built, served and measured in the same
+    # rounds; the float32 one computes what the shipped layout does (same greedy tokens)
+    layouts = report["layouts"]
+    assert set(layouts) == {"stacked", "split_fp16", "stacked_fp16"}, layouts
+    assert all(positive(v["decode_tokens_per_second"]) for v in layouts.values()), layouts
+    assert all(math.isfinite(v["adapter_overhead"]) for v in layouts.values()), layouts
+    assert layouts["stacked"]["same_tokens_as_shipped"] is True, layouts
 
 
 @pytest.mark.integration
