@@ -563,7 +563,7 @@ def test_a_deleted_pod_of_two_restarts_both_from_the_checkpoint(env: Any) -> Non
     the loss does not count toward backoffLimit."""
     _, cluster, s3, _ = env
     doc = _two_node_doc(
-        "two-resume", cluster.ns, maxSteps=400, saveSteps=10, evalSteps=200, loggingSteps=5
+        "two-resume", cluster.ns, maxSteps=80, saveSteps=10, evalSteps=80, loggingSteps=5
     )
     cluster.custom.create_namespaced_custom_object(
         "graft.dev", "v1alpha1", cluster.ns, "finetunejobs", doc
@@ -596,4 +596,4 @@ def test_a_deleted_pod_of_two_restarts_both_from_the_checkpoint(env: Any) -> Non
         assert any(node1.metadata.name in r or "lost a peer" in r for r in reasons), reasons
     metrics = _metrics(s3, obj)
     assert (metrics["run"]["resumedFrom"] or 0) > 0, metrics["run"]
-    assert metrics["run"]["finalStep"] == 400 and metrics["run"]["processes"] == 2
+    assert metrics["run"]["finalStep"] == 80 and metrics["run"]["processes"] == 2
