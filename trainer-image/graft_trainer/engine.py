@@ -27,7 +27,7 @@ from graft.api.finetune import (
 from graft.progress import ProgressEvent, Reporter, Stage
 from graft.storage import open_store
 from graft.storage.uri import join_uri
-from graft_trainer import attention, lm_loss, parallel, sharding, swiglu
+from graft_trainer import attention, lm_loss, memory, parallel, sharding, swiglu
 from graft_trainer import data as D
 from graft_trainer.checkpoints import CheckpointManager, agreed_checkpoint, set_rng_state
 from graft_trainer.evaluation import BestTracker, Evaluator, OverfittingDetector, metric_key
@@ -252,6 +252,7 @@ class Engine:
         )
         data = self.tokenize(prep)
         device = torch.device(prep.device)
+        memory.release_freed_memory(device.type)  # freed activations go back (CPU)
         amp = autocast_dtype(prep.precision)
         self.emit(
             "loading",
@@ -604,8 +605,11 @@ class Engine:
         # takes it: the same gradient as one process accumulating them all.
         targets = sum(b.target_tokens for b in step_batches) or 1
         micro = step_batches[state.rank :: world]
+        step_tokens = sum(b.tokens for b in micro)
+        # Forward and backward a token budget at a time (memory.py): each micro-batch in
+        # pieces of whole texts or rows, weighted as above (the same gradient, less memory).
+        micro = [piece for b in micro for piece in memory.pieces(b, device)]
         step_loss = 0.0
-        step_tokens = 0
         for i, b in enumerate(micro):
             inputs = b.tensors(device)
             last = i == len(micro) - 1
@@ -626,7 +630,6 @@ class Engine:
                 # DDP (and FSDP) average over the processes; undo their division.
                 (loss * world if world > 1 else loss).backward()
             step_loss += float(loss.detach())
-            step_tokens += b.tokens
         if acc is not None:  # the step's loss and tokens over all processes
             stats = acc.reduce(
                 torch.tensor([step_loss, step_tokens], dtype=torch.float64, device=acc.device),

@@ -1,0 +1,114 @@
+"""A token budget per forward/backward (graft_trainer.memory): a micro-batch cut into pieces of
+whole texts (flattened) or whole rows (padded), each piece's mean loss weighted by its target
+tokens, gives the loss and gradients of the whole micro-batch; the budget's defaults; glibc's
+mmap threshold set on the CPU only."""
+
+from __future__ import annotations
+
+import ctypes.util
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from graft_trainer import attention, lm_loss, memory  # noqa: E402
+from graft_trainer.data import Batch, Example, collate_flat, collate_padded  # noqa: E402
+from tests.unit.test_trainer_lm_loss import RTOL, VOCAB, grads, lora, tiny  # noqa: E402
+
+LENGTHS = (17, 9, 23, 5, 30)
+
+
+def examples(seed: int = 0) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in LENGTHS:
+        ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
+        out.append(Example(ids, [-100] * (n // 2) + ids[n // 2 :]))
+    return out
+
+
+def test_flat_pieces_are_whole_texts_within_the_budget() -> None:
+    batch = collate_flat(examples())
+    pieces = memory.split_batch(batch, 32)
+    # 17+9 fit in 32, 23+5 do, 30 alone
+    assert [p.seq_starts for p in pieces] == [[0, 17, 26], [0, 23, 28], [0, 30]]
+    assert sum(p.tokens for p in pieces) == batch.tokens
+    assert sum(p.target_tokens for p in pieces) == batch.target_tokens
+    assert [x for p in pieces for x in p.input_ids[0]] == batch.input_ids[0]
+    assert [x for p in pieces for x in p.labels[0]] == batch.labels[0]
+    assert batch.position_ids is not None
+    assert [x for p in pieces for x in (p.position_ids or [[]])[0]] == batch.position_ids[0]
+    # a text longer than the budget is a piece of its own; no budget or a fitting batch: whole
+    assert [p.tokens for p in memory.split_batch(batch, 10)] == list(LENGTHS)
+    assert memory.split_batch(batch, 0) == [batch]
+    assert memory.split_batch(batch, sum(LENGTHS)) == [batch]
+
+
+def test_padded_pieces_are_whole_rows() -> None:
+    batch = collate_padded(examples(), pad_id=0)
+    pieces = memory.split_batch(batch, 2 * 30)  # width 30: two rows a piece
+    assert [len(p.input_ids) for p in pieces] == [2, 2, 1]
+    assert sum(p.tokens for p in pieces) == batch.tokens == sum(LENGTHS)
+    assert sum(p.target_tokens for p in pieces) == batch.target_tokens
+
+
+def weighted_loss_and_grads(model: Any, pieces: list[Batch], targets: int) -> tuple[float, Any]:
+    """What the engine's step does with the pieces of one micro-batch."""
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for p in pieces:
+        loss = lm_loss.causal_lm_loss(model, p.tensors("cpu")) * (p.target_tokens / targets)
+        loss.backward()
+        total += float(loss.detach())
+    return total, grads(model)
+
+
+@pytest.mark.parametrize("layout", ["flat", "padded"])
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_pieces_give_the_gradients_of_the_whole_batch(layout: str, method: str) -> None:
+    model = tiny(tied=method == "full")
+    if method == "lora":
+        model = lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])
+    if layout == "flat":
+        assert attention.enable(model)
+        batch, budget = collate_flat(examples(1)), 32
+    else:
+        batch, budget = collate_padded(examples(1), pad_id=0), 60
+    pieces = memory.split_batch(batch, budget)
+    assert len(pieces) == 3
+    whole_loss, whole = weighted_loss_and_grads(model, [batch], batch.target_tokens)
+    split_loss, split = weighted_loss_and_grads(model, pieces, batch.target_tokens)
+    assert abs(split_loss - whole_loss) <= RTOL * abs(whole_loss)
+    assert whole and set(whole) == set(split)
+    for name, g in whole.items():
+        rel = float((split[name] - g).norm() / g.norm().clamp(min=1e-30))
+        assert rel <= RTOL, (name, rel)
+
+
+def test_budget_defaults_to_the_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GRAFT_TOKEN_BUDGET", raising=False)
+    assert memory.token_budget("cpu") == memory.DEFAULT_CPU_BUDGET
+    assert memory.token_budget("cuda") == 0
+    monkeypatch.setenv("GRAFT_TOKEN_BUDGET", "0")
+    assert memory.token_budget("cpu") == 0
+    monkeypatch.setenv("GRAFT_TOKEN_BUDGET", "512")
+    assert memory.token_budget("cuda") == 512
+    batch = collate_flat(examples())
+    assert memory.pieces(batch, torch.device("cpu")) == [batch]  # 84 tokens fit in 512
+    monkeypatch.setenv("GRAFT_TOKEN_BUDGET", "32")
+    assert len(memory.pieces(batch, torch.device("cpu"))) == 3
+
+
+def test_mmap_threshold_is_set_on_the_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GRAFT_MALLOC_TUNE", raising=False)
+    assert memory.release_freed_memory("cuda") is False
+    monkeypatch.setenv("GRAFT_MALLOC_TUNE", "0")
+    assert memory.release_freed_memory("cpu") is False
+    monkeypatch.delenv("GRAFT_MALLOC_TUNE")
+    libc = ctypes.util.find_library("c")
+    if libc is None or not hasattr(ctypes.CDLL(libc), "mallopt"):
+        pytest.skip("no glibc mallopt here")
+    assert memory.release_freed_memory("cpu") is True
