@@ -174,3 +174,29 @@ def test_graft_run_runs_a_two_node_spec_as_local_processes(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["run"]["processes"] == 2 and metrics["run"]["finalStep"] == 4
     assert metrics["final"]["eval_loss"] < metrics["baseline"]["eval_loss"]
+
+
+def test_node_0_exits_4_with_its_outcome_when_node_1_is_lost(
+    kit: dict[str, Path], tmp_path: Path
+) -> None:
+    uri = f"file://{tmp_path}/out/"
+    training = {"maxSteps": 300, "evalSteps": 1000, "saveSteps": 2, "loggingSteps": 1}
+    doc = job_document(kit, name="nodes-lost-1", training=training, resources={"nodes": 2})
+    port = free_port()
+    node0 = start_pod(doc, uri, tmp_path, 0, port)
+    node1 = start_pod(doc, uri, tmp_path, 1, port)
+    deadline = time.monotonic() + 600
+    while latest_complete_checkpoint(uri + "checkpoints/") is None:
+        assert time.monotonic() < deadline and node0.poll() is None
+        time.sleep(0.2)
+    # node 1's pod is deleted with grace period 0, some 298 steps before the end
+    os.killpg(node1.pid, signal.SIGKILL)
+    lost_at = time.monotonic()
+    node1.wait(timeout=60)
+    assert node0.wait(timeout=PEER_LOST_BOUND_S + 30) == EXIT_PEER_LOST
+    assert time.monotonic() - lost_at < PEER_LOST_BOUND_S
+    # node 0 reports the run's end: failed, a peer lost, nothing published
+    said = json.loads((tmp_path / "out" / "outcome.json").read_text())
+    assert said["state"] == "Failed"
+    assert said["message"].startswith("lost a training process of another pod")
+    assert read_manifest(uri) is None

@@ -255,6 +255,17 @@ def broadcast_int(acc: Any, value: int) -> int:
     return int(flag.item())
 
 
+def _die_with_launcher() -> None:
+    """In a worker before it starts (Linux): SIGKILL when its launcher dies, so that a
+    launcher killed outside a container (a test's timeout, `graft run` killed) leaves no
+    training processes behind waiting on collectives."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -290,7 +301,7 @@ def run_data_parallel(
                 }
                 args = [sys.executable, "-m", WORKER_MODULE, str(doc_path), artifacts_uri]
                 args += [reporter_name or "", str(work_dir or ""), str(result_path)]
-                workers.append(subprocess.Popen(args, env=env))
+                workers.append(subprocess.Popen(args, env=env, preexec_fn=_die_with_launcher))
                 ranks.append(topo.global_rank(node, local_rank))
         codes, failed_first = _wait_all(workers)
         result = result_path.read_text() if result_path.exists() else None
