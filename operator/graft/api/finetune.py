@@ -12,8 +12,8 @@ from graft.api.base import (
     ApiModel,
     Location,
     ModelSource,
-    Resources,
     ResourceName,
+    Resources,
     RunSpec,
     RunStatus,
 )
@@ -437,8 +437,8 @@ class TrainingResources(Resources):
         le=MAX_NODES,
         description=(
             "Pods that train together, one per node, each with `gpu` GPUs (and the cpu and "
-            "memory above): the job's processes are nodes × max(gpu, 1), data-parallel over "
-            "all of them, so perDeviceTrainBatchSize × gradientAccumulationSteps × processes "
+            "memory above): the job's processes are nodes x max(gpu, 1), data-parallel over "
+            "all of them, so perDeviceTrainBatchSize x gradientAccumulationSteps x processes "
             "is the global batch. The pods meet through a headless Service; the pod of node 0 "
             "evaluates, checkpoints and publishes. If one pod fails, is lost or cannot be "
             "scheduled, every pod of the attempt restarts from the last checkpoint. Unset: 1."
@@ -539,7 +539,6 @@ class FineTuneJobSpec(RunSpec):
                 raise FieldPathError(("search",), "search compares trials on dataset.evalSplit")
             self.search.check_against(self.to_api(), FineTuneJobSpec)
         return self
-
 
     def _check_nodes(self) -> None:
         """What a multi-node job cannot be combined with (yet)."""
