@@ -255,15 +255,18 @@ def broadcast_int(acc: Any, value: int) -> int:
     return int(flag.item())
 
 
-def _die_with_launcher() -> None:
-    """In a worker before it starts (Linux): SIGKILL when its launcher dies, so that a
-    launcher killed outside a container (a test's timeout, `graft run` killed) leaves no
-    training processes behind waiting on collectives."""
-    import contextlib
+def _death_signal() -> Any:
+    """A preexec_fn for a worker (Linux): SIGKILL when its launcher dies, so that a launcher
+    killed outside a container (a test's timeout, `graft run` killed) leaves no training
+    processes behind waiting on collectives. None where prctl is missing. Resolved here, in
+    the launcher: the child between fork and exec only calls it."""
     import ctypes
 
-    with contextlib.suppress(AttributeError, OSError):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    try:
+        prctl = ctypes.CDLL(None).prctl
+    except (AttributeError, OSError):
+        return None
+    return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:
@@ -289,6 +292,7 @@ def run_data_parallel(
         result_path = Path(tmp) / "result.json"
         port = topo.port or _free_port()
         workers, ranks = [], []
+        die_with_launcher = _death_signal()
         for node in topo.here:
             # the ranks' meeting place on disk (sharded checkpoints: sharding.py), one per pod
             parallel_dir = Path(tmp) / f"node-{node}" if topo.local else Path(tmp)
@@ -301,7 +305,7 @@ def run_data_parallel(
                 }
                 args = [sys.executable, "-m", WORKER_MODULE, str(doc_path), artifacts_uri]
                 args += [reporter_name or "", str(work_dir or ""), str(result_path)]
-                workers.append(subprocess.Popen(args, env=env, preexec_fn=_die_with_launcher))
+                workers.append(subprocess.Popen(args, env=env, preexec_fn=die_with_launcher))
                 ranks.append(topo.global_rank(node, local_rank))
         codes, failed_first = _wait_all(workers)
         result = result_path.read_text() if result_path.exists() else None
