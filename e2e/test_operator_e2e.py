@@ -61,8 +61,16 @@ def env(
     cluster = Cluster(api, ns)
     cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
     copy_secret(api, "graft-s3", "default", ns)
+    # Whole micro-batches in every pod: a two-node job's losses are compared with one pod's
+    # to 1e-3, and one process would otherwise split its micro-batches at the token budget
+    # (graft_trainer.memory: the same sums in another order, which training amplifies).
     op = host_operator(
-        full_cluster, [ns], work / "operator.log", trainer_image, GRAFT_HF_ENDPOINT=hub.url
+        full_cluster,
+        [ns],
+        work / "operator.log",
+        trainer_image,
+        GRAFT_HF_ENDPOINT=hub.url,
+        GRAFT_TRAINER_EXTRA_ENV=json.dumps({"GRAFT_TOKEN_BUDGET": "0"}),
     )
     op.start()
     try:
