@@ -111,5 +111,16 @@ def release_freed_memory(device_type: str) -> bool:
 
 
 def pieces(batch: Batch, device: Any) -> list[Batch]:
-    """`split_batch` with the budget of the device the step runs on."""
+    """`split_batch` with the budget of the device the step runs on; whole micro-batches when
+    several processes train together: every forward of a sharded (FSDP) model is a collective,
+    so the processes must run as many forwards as each other, and their micro-batches would
+    split into different numbers of pieces."""
+    if _processes() > 1:
+        return [batch]
     return split_batch(batch, token_budget(getattr(device, "type", str(device))))
+
+
+def _processes() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
