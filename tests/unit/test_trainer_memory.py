@@ -88,26 +88,35 @@ def test_pieces_give_the_gradients_of_the_whole_batch(layout: str, method: str) 
         assert rel <= RTOL, (name, rel)
 
 
-def test_budget_defaults_to_the_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_budget_defaults_to_the_cpu_and_to_the_models_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
     monkeypatch.delenv("GRAFT_TOKEN_BUDGET", raising=False)
     assert memory.token_budget("cpu") == memory.DEFAULT_CPU_BUDGET
     assert memory.token_budget("cuda") == 0
+    smollm = SimpleNamespace(hidden_size=576, num_hidden_layers=30, intermediate_size=1536)
+    tiny = SimpleNamespace(hidden_size=64, num_hidden_layers=2, intermediate_size=128)
+    assert 256 <= memory.token_budget("cpu", smollm) <= 300
+    assert memory.token_budget("cpu", tiny) > 10_000  # a small model's batches stay whole
+    assert memory.token_budget("cuda", smollm) == 0
     monkeypatch.setenv("GRAFT_TOKEN_BUDGET", "0")
-    assert memory.token_budget("cpu") == 0
+    assert memory.token_budget("cpu", smollm) == 0
     monkeypatch.setenv("GRAFT_TOKEN_BUDGET", "512")
     assert memory.token_budget("cuda") == 512
     batch = collate_flat(examples())
-    assert memory.pieces(batch, torch.device("cpu")) == [batch]  # 84 tokens fit in 512
-    monkeypatch.setenv("GRAFT_TOKEN_BUDGET", "32")
-    assert len(memory.pieces(batch, torch.device("cpu"))) == 3
+    assert memory.pieces(batch, 512) == [batch]  # 84 tokens fit in 512
+    assert len(memory.pieces(batch, 32)) == 3
 
 
-def test_mmap_threshold_is_set_on_the_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mmap_threshold_is_set_on_the_cpu_only_when_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.delenv("GRAFT_MALLOC_TUNE", raising=False)
+    assert memory.release_freed_memory("cpu") is False  # opt-in: it costs speed
+    monkeypatch.setenv("GRAFT_MALLOC_TUNE", "1")
     assert memory.release_freed_memory("cuda") is False
-    monkeypatch.setenv("GRAFT_MALLOC_TUNE", "0")
-    assert memory.release_freed_memory("cpu") is False
-    monkeypatch.delenv("GRAFT_MALLOC_TUNE")
     libc = ctypes.util.find_library("c")
     if libc is None or not hasattr(ctypes.CDLL(libc), "mallopt"):
         pytest.skip("no glibc mallopt here")

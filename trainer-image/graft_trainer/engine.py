@@ -131,6 +131,7 @@ class Engine:
         self.started = datetime.now(UTC)
         # Data parallel (parallel.py): only the main process reports and writes.
         self.processes = 1
+        self.token_budget = 0  # tokens per forward/backward (memory.token_budget; 0: whole)
         self.main_process = True
 
     # ------------------------------------------------------------ reporting
@@ -252,7 +253,7 @@ class Engine:
         )
         data = self.tokenize(prep)
         device = torch.device(prep.device)
-        memory.release_freed_memory(device.type)  # freed activations go back (CPU)
+        memory.release_freed_memory(device.type)  # GRAFT_MALLOC_TUNE=1: freed pages go back
         amp = autocast_dtype(prep.precision)
         self.emit(
             "loading",
@@ -269,6 +270,7 @@ class Engine:
         sharded = spec.training.sharded and world > 1
         model = load_model(spec, prep.model_dir, "cpu" if sharded else prep.device)
         swiglu.enable(model)  # SwiGLU MLPs keep two activations for the backward, not three
+        self.token_budget = memory.token_budget(device.type, getattr(model, "config", None))
         model.train()
         # Ragged texts without padding: each micro-batch becomes one row with block-diagonal
         # attention (the same loss as padded batches, no pad tokens, no cross-text attention).
@@ -608,7 +610,7 @@ class Engine:
         step_tokens = sum(b.tokens for b in micro)
         # Forward and backward a token budget at a time (memory.py): each micro-batch in
         # pieces of whole texts or rows, weighted as above (the same gradient, less memory).
-        micro = [piece for b in micro for piece in memory.pieces(b, device)]
+        micro = [piece for b in micro for piece in memory.pieces(b, self.token_budget)]
         step_loss = 0.0
         for i, b in enumerate(micro):
             inputs = b.tensors(device)

@@ -29,17 +29,38 @@ from typing import Any
 
 from graft_trainer.data import Batch, _targets
 
-DEFAULT_CPU_BUDGET = 256
+DEFAULT_CPU_BUDGET = 256  # tokens, when the model's config says nothing of its size
+MIN_CPU_BUDGET = 64
+# The activations one forward/backward may keep on the CPU: 256 tokens of the SmolLM2-135M
+# shape (about 1.4 MB each, as activation_bytes_per_token estimates).
+ACTIVATION_BUDGET_BYTES = 384 * 2**20
 MMAP_THRESHOLD = 256 * 1024
 _M_MMAP_THRESHOLD = -3  # mallopt parameter numbers (malloc.h)
 
 
-def token_budget(device_type: str) -> int:
-    """Tokens per forward/backward; 0 means whole micro-batches."""
+def token_budget(device_type: str, config: Any = None) -> int:
+    """Tokens per forward/backward; 0 means whole micro-batches. On the CPU, with the model's
+    `config`, as many tokens as keep the activations of one piece near ACTIVATION_BUDGET_BYTES
+    (a small model's micro-batches stay whole: cutting them would only add per-op overhead)."""
     env = os.environ.get("GRAFT_TOKEN_BUDGET")
     if env is not None and env.strip():
         return max(0, int(env))
-    return DEFAULT_CPU_BUDGET if device_type == "cpu" else 0
+    if device_type != "cpu":
+        return 0
+    per_token = activation_bytes_per_token(config) if config is not None else 0
+    if not per_token:
+        return DEFAULT_CPU_BUDGET
+    return max(MIN_CPU_BUDGET, ACTIVATION_BUDGET_BYTES // per_token)
+
+
+def activation_bytes_per_token(config: Any) -> int:
+    """A rough fp32 estimate of what a decoder keeps per token for the backward pass (a dozen
+    hidden-sized and a few intermediate-sized tensors per layer); 0 when the config does not
+    say. On the SmolLM2-135M shape it is 1.4 MB, against about 2.7 MB measured."""
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    inter = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
+    return 4 * layers * (10 * hidden + 4 * inter)
 
 
 def split_batch(batch: Batch, budget: int) -> list[Batch]:
@@ -99,8 +120,10 @@ def _rows(batch: Batch, i: int, j: int) -> Batch:
 
 
 def release_freed_memory(device_type: str) -> bool:
-    """Lower glibc's mmap threshold (CPU runs); True when it was set."""
-    if device_type != "cpu" or os.environ.get("GRAFT_MALLOC_TUNE", "1") == "0":
+    """Lower glibc's mmap threshold (CPU runs with GRAFT_MALLOC_TUNE=1); True when it was set.
+    Opt-in: it roughly halved the engine's tokens/s with two threads (every freed tensor's
+    pages go back and come again), for a peak RSS 0.7 times the budget alone's."""
+    if device_type != "cpu" or os.environ.get("GRAFT_MALLOC_TUNE", "0") != "1":
         return False
     name = ctypes.util.find_library("c")
     try:
@@ -110,14 +133,14 @@ def release_freed_memory(device_type: str) -> bool:
         return False
 
 
-def pieces(batch: Batch, device: Any) -> list[Batch]:
-    """`split_batch` with the budget of the device the step runs on; whole micro-batches when
+def pieces(batch: Batch, budget: int) -> list[Batch]:
+    """`split_batch` with `budget` (token_budget's); whole micro-batches when
     several processes train together: every forward of a sharded (FSDP) model is a collective,
     so the processes must run as many forwards as each other, and their micro-batches would
     split into different numbers of pieces."""
     if _processes() > 1:
         return [batch]
-    return split_batch(batch, token_budget(getattr(device, "type", str(device))))
+    return split_batch(batch, budget)
 
 
 def _processes() -> int:
