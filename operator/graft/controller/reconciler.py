@@ -732,24 +732,22 @@ class Reconciler:
                         object_path(wanted),
                         {"metadata": wanted["metadata"], "data": wanted["data"]},
                     )
-            if preflight:
-                job = planner.build_preflight_job(
+            shape = (
+                {}
+                if preflight
+                else {"gang_shape": await self._gang_shape(obj, resolved.spec, status)}
+            )
+            build = planner.build_preflight_job if preflight else planner.build_trainer_job
+            created = await self.kube.create(
+                build(
                     obj,
                     resolved.spec,
                     self.config,
                     spec_hash_=resolved.spec_hash,
                     references=references,
+                    **shape,
                 )
-            else:
-                job = planner.build_trainer_job(
-                    obj,
-                    resolved.spec,
-                    self.config,
-                    spec_hash_=resolved.spec_hash,
-                    references=references,
-                    gang_shape=await self._gang_shape(obj, resolved.spec, status),
-                )
-            created = await self.kube.create(job)
+            )
         else:
             return None
         if preflight:
