@@ -469,6 +469,28 @@ def build_trainer_job(
     return job
 
 
+def build_launched_job(
+    obj: dict[str, Any],
+    configmap: dict[str, Any],
+    config: OperatorConfig,
+    *,
+    attempts_before: int,
+    gang_shape: GangShape | None = None,
+) -> dict[str, Any]:
+    """The trainer Job of a resource launched before, from the frozen spec and references of
+    its spec ConfigMap (a resumed or restarted attempt, or a gang's other nodes)."""
+    spec, spec_hash = launched_spec(configmap)
+    return build_trainer_job(
+        obj,
+        spec,
+        config,
+        spec_hash_=spec_hash,
+        attempts_before=attempts_before,
+        references=launched_references(configmap),
+        gang_shape=gang_shape,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class GangShape:
     """Which Job of a multi-node attempt to build (controller.gang)."""

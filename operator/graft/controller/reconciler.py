@@ -705,15 +705,13 @@ class Reconciler:
         await self._ensure_identity(namespace)
         attempts = int(status.get("attempts") or 0)
         if configmap is not None:  # launched before (resume): the frozen spec
-            spec, spec_hash = planner.launched_spec(configmap)
+            spec, _ = planner.launched_spec(configmap)
             created = await self.kube.create(
-                planner.build_trainer_job(
+                planner.build_launched_job(
                     obj,
-                    spec,
+                    configmap,
                     self.config,
-                    spec_hash_=spec_hash,
                     attempts_before=attempts,
-                    references=planner.launched_references(configmap),
                     gang_shape=await self._gang_shape(obj, spec, status),
                 )
             )
@@ -803,7 +801,6 @@ class Reconciler:
         job, configmap = seen.job, seen.configmap
         if not plan.create_node_jobs or job is None or configmap is None or not plan.rendezvous:
             return
-        spec, spec_hash = planner.launched_spec(configmap)
         for node in plan.create_node_jobs:
             shape = planner.GangShape(
                 indexed=False,
@@ -812,13 +809,11 @@ class Reconciler:
                 failed_before=gang.failed_before(job),
             )
             made = await self.kube.create(
-                planner.build_trainer_job(
+                planner.build_launched_job(
                     obj,
-                    spec,
+                    configmap,
                     self.config,
-                    spec_hash_=spec_hash,
                     attempts_before=planner.attempts_before(job),
-                    references=planner.launched_references(configmap),
                     gang_shape=shape,
                 )
             )
