@@ -106,8 +106,8 @@ def test_budget_defaults_to_the_cpu_and_to_the_models_size(
     monkeypatch.setenv("GRAFT_TOKEN_BUDGET", "512")
     assert memory.token_budget("cuda") == 512
     batch = collate_flat(examples())
-    assert memory.pieces(batch, 512) == [batch]  # 84 tokens fit in 512
-    assert len(memory.pieces(batch, 32)) == 3
+    assert memory.split_batch(batch, 512) == [batch]  # 84 tokens fit in 512
+    assert len(memory.split_batch(batch, 32)) == 3
 
 
 def test_mmap_threshold_is_set_on_the_cpu_only_when_asked(

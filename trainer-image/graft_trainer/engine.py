@@ -270,7 +270,12 @@ class Engine:
         sharded = spec.training.sharded and world > 1
         model = load_model(spec, prep.model_dir, "cpu" if sharded else prep.device)
         swiglu.enable(model)  # SwiGLU MLPs keep two activations for the backward, not three
-        self.token_budget = memory.token_budget(device.type, getattr(model, "config", None))
+        # Whole micro-batches when several processes train together: every forward of a
+        # sharded (FSDP) model is a collective, so the processes must run as many forwards as
+        # each other, and their micro-batches would split into different numbers of pieces.
+        self.token_budget = (
+            memory.token_budget(device.type, getattr(model, "config", None)) if world == 1 else 0
+        )
         model.train()
         # Ragged texts without padding: each micro-batch becomes one row with block-diagonal
         # attention (the same loss as padded batches, no pad tokens, no cross-text attention).
@@ -610,7 +615,7 @@ class Engine:
         step_tokens = sum(b.tokens for b in micro)
         # Forward and backward a token budget at a time (memory.py): each micro-batch in
         # pieces of whole texts or rows, weighted as above (the same gradient, less memory).
-        micro = [piece for b in micro for piece in memory.pieces(b, self.token_budget)]
+        micro = [piece for b in micro for piece in memory.split_batch(b, self.token_budget)]
         step_loss = 0.0
         for i, b in enumerate(micro):
             inputs = b.tensors(device)

@@ -131,19 +131,3 @@ def release_freed_memory(device_type: str) -> bool:
         return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
-
-
-def pieces(batch: Batch, budget: int) -> list[Batch]:
-    """`split_batch` with `budget` (token_budget's); whole micro-batches when
-    several processes train together: every forward of a sharded (FSDP) model is a collective,
-    so the processes must run as many forwards as each other, and their micro-batches would
-    split into different numbers of pieces."""
-    if _processes() > 1:
-        return [batch]
-    return split_batch(batch, budget)
-
-
-def _processes() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
