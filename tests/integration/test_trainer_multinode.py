@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import pytest
 from graft.contract import ENV_NODE_RANK, ENV_NODES, ENV_RENDEZVOUS_ADDR, ENV_RENDEZVOUS_PORT
 from graft.exit_codes import EXIT_PEER_LOST
 from graft.storage import latest_complete_checkpoint, read_manifest
-from tests.integration.trainer_kit import job_document, run_trainer_pod, shared_kit
+from tests.integration.trainer_kit import job_document, pod_invocation, run_trainer_pod, shared_kit
 
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(900)]
 
@@ -49,13 +48,8 @@ def start_pod(
 ) -> subprocess.Popen[str]:
     """One pod of a two-node job: `graft-trainer run-resource` with the pod's environment, in
     its own process group (the pod), its output in work/node-N.log."""
-    path = work / f"{doc['metadata']['name']}.json"
-    path.write_text(json.dumps(doc))
-    full_env = {
-        **os.environ,
-        "GRAFT_ARTIFACTS_URI": uri,
+    pod_env = {
         "GRAFT_REPORTER": "none",
-        "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
         "GRAFT_DATA_PARALLEL": "1",
         ENV_NODES: "2",
@@ -64,9 +58,10 @@ def start_pod(
         ENV_RENDEZVOUS_PORT: str(port),
         **env,
     }
+    args, full_env = pod_invocation(doc, uri, work, **pod_env)
     log = (work / f"node-{node}.log").open("a")
     return subprocess.Popen(
-        [sys.executable, "-m", "graft_trainer", "run-resource", str(path)],
+        args,
         env=full_env,
         stdout=log,
         stderr=subprocess.STDOUT,

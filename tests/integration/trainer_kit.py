@@ -69,22 +69,25 @@ def shared_kit() -> dict[str, Path]:
     return build_kit(Path(tempfile.mkdtemp(prefix="graft-kit-")), n=300)
 
 
+def pod_invocation(
+    doc: dict[str, Any], uri: str, work: Path, **env: str
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of a trainer pod running `doc` (written to `work`),
+    offline, writing to `uri`, with `env` on top of the pod's variables."""
+    path = work / f"{doc['metadata']['name']}.json"
+    path.write_text(json.dumps(doc))
+    full_env = {**os.environ, "GRAFT_ARTIFACTS_URI": uri, "HF_HUB_OFFLINE": "1", **env}
+    return [sys.executable, "-m", "graft_trainer", "run-resource", str(path)], full_env
+
+
 def run_trainer_pod(
     doc: dict[str, Any], uri: str, work: Path, **env: str
 ) -> subprocess.CompletedProcess[str]:
     """`graft-trainer run-resource` in a child process, as the trainer pod runs it (offline,
     no status reporter), with `env` on top of the pod's variables."""
-    path = work / f"{doc['metadata']['name']}.json"
-    path.write_text(json.dumps(doc))
-    full_env = {
-        **os.environ,
-        "GRAFT_ARTIFACTS_URI": uri,
-        "GRAFT_REPORTER": "none",
-        "HF_HUB_OFFLINE": "1",
-        **env,
-    }
+    args, full_env = pod_invocation(doc, uri, work, GRAFT_REPORTER="none", **env)
     return subprocess.run(
-        [sys.executable, "-m", "graft_trainer", "run-resource", str(path)],
+        args,
         env=full_env,
         capture_output=True,
         text=True,
@@ -97,17 +100,9 @@ def start_trainer_pod(
 ) -> subprocess.Popen[str]:
     """`graft-trainer run-resource` started as the trainer pod runs it, its progress events as
     JSON lines on stdout (GRAFT_REPORTER=jsonl) for a test to act on while it trains."""
-    path = work / f"{doc['metadata']['name']}.json"
-    path.write_text(json.dumps(doc))
-    full_env = {
-        **os.environ,
-        "GRAFT_ARTIFACTS_URI": uri,
-        "GRAFT_REPORTER": "jsonl",
-        "HF_HUB_OFFLINE": "1",
-        **env,
-    }
+    args, full_env = pod_invocation(doc, uri, work, GRAFT_REPORTER="jsonl", **env)
     return subprocess.Popen(
-        [sys.executable, "-m", "graft_trainer", "run-resource", str(path)],
+        args,
         env=full_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
