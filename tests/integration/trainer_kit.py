@@ -85,7 +85,7 @@ def run_trainer_pod(
 ) -> subprocess.CompletedProcess[str]:
     """`graft-trainer run-resource` in a child process, as the trainer pod runs it (offline,
     no status reporter), with `env` on top of the pod's variables."""
-    args, full_env = pod_invocation(doc, uri, work, GRAFT_REPORTER="none", **env)
+    args, full_env = pod_invocation(doc, uri, work, **{"GRAFT_REPORTER": "none", **env})
     return subprocess.run(
         args,
         env=full_env,
@@ -100,7 +100,7 @@ def start_trainer_pod(
 ) -> subprocess.Popen[str]:
     """`graft-trainer run-resource` started as the trainer pod runs it, its progress events as
     JSON lines on stdout (GRAFT_REPORTER=jsonl) for a test to act on while it trains."""
-    args, full_env = pod_invocation(doc, uri, work, GRAFT_REPORTER="jsonl", **env)
+    args, full_env = pod_invocation(doc, uri, work, **{"GRAFT_REPORTER": "jsonl", **env})
     return subprocess.Popen(
         args,
         env=full_env,
