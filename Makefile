@@ -20,6 +20,10 @@ $(VENV_STAMP): pyproject.toml
 	@[ -x $(PY) ] || uv venv --quiet --python python3 .venv
 	UV_FIND_LINKS="$${PIP_FIND_LINKS:-$$(python3 -m pip config get global.find-links 2>/dev/null)}" \
 	  uv pip install --quiet --compile-bytecode --python $(PY) -e ".[$(EXTRAS)]"
+	@# tcmalloc, which the trainer restarts under (graft_trainer/allocator.py), where root can
+	@ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4 || [ "$$(id -u)" != 0 ] \
+	  || { apt-get update -q && apt-get install -y -q --no-install-recommends libtcmalloc-minimal4; } \
+	  >/dev/null || echo "note: libtcmalloc-minimal4 is missing: the trainer uses glibc's malloc"
 	@touch $@
 
 venv: $(VENV_STAMP)

@@ -433,6 +433,10 @@ def run_graft(
 
 
 def child(args: argparse.Namespace) -> None:
+    from graft_trainer.allocator import allocator_in_use, restart_with_preferred_allocator
+
+    if args.child == "graft":
+        restart_with_preferred_allocator()  # as the trainer's commands do (tcmalloc)
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -446,6 +450,7 @@ def child(args: argparse.Namespace) -> None:
             args.child, model_dir, data, args.steps, args.batch, args.bf16, args.method, args.device
         )
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["allocator"] = allocator_in_use()
     if args.device == "cuda":
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
         out["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved()

@@ -94,7 +94,8 @@ def cache_dir() -> Path:
 
 
 def base_tarball() -> Path:
-    return cache_dir() / "base" / "debian-python-bookworm.tar"
+    # named by what build-base-rootfs.sh includes: a cached rootfs without tcmalloc is not reused
+    return cache_dir() / "base" / "debian-python-tcmalloc-bookworm.tar"
 
 
 def default_state_dir() -> Path:

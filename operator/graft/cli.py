@@ -146,12 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["operator"]:  # its own flags, parsed by graft.controller.main
+    """The `graft` command; `argv` None means this process was started as the command (a
+    command may then restart it, as `graft run` does under the trainer's preferred malloc)."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["operator"]:  # its own flags, parsed by graft.controller.main
         from graft.controller.main import main as operator_main
 
-        return operator_main(argv[1:])
-    args = build_parser().parse_args(argv)
+        return operator_main(words[1:])
+    args = build_parser().parse_args(words)
+    args.own_process = argv is None
     out = Console(soft_wrap=True)
     code: int = args.handler(args, out)
     return code

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from graft_trainer.allocator import find_tcmalloc
 from tests.fixtures.cluster import ClusterInfo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -163,6 +164,10 @@ def check_realistic(report: dict[str, Any], models: set[str], contenders: set[st
                 assert positive(r[field]), (key, name, field, r)
             assert math.isfinite(r["final_loss"]), (key, name, r)
             losses.append(r["final_loss"])
+            # the engine runs under the malloc the trainer's commands restart under; the stock
+            # contenders under the system's
+            preferred = "tcmalloc" if name == "graft" and find_tcmalloc() else "system"
+            assert r["allocator"] == preferred, (key, name, r["allocator"])
         # same model, data and steps: the losses agree (random weights, ~ln(vocab))
         assert max(losses) <= 1.05 * min(losses), (key, losses)
         for k, v in entry["summary"].items():

@@ -8,7 +8,8 @@
 
 Environment: GRAFT_ARTIFACTS_URI (the artifact prefix), GRAFT_REPORTER (rich | jsonl |
 kubernetes), AWS_* for S3, HF_TOKEN for hf://, GRAFT_TRAINER_METRICS_PORT (a Prometheus
-endpoint while it runs, graft_trainer.observability; unset or 0: none). A multi-node job's
+endpoint while it runs, graft_trainer.observability; unset or 0: none), GRAFT_ALLOCATOR (auto |
+tcmalloc | system: the malloc it restarts itself under, graft_trainer.allocator). A multi-node job's
 pods also get GRAFT_NODES, GRAFT_NODE_RANK, GRAFT_RENDEZVOUS_ADDR and GRAFT_RENDEZVOUS_PORT
 (graft_trainer.parallel). Exit codes: 0 success, 2 invalid input (not worth retrying), 3
 untrusted storage, 4 a training process in another pod was lost, 143 stopped on SIGTERM after a
@@ -251,7 +252,18 @@ def _run_document(document: dict[str, Any], artifacts: str) -> RunEnd:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `graft-trainer` command. Started as a process (argv None), it first restarts itself
+    under the preferred malloc (graft_trainer.allocator)."""
+    from graft_trainer.allocator import AllocatorChoiceError, restart_with_preferred_allocator
     from graft_trainer.reporting import setup_logging
+
+    if argv is None:
+        try:
+            restart_with_preferred_allocator()
+        except AllocatorChoiceError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            outcome.write_termination_log(str(exc))
+            return EXIT_INVALID
 
     parser = argparse.ArgumentParser(prog="graft-trainer", description="The Graft trainer.")
     parser.add_argument(

@@ -78,8 +78,15 @@ def _cmd_run(args: argparse.Namespace, out: Console) -> int:
                 markup=False,
             )
             return 2
+    from graft_trainer.allocator import AllocatorChoiceError, restart_with_preferred_allocator
     from graft_trainer.reporting import setup_logging
 
+    if getattr(args, "own_process", False):
+        try:
+            restart_with_preferred_allocator()  # tcmalloc: a lower peak RSS (allocator.py)
+        except AllocatorChoiceError as exc:
+            out.print(f"error: {exc}", markup=False)
+            return 2
     setup_logging(json_lines=args.log_format == "json", level=logging.WARNING)
     say = functools.partial(out.print, markup=False, highlight=False)
     if len(docs) == 1 and docs[0].get("kind") == "FineTuneJob":

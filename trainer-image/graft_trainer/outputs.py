@@ -18,6 +18,7 @@ from graft.api.finetune import FineTuneJobSpec, FineTuneMetrics, TrainingWarning
 from graft.progress import Stage
 from graft.storage import Store, write_artifact
 from graft.storage.uri import join_uri
+from graft_trainer.allocator import allocator_in_use
 from graft_trainer.data import TrainData, digest_files
 from graft_trainer.model_card import render_model_card
 from graft_trainer.preflight import Prepared
@@ -215,6 +216,7 @@ class OutputWriter:
             "tokensPerSecond": tokens_total / train_seconds if train_seconds else 0.0,
             "peakMemoryBytes": eng.metrics.peak_memory_bytes or peak_rss_bytes(),
             "processes": eng.processes,
+            "allocator": allocator_in_use(),
         }
         metrics = {
             "baseline": baseline,

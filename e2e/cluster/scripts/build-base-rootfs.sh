@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# debootstrap a minimal Debian bookworm with python3 into a cached tarball ($1).
+# debootstrap a minimal Debian bookworm with python3 (and tcmalloc, which the trainer restarts
+# under: graft_trainer/allocator.py) into a cached tarball ($1).
 # The mirror is read from the machine's apt configuration at run time.
 set -euo pipefail
 TARBALL=${1:?usage: build-base-rootfs.sh TARBALL}
@@ -18,7 +19,7 @@ PY
 [ -n "$MIRROR" ] || { echo "cannot read the Debian mirror from apt sources" >&2; exit 1; }
 ROOTFS=$(dirname "$TARBALL")/rootfs.tmp
 rm -rf "$ROOTFS"; mkdir -p "$ROOTFS"
-debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$ROOTFS" "$MIRROR"
+debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,libtcmalloc-minimal4 bookworm "$ROOTFS" "$MIRROR"
 rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/*
 tar -C "$ROOTFS" --numeric-owner -cf "$TARBALL.tmp" .
 mv "$TARBALL.tmp" "$TARBALL"
