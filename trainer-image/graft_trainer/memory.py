@@ -16,7 +16,10 @@ heap that is returned to the system only from its top, so a step's short-lived a
 varying sizes leave the heap (and the process's peak RSS) at two to three times the memory live
 at any moment. `release_freed_memory` sets the threshold low (`MMAP_THRESHOLD` bytes; glibc
 would raise it up to 32 MiB as tensors are freed), so tensors get pages of their own that go
-back to the system when they are freed. CPU runs only; GRAFT_MALLOC_TUNE=0 leaves malloc as it is.
+back to the system when they are freed. CPU runs only, opt-in (GRAFT_MALLOC_TUNE=1): it makes
+every activation fault in fresh pages (about half the speed with two threads). The trainer's
+commands run under tcmalloc where it is installed (graft_trainer.allocator), which keeps the peak
+as low at full speed; this lever is for where it is not.
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ import os
 from typing import Any
 
 from graft_trainer.data import Batch, _targets
+from graft_trainer.errors import GraftInputError
 
 DEFAULT_CPU_BUDGET = 256  # tokens, when the model's config says nothing of its size
 MIN_CPU_BUDGET = 64
-# The activations one forward/backward may keep on the CPU: 256 tokens of the SmolLM2-135M
-# shape (about 1.4 MB each, as activation_bytes_per_token estimates).
-ACTIVATION_BUDGET_BYTES = 384 * 2**20
+# The activations one forward/backward may keep on the CPU, as activation_bytes_per_token
+# estimates them (about half of what is measured): about 190 tokens of the SmolLM2-135M shape,
+# 390 of the 6-layer Qwen2.5-0.5B one. Measured under tcmalloc (bench/README.md): the Qwen
+# shape's peak RSS 1881 -> 1785 MiB from 384 MiB (590 tokens); SmolLM's speed unchanged.
+ACTIVATION_BUDGET_BYTES = 256 * 2**20
 MMAP_THRESHOLD = 256 * 1024
 _M_MMAP_THRESHOLD = -3  # mallopt parameter numbers (malloc.h)
 
@@ -44,7 +50,12 @@ def token_budget(device_type: str, config: Any = None) -> int:
     (a small model's micro-batches stay whole: cutting them would only add per-op overhead)."""
     env = os.environ.get("GRAFT_TOKEN_BUDGET")
     if env is not None and env.strip():
-        return max(0, int(env))
+        if not env.strip().isdigit():
+            raise GraftInputError(
+                f"GRAFT_TOKEN_BUDGET={env!r}: expected a whole number of tokens "
+                "(0: whole micro-batches)"
+            )
+        return int(env)
     if device_type != "cpu":
         return 0
     per_token = activation_bytes_per_token(config) if config is not None else 0
