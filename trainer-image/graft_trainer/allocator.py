@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes.util
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 ENV_ALLOCATOR = "GRAFT_ALLOCATOR"
@@ -62,9 +62,13 @@ def allocator_in_use(maps: Path = Path("/proc/self/maps")) -> str:
     return "system"
 
 
-def preload_environment(env: Mapping[str, str], tcmalloc: str | None) -> dict[str, str] | None:
-    """The environment to restart in with tcmalloc preloaded; None when no restart is due (the
-    choice is `system`, tcmalloc is missing under `auto`, or LD_PRELOAD already names it)."""
+def preload_environment(
+    env: Mapping[str, str], find: Callable[[], str | None] = find_tcmalloc
+) -> dict[str, str] | None:
+    """The environment to restart in with tcmalloc (as `find` locates it) preloaded; None when
+    no restart is due (the choice is `system`, tcmalloc is missing under `auto`, or LD_PRELOAD
+    already names it). `find` runs only when a restart may be due: where tcmalloc is missing it
+    asks ldconfig, a process of its own."""
     choice = (env.get(ENV_ALLOCATOR) or "auto").strip().lower()
     if choice not in CHOICES:
         raise AllocatorChoiceError(
@@ -75,6 +79,7 @@ def preload_environment(env: Mapping[str, str], tcmalloc: str | None) -> dict[st
     preload = env.get("LD_PRELOAD", "")
     if "tcmalloc" in preload:
         return None  # asked for already (if the linker could not load it, do not loop)
+    tcmalloc = find()
     if tcmalloc is None:
         if choice == "tcmalloc":
             raise AllocatorChoiceError(
@@ -92,7 +97,7 @@ def restart_with_preferred_allocator() -> None:
     GRAFT_ALLOCATOR asks for it and it is not loaded yet; returns when no restart is due.
     Only a command's own process calls this, never a library caller (it replaces the process).
     Raises AllocatorChoiceError on a bad GRAFT_ALLOCATOR."""
-    env = preload_environment(os.environ, find_tcmalloc())
+    env = preload_environment(os.environ)
     if env is None or allocator_in_use() != "system":
         return
     argv = [sys.executable, *sys.orig_argv[1:]]
