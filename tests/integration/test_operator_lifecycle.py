@@ -316,3 +316,27 @@ def test_a_two_node_gang_restarts_as_one_and_counts_only_its_failures(
     assert second1.metadata.name in failed["message"], failed["message"]
     assert obj["status"]["failedAttempts"] == 1
     wait_for("the gang's Jobs deleted", lambda: cluster.jobs("gang") == [], 30)
+
+
+def test_a_gang_whose_peer_hangs_counts_the_attempt_and_stops_at_backoff_limit(
+    env: tuple[Operator, Cluster],
+) -> None:
+    """Node 0's process gives up on a collective (exit 4) while node 1's pod still runs, hung:
+    no pod went away, so it is no loss's echo. The attempt counts, and past backoffLimit the
+    job fails instead of restarting without end."""
+    _, cluster = env
+    cluster.create_ftj("hung", resources={"nodes": 2}, backoffLimit=0)
+    pod0 = _gang_pod(cluster, "hung", "0", set())
+    _running_at(cluster, pod0, "192.0.2.11")
+    pod1 = _gang_pod(cluster, "hung", "1", set())
+    cluster.pod_running(pod1)
+    cluster.wait_reason("hung", "Running", "TrainerRunning")
+
+    cluster.pod_terminated(pod0, 4, message="training process lost a peer")
+    obj = cluster.wait_phase("hung", "Failed", 30)
+    failed = cluster.condition("hung", "Failed")
+    assert failed is not None and failed["reason"] == "BackoffLimitExceeded", failed
+    assert pod0.metadata.name in failed["message"], failed["message"]
+    assert "were still there" in failed["message"], failed["message"]
+    assert obj["status"]["failedAttempts"] == 1 and obj["status"]["attempts"] == 1
+    wait_for("the gang's Jobs deleted", lambda: cluster.jobs("hung") == [], 30)

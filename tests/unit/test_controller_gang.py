@@ -211,6 +211,7 @@ def judge(
     job: dict[str, Any] | None = None,
     prev: dict[str, Any] | None = None,
     backoff_limit: int = 2,
+    pods_seen: int | None = None,
 ) -> Any:
     obj = {
         "metadata": {"name": "a", "namespace": "n", "uid": "u1", "generation": 1},
@@ -225,6 +226,7 @@ def judge(
         nodes=2,
         node_jobs=node_jobs,
         backoff_limit=backoff_limit,
+        pods_seen=pods_seen,
     )
     return compute_status(obj, seen, NOW)
 
@@ -292,6 +294,41 @@ def test_a_lost_pod_restarts_every_pod_without_counting() -> None:
     assert condition(gone, "Running")["reason"] == "Restarting"
     assert "lost a peer pod" in condition(gone, "Running")["message"]
     assert gone.status["failedAttempts"] == 0
+
+
+def test_a_hung_peer_counts_when_every_pod_of_the_attempt_is_still_there() -> None:
+    # Node 1's collective timed out waiting on node 0, which hangs but runs: no pod went away,
+    # so the exit is no loss's echo and the attempt counts.
+    hung = (
+        running("a-train-x", 0),
+        gang_pod("a-node-1-y", 1, "Failed", exit_code=EXIT_PEER_LOST),
+    )
+    plan = judge(*hung, pods_seen=2, prev={"failedAttempts": 1})
+    restarting = condition(plan, "Running")
+    assert restarting["reason"] == "Restarting", restarting
+    assert "pod a-node-1-y lost a peer pod" in restarting["message"]
+    assert "all 2 pods were still there" in restarting["message"]
+    assert plan.delete_job and plan.status["failedAttempts"] == 1  # failed-before 0 + this one
+    # Again and again: past backoffLimit the job fails instead of restarting without end.
+    ended = judge(*hung, pods_seen=2, job=gang_job("a-train", 0, failed_before=2))
+    assert ended.status["phase"] == "Failed"
+    failed = condition(ended, "Failed")
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert "3 failed attempts (backoffLimit 2)" in failed["message"]
+
+
+def test_a_peer_lost_exit_with_a_pod_gone_or_replaced_does_not_count() -> None:
+    lost_peer = gang_pod("a-train-x", 0, "Failed", exit_code=EXIT_PEER_LOST)
+    # Node 1's pod was deleted and its Job made another: three pods seen, two there.
+    replaced = judge(lost_peer, gang_pod("a-node-1-z", 1, "Pending"), pods_seen=3)
+    assert condition(replaced, "Running")["reason"] == "Restarting"
+    assert replaced.status["failedAttempts"] == 0
+    # One of two pods there: the other went away.
+    gone = judge(lost_peer, pods_seen=2)
+    assert gone.status["failedAttempts"] == 0 and gone.delete_job
+    # Pods seen unknown: nothing is counted on a guess.
+    unknown = judge(lost_peer, running("a-node-1-y", 1))
+    assert unknown.status["failedAttempts"] == 0 and unknown.delete_job
 
 
 def test_failures_past_backoff_limit_fail_the_job_naming_the_pod() -> None:

@@ -656,7 +656,8 @@ class FineTuneJobStatus(RunStatus):
         ge=0,
         description=(
             "Attempts of a multi-node job (resources.nodes > 1) that failed by the trainer's "
-            "fault, counted toward backoffLimit; an attempt whose pod was lost does not count."
+            "fault, counted toward backoffLimit; an attempt whose pod was lost does not count, "
+            "one whose pods all stayed while one lost its peer (a hung peer) does."
         ),
     )
     progress: FineTuneProgress | None = Field(default=None, description="Live training progress.")

@@ -226,13 +226,18 @@ def judge_attempt(
     jobs_failed: list[str],
     unschedulable_since: dict[str, datetime],
     now: datetime,
+    pods_seen: int | None = None,
 ) -> AttemptEnd | None:
     """Whether the attempt of `nodes` pods is over, and why; None while it may still finish.
 
     A pod that failed by the trainer's own fault counts (once per attempt). Its peers' exits
     are its echo: they exit with EXIT_PEER_LOST, and the Job controller deletes the pods still
     running in a failed Job. A pod lost (deleted, evicted, preempted) with no such failure
-    counts nothing: its peers' EXIT_PEER_LOST is the loss's echo."""
+    counts nothing: its peers' EXIT_PEER_LOST is the loss's echo.
+
+    EXIT_PEER_LOST while every pod the attempt ever had (`pods_seen`, distinct pods) is still
+    there, none going away, is no loss's echo: a peer hung (its collective timed out) or the
+    network between the nodes broke. That counts, or such a job would restart without end."""
     failed = [o for o in outcomes if o.kind == "failed"]
     causes = [o for o in failed if o.exit_code != EXIT_PEER_LOST]
     if causes:
@@ -244,8 +249,16 @@ def judge_attempt(
     if lost:
         first = lost[0]
         return AttemptEnd(False, f"pod {first.name} was lost ({first.reason}: {first.message})")
-    if failed:  # only pods that lost a peer: the pod that went away is gone already
-        return AttemptEnd(False, f"pod {failed[0].name} lost a peer pod ({failed[0].message})")
+    if failed:  # only pods that lost a peer
+        first = failed[0]
+        if len(outcomes) >= nodes and pods_seen is not None and pods_seen <= len(outcomes):
+            return AttemptEnd(
+                True,
+                f"pod {first.name} lost a peer pod ({first.message}) while all {nodes} pods "
+                "were still there: a peer hung or the network between them broke",
+            )
+        # The pod that went away is gone already (a replacement counts as a pod seen).
+        return AttemptEnd(False, f"pod {first.name} lost a peer pod ({first.message})")
     if jobs_failed:
         return AttemptEnd(False, f"Job {jobs_failed[0]} lost its pod")
     for name, since in sorted(unschedulable_since.items()):

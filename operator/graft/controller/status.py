@@ -825,6 +825,7 @@ def _gang(run: Run) -> bool:
         jobs_failed=[j["metadata"]["name"] for j in jobs if true_condition(j, "Failed")],
         unschedulable_since=gang.unschedulable_since(list(run.observed.pods)),
         now=run.now,
+        pods_seen=run.observed.pods_seen,
     )
     if end is not None:
         failed = gang.failed_before(job) + int(end.counted)
