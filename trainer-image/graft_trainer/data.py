@@ -426,8 +426,9 @@ class Batch:
         return out
 
 
-def _targets(labels: list[int]) -> int:
-    # The model predicts token t+1 from t: the first label never counts.
+def target_count(labels: list[int]) -> int:
+    """The tokens of `labels` the loss is taken on (the model predicts token t+1 from t: the
+    first label never counts)."""
     return sum(1 for x in labels[1:] if x != -100)
 
 
@@ -445,7 +446,7 @@ def collate_padded(examples: Sequence[Example], pad_id: int) -> Batch:
         labels,
         attention_mask=mask,
         tokens=sum(len(e) for e in examples),
-        target_tokens=sum(_targets(e.labels) for e in examples),
+        target_tokens=sum(target_count(e.labels) for e in examples),
     )
 
 
@@ -464,7 +465,7 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int) -> Batch:
             r_labels += [-100, *e.labels[1:]]  # never predict across a boundary
             r_pos += list(range(len(e)))
             tokens += len(e)
-            targets += _targets(e.labels)
+            targets += target_count(e.labels)
         pad = width - len(r_ids)
         r_ids += [pad_id] * pad
         r_labels += [-100] * pad

@@ -30,7 +30,7 @@ import itertools
 import os
 from typing import Any
 
-from graft_trainer.data import Batch, _targets
+from graft_trainer.data import Batch, target_count
 from graft_trainer.errors import GraftInputError
 
 DEFAULT_CPU_BUDGET = 256  # tokens, when the model's config says nothing of its size
@@ -111,7 +111,7 @@ def _span(batch: Batch, bounds: list[int]) -> Batch:
         [labels],
         position_ids=[positions] if positions is not None else None,
         tokens=e - s,
-        target_tokens=_targets(labels),  # each text's first label is -100
+        target_tokens=target_count(labels),  # each text's first label is -100
         seq_starts=[b - s for b in bounds],
     )
 
@@ -126,7 +126,7 @@ def _rows(batch: Batch, i: int, j: int) -> Batch:
         position_ids=batch.position_ids[i:j] if batch.position_ids is not None else None,
         attention_mask=mask,
         tokens=tokens,
-        target_tokens=sum(_targets(r) for r in labels),
+        target_tokens=sum(target_count(r) for r in labels),
     )
 
 
