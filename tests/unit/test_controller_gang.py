@@ -303,7 +303,7 @@ def test_a_hung_peer_counts_when_every_pod_of_the_attempt_is_still_there() -> No
         running("a-train-x", 0),
         gang_pod("a-node-1-y", 1, "Failed", exit_code=EXIT_PEER_LOST),
     )
-    plan = judge(*hung, pods_seen=2, prev={"failedAttempts": 1})
+    plan = judge(*hung, pods_seen=2)
     restarting = condition(plan, "Running")
     assert restarting["reason"] == "Restarting", restarting
     assert "pod a-node-1-y lost a peer pod" in restarting["message"]
